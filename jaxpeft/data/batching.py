@@ -1,0 +1,218 @@
+"""Tokenization and batching: fast batched tokenization, length buckets, exact evaluation.
+
+Sequences are padded to the smallest of a few bucket lengths (powers of two from 16 up to
+`max_seq_length`) that fits the batch's longest member, so most GLUE batches are short and
+the number of distinct shapes — and so of XLA compilations — is `len(buckets)` at most.
+Batches always have `batch_size` rows; rows beyond the data are padding with weight 0, so
+evaluation scores every example exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from jaxpeft.data.glue import Split
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.fileio import atomic_write_bytes
+
+log = logging.getLogger("jaxpeft")
+
+CACHE_VERSION = "1"
+_CHUNK = 8192  # examples per tokenizer call: bounds memory, keeps Rust's batch parallelism
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A tokenized split: ragged token sequences stored flat, with `offsets[i]:offsets[i+1]`
+    delimiting example `i`."""
+
+    task: str
+    split: str
+    ids: np.ndarray  # int32, all examples concatenated
+    type_ids: np.ndarray  # int8 token types, same layout
+    offsets: np.ndarray  # int64 [n + 1]
+    labels: np.ndarray
+    idx: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (special tokens included)."""
+        return np.diff(self.offsets)
+
+    @property
+    def has_labels(self) -> bool:
+        """False for test splits."""
+        if self.labels.dtype.kind == "f":
+            return bool(len(self) and not np.isnan(self.labels).all())
+        return bool(len(self) and (self.labels >= 0).all())
+
+
+def _tokenizer_fingerprint(tokenizer) -> bytes:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Truncation and padding are per-call settings the last call left behind, not part
+        # of what the tokenizer is.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        return json.dumps(state, sort_keys=True).encode()
+    return f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}".encode()
+
+
+def _cache_key(split: Split, tokenizer, max_seq_length: int) -> str:
+    h = hashlib.sha256()
+    for part in (CACHE_VERSION, split.task, split.name, str(max_seq_length)):
+        h.update(part.encode() + b"\0")
+    h.update(_tokenizer_fingerprint(tokenizer))
+    for texts in (split.text_a, split.text_b or []):
+        h.update("\x1e".join(texts).encode() + b"\0")
+    h.update(split.labels.tobytes() + split.idx.tobytes())
+    return h.hexdigest()[:20]
+
+
+def tokenize(split: Split, tokenizer, max_seq_length: int,
+             cache_dir: Union[str, os.PathLike, None] = None) -> Encoded:
+    """Tokenizes a split (pairs as pairs), truncating to `max_seq_length`.
+
+    With `cache_dir`, the result is stored under a key made of the texts, the tokenizer and
+    the length, so a second run loads it instead of tokenizing again.
+    """
+    if max_seq_length < 8:
+        raise JaxpeftError(f"max_seq_length must be >= 8, got {max_seq_length}")
+    cache_file = None
+    if cache_dir:
+        key = _cache_key(split, tokenizer, max_seq_length)
+        cache_file = Path(cache_dir) / f"{split.task}-{split.name}-{key}.npz"
+        if cache_file.is_file():
+            with np.load(cache_file) as z:
+                return Encoded(split.task, split.name, z["ids"], z["type_ids"], z["offsets"],
+                               split.labels, split.idx)
+    ids, types, lengths = [], [], []
+    for start in range(0, len(split), _CHUNK):
+        a = split.text_a[start:start + _CHUNK]
+        b = None if split.text_b is None else split.text_b[start:start + _CHUNK]
+        enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=False,
+                        return_attention_mask=False, return_token_type_ids=True)
+        for seq, tt in zip(enc["input_ids"], enc["token_type_ids"]):
+            ids.append(seq)
+            types.append(tt)
+            lengths.append(len(seq))
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat_ids = np.fromiter((t for seq in ids for t in seq), np.int32, count=int(offsets[-1]))
+    flat_types = np.fromiter((t for seq in types for t in seq), np.int8, count=int(offsets[-1]))
+    encoded = Encoded(split.task, split.name, flat_ids, flat_types, offsets, split.labels,
+                      split.idx)
+    if cache_file is not None:
+        buf = io.BytesIO()
+        np.savez(buf, ids=flat_ids, type_ids=flat_types, offsets=offsets)
+        atomic_write_bytes(cache_file, buf.getvalue())
+    return encoded
+
+
+def bucket_lengths(max_seq_length: int, min_length: int = 16) -> tuple:
+    """Powers of two from `min_length` below `max_seq_length`, then `max_seq_length`."""
+    buckets, b = [], min_length
+    while b < max_seq_length:
+        buckets.append(b)
+        b *= 2
+    return tuple(buckets) + (max_seq_length,)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `length` tokens."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def make_batch(enc: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int],
+               pad_id: int) -> dict:
+    """A padded batch of the examples `rows` (at most `batch_size`; the rest is padding).
+
+    Keys: input_ids, attention_mask, token_type_ids (int32 `[batch_size, bucket]`), labels,
+    weights (1 real, 0 padding) and index (row in the split, -1 for padding).
+    """
+    lengths = enc.lengths[rows]
+    length = bucket_for(int(lengths.max()) if len(rows) else 1, buckets)
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    types = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for r, (i, n) in enumerate(zip(rows, lengths)):
+        s = enc.offsets[i]
+        ids[r, :n] = enc.ids[s:s + n]
+        types[r, :n] = enc.type_ids[s:s + n]
+        mask[r, :n] = 1
+    # Padding rows attend to one token, so no softmax runs over an empty set.
+    mask[len(rows):, 0] = 1
+    labels = np.zeros(batch_size, enc.labels.dtype)
+    labels[:len(rows)] = enc.labels[rows]
+    if labels.dtype.kind == "f":
+        labels = np.nan_to_num(labels)  # unlabeled test rows: a finite placeholder
+    else:
+        labels = np.maximum(labels, 0)
+    weights = np.zeros(batch_size, np.float32)
+    weights[:len(rows)] = 1.0
+    index = np.full(batch_size, -1, np.int64)
+    index[:len(rows)] = rows
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+            "labels": labels, "weights": weights, "index": index}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled example order of one epoch: same (seed, epoch) -> same order."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def num_train_batches(n: int, batch_size: int) -> int:
+    """Batches per epoch (the last one may be partly padding)."""
+    return -(-n // batch_size)
+
+
+def train_batches(enc: Encoded, batch_size: int, buckets: Sequence[int], pad_id: int,
+                  seed: int, epoch: int, start: int = 0) -> Iterator[dict]:
+    """One epoch of shuffled batches, from batch number `start` on (for resuming)."""
+    order = epoch_order(len(enc), seed, epoch)
+    for b in range(start, num_train_batches(len(enc), batch_size)):
+        yield make_batch(enc, order[b * batch_size:(b + 1) * batch_size], batch_size, buckets,
+                         pad_id)
+
+
+def eval_batches(enc: Encoded, batch_size: int, buckets: Sequence[int],
+                 pad_id: int) -> Iterator[dict]:
+    """Every example exactly once, grouped by length (less padding); order is restored by
+    each batch's `index`."""
+    order = np.argsort(enc.lengths, kind="stable")
+    for start in range(0, len(enc), batch_size):
+        yield make_batch(enc, order[start:start + batch_size], batch_size, buckets, pad_id)
+
+
+def padding_stats(enc: Encoded, batch_size: int, buckets: Sequence[int], seed: int = 0) -> dict:
+    """Real-token fraction of one epoch of train batches, bucketed vs padded to the maximum,
+    and the number of distinct batch shapes."""
+    order = epoch_order(len(enc), seed, 0)
+    lengths = enc.lengths
+    real = padded = 0
+    shapes = set()
+    for b in range(num_train_batches(len(enc), batch_size)):
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        length = bucket_for(int(lengths[rows].max()), buckets)
+        shapes.add(length)
+        real += int(lengths[rows].sum())
+        padded += batch_size * length
+    full = num_train_batches(len(enc), batch_size) * batch_size * buckets[-1]
+    return {"real_fraction_bucketed": real / padded, "real_fraction_max_length": real / full,
+            "distinct_shapes": len(shapes), "bucket_lengths": sorted(shapes)}
