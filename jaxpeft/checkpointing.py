@@ -1,0 +1,62 @@
+"""Orbax checkpoints of the training state, for resuming an interrupted run.
+
+Only what changes during training is saved: the step, the trainable leaves and the optimizer
+state (frozen weights come back from the base checkpoint). The state's leaves are stored as
+a flat dict, and restored into the structure of a freshly built state of the same run, so
+`None` placeholders and optax's masked nodes never reach the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxpeft.train import TrainState
+
+
+def _leaves(state: TrainState) -> list:
+    return jax.tree.leaves((state.step, state.trainable, state.opt_state))
+
+
+class Checkpointer:
+    """Saves and restores `TrainState` plus a small JSON of run bookkeeping."""
+
+    def __init__(self, directory: os.PathLike, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest_step(self) -> Optional[int]:
+        """The newest saved step, or None."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: TrainState, meta: dict) -> None:
+        """Writes a checkpoint (orbax writes to a temporary folder, then renames it)."""
+        leaves = {str(i): x for i, x in enumerate(_leaves(state))}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, like: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
+        """Restores into the structure and shardings of `like` (a fresh state of this run)."""
+        step = self.latest_step() if step is None else step
+        template = _leaves(like)
+        abstract = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                    for i, x in enumerate(template)}
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        leaves = [out["state"][str(i)] for i in range(len(template))]
+        treedef = jax.tree.structure((like.step, like.trainable, like.opt_state))
+        step_arr, trainable, opt_state = jax.tree.unflatten(treedef, leaves)
+        return like.replace(step=step_arr, trainable=trainable, opt_state=opt_state), dict(
+            out["meta"])
+
+    def close(self) -> None:
+        """Waits for pending writes and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()

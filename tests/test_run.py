@@ -1,0 +1,205 @@
+"""End to end: `train_and_evaluate` / `experiments.run_glue` on a tiny BERT and real GLUE."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.run import RunConfig, cli_main, train_and_evaluate
+from tests.conftest import REPO
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_dir):
+    """A 2-layer hidden-32 BERT with the real MiniLM uncased tokenizer, saved HF-style."""
+    out = tmp_path_factory.mktemp("tiny_bert")
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
+    return out
+
+
+def _cfg(tiny_model, glue_dir, tmp_path, **kw):
+    base = dict(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
+                max_train_samples=96, batch_size=16, eval_batch_size=128, num_epochs=2,
+                log_every=4, eval_every=5, checkpoint_every=4, max_seq_length=64,
+                learning_rate=1e-3, cache_dir="", output_dir=str(tmp_path / "run"),
+                progress=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
+    cfg = _cfg(tiny_model, glue_dir, tmp_path)
+    results = train_and_evaluate(cfg)
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["task"] == "sst2" and on_disk["method"] == "lora"
+    assert on_disk["params"]["trainable"] == 2 * 2 * (32 * 8 + 8 * 32) + 32 * 2 + 2
+    assert on_disk["train"]["steps"] == 12 and on_disk["train"]["examples"] == 192
+    assert on_disk["train"]["wall_s"] > 0 and on_disk["train"]["compilations"] >= 1
+    assert on_disk["final"]["step"] == 12 and 0 <= on_disk["final"]["eval_accuracy"] <= 1
+    assert on_disk["best"]["eval_accuracy"] >= on_disk["final"]["eval_accuracy"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["learning_rate"] == 1e-3 and config["resolved"]["total_steps"] == 12
+    assert config["devices"]["count"] >= 1 and "jax" in config["versions"]
+    rows = _rows(out)
+    train_steps = [r["step"] for r in rows if "learning_rate" in r]
+    eval_steps = [r["step"] for r in rows if "eval_accuracy" in r]
+    assert train_steps == [4, 8, 12]
+    assert eval_steps == [5, 6, 10, 12]  # every 5 steps and at each epoch end (6, 12)
+    for r in rows:
+        if "eval_accuracy" in r:
+            assert r["eval_examples"] == 872  # the whole dev split, each example once
+    assert all(np.isfinite(r["grad_norm"]) and r["examples_per_s"] > 0
+               for r in rows if "learning_rate" in r)
+    assert (out / "best" / "adapter.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "8"]
+
+
+def test_stsb_bitfit_regression_run(tiny_model, glue_dir, tmp_path):
+    results = train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, task="stsb",
+                                      method="bitfit", num_epochs=1, max_eval_samples=200))
+    final = results["final"]
+    assert set(final) >= {"eval_loss", "eval_pearson", "eval_spearman", "eval_combined_score"}
+    assert final["eval_examples"] == 200 and np.isfinite(final["eval_loss"])
+    assert results["main_metric"] == "eval_pearson"
+
+
+class _Kill(Exception):
+    pass
+
+
+def _comparable_rows(out):
+    return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _rows(out)]
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path):
+    full = train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", lora_dropout=0.1))
+
+    def kill_at_7(step):
+        if step == 7:
+            raise _Kill()
+
+    cfg = _cfg(tiny_model, glue_dir, tmp_path / "b", lora_dropout=0.1)
+    with pytest.raises(_Kill):
+        train_and_evaluate(cfg, on_step=kill_at_7)
+    assert not (tmp_path / "b" / "run" / "results.json").exists()
+    with pytest.raises(JaxpeftError, match="unfinished"):  # no silent reuse
+        train_and_evaluate(cfg)
+    resumed = train_and_evaluate(RunConfig(**{**cfg.__dict__, "resume": True}))
+    assert resumed["final"] == full["final"]
+    assert resumed["best"] == full["best"]
+    assert resumed["train"]["steps"] == 12
+    assert _comparable_rows(tmp_path / "b" / "run") == _comparable_rows(tmp_path / "a" / "run")
+
+
+def test_finished_run_is_never_clobbered(tiny_model, glue_dir, tmp_path):
+    cfg = _cfg(tiny_model, glue_dir, tmp_path, max_steps=2, eval_every=0, max_eval_samples=50)
+    train_and_evaluate(cfg)
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    with pytest.raises(JaxpeftError, match="holds a finished run.*--overwrite"):
+        train_and_evaluate(cfg)
+    with pytest.raises(JaxpeftError, match=r"different settings.*learning_rate: 0.001 -> 0.01"):
+        train_and_evaluate(RunConfig(**{**cfg.__dict__, "resume": True, "learning_rate": 1e-2}))
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+    train_and_evaluate(RunConfig(**{**cfg.__dict__, "overwrite": True, "seed": 3}))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["seed"] == 3
+
+
+def test_predict_and_peft_export(tiny_model, glue_dir, tmp_path):
+    data = tmp_path / "glue"
+    (data / "SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        os.symlink(glue_dir / "SST-2" / name, data / "SST-2" / name)
+    (data / "SST-2" / "test.tsv").write_text(
+        "index\tsentence\n0\ta moving , funny film\n1\tdull and lifeless\n2\tok\n")
+    results = train_and_evaluate(_cfg(tiny_model, data, tmp_path, max_steps=3, eval_every=0,
+                                      max_eval_samples=64, do_predict=True, export_peft=True))
+    lines = (tmp_path / "run" / "predict" / "SST-2.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 4
+    assert [l.split("\t")[0] for l in lines[1:]] == ["0", "1", "2"]
+    assert all(l.split("\t")[1] in ("0", "1") for l in lines[1:])
+    assert (tmp_path / "run" / "peft" / "adapter_config.json").is_file()
+    assert results["predictions"] == [str(tmp_path / "run" / "predict" / "SST-2.tsv")]
+
+
+def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
+    cfg = _cfg(tiny_model, glue_dir, tmp_path, method="full", learning_rate=1e30,
+               max_grad_norm=0.0, eval_every=1, log_every=1, max_eval_samples=32, num_epochs=1)
+    with pytest.raises(JaxpeftError, match="non-finite training loss at step"):
+        train_and_evaluate(cfg)
+    assert (tmp_path / "run" / "best" / "adapter.json").is_file()
+    assert any("eval_accuracy" in r for r in _rows(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"task": "sts"}, "unknown task 'sts'"),
+    ({"learning_rate": -1.0}, "--learning_rate must be > 0"),
+    ({"lora_rank": 0}, "LoRA rank must be a positive integer"),
+    ({"lora_targets": ("query", "attn")}, "unknown LoRA target"),
+    ({"data_dir": "/nonexistent/glue"}, "GLUE data folder not found"),
+    ({"model": "/nonexistent/model"}, "no such model folder"),
+    ({"batch_size": 0}, "--batch_size must be > 0"),
+    ({"method": "bitfit", "export_peft": True}, "--export_peft needs --method=lora"),
+])
+def test_user_errors_one_line(tiny_model, glue_dir, tmp_path, capsys, overrides, message):
+    code = cli_main(_cfg(tiny_model, glue_dir, tmp_path, **overrides))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and message in err and "Traceback" not in err
+    assert err.count("\n") == 0
+    assert not (tmp_path / "run").exists()  # nothing written for a bad command
+
+
+def _cli(args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "experiments.run_glue", *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = _cli(["--task=sst2", "--model=/nonexistent", f"--output_dir={tmp_path}/x"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: /nonexistent: no such")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_documents_every_flag():
+    proc = _cli(["--help"])
+    text = proc.stdout + proc.stderr
+    for name in RunConfig.__dataclass_fields__:
+        assert f"--{name}:" in text or f"--[no]{name}:" in text, name
+
+
+def test_four_devices_match_one_device(tiny_model, glue_dir, tmp_path):
+    """Data parallel over 4 (forced host) devices: same loss trajectory as 1 device."""
+    losses = {}
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+               "JAX_PLATFORMS": "cpu"}
+        out = tmp_path / f"d{n}"
+        proc = _cli([f"--model={tiny_model}", f"--data_dir={glue_dir}", "--task=sst2",
+                     "--method=lora", "--max_train_samples=64", "--batch_size=16",
+                     "--max_steps=6", "--log_every=1", "--max_eval_samples=64",
+                     "--eval_batch_size=32", "--max_seq_length=64", "--learning_rate=1e-3",
+                     "--cache_dir=", "--progress=false", f"--output_dir={out}"], env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        config = json.loads((out / "config.json").read_text())
+        assert config["devices"]["count"] == n
+        losses[n] = [r["train_loss"] for r in _rows(out) if "learning_rate" in r]
+    assert len(losses[1]) == 6
+    np.testing.assert_allclose(losses[4], losses[1], atol=1e-5, rtol=0)
