@@ -25,6 +25,9 @@ flags.DEFINE_list("lora_targets", list(D.lora_targets), "Layers that get LoRA: q
                   "value, attention_output, intermediate, output.")
 flags.DEFINE_bool("lora_rslora", D.lora_rslora, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
 flags.DEFINE_bool("train_pooler", D.train_pooler, "Also train BERT's pooler (LoRA/BitFit).")
+flags.DEFINE_bool("standardize_targets", D.standardize_targets, "Regression (STS-B): the "
+                  "head outputs std * raw + mean of the training labels, so it starts at the "
+                  "label scale; predictions and metrics are always in the original scale.")
 flags.DEFINE_float("learning_rate", None, "Peak learning rate. Default per method: " +
                    ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ".")
 flags.DEFINE_integer("batch_size", D.batch_size, "Training examples per optimizer step "
@@ -39,6 +42,9 @@ flags.DEFINE_float("weight_decay", D.weight_decay, "AdamW decoupled weight decay
                    "biases or LayerNorm).")
 flags.DEFINE_float("max_grad_norm", D.max_grad_norm, "Global-norm gradient clipping (0: off).")
 flags.DEFINE_integer("max_seq_length", D.max_seq_length, "Tokens per example after truncation.")
+flags.DEFINE_bool("packing", D.packing, "Pack several training examples into each row of "
+                  "--max_seq_length tokens (block-diagonal attention); --batch_size still "
+                  "counts examples.")
 flags.DEFINE_integer("eval_every", D.eval_every, "Evaluate every N steps (0: only at the end "
                      "of each epoch and of training).")
 flags.DEFINE_integer("log_every", D.log_every, "Write a training row every N steps.")

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 import jaxpeft
 from jaxpeft.checkpointing import Checkpointer
 from jaxpeft.data import HUB_DATASET, get_task, load_split
-from jaxpeft.data.batching import (bucket_lengths, eval_batches, num_train_batches, tokenize,
-                                   train_batches)
+from jaxpeft.data.batching import (Packing, bucket_lengths, eval_batches, num_train_batches,
+                                   tokenize, train_batches)
 from jaxpeft.data.tasks import TSV_LABELS, Task
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.metrics import compute_metrics
@@ -37,7 +37,7 @@ from jaxpeft.models import load_pretrained
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.peft import (METHODS, LoraConfig, add_lora, count_params, export_peft, load_adapter,
                           lora_model, save_adapter, trainable_mask)
-from jaxpeft.train import MODEL_INPUTS, TrainState, create_train_state, make_eval_step, make_train_step
+from jaxpeft.train import create_train_state, make_eval_step, make_train_step
 from jaxpeft.writer import CONFIG, RESULTS, RunWriter
 
 log = logging.getLogger("jaxpeft")
@@ -61,6 +61,7 @@ class RunConfig:
     lora_targets: tuple = ("query", "value")
     lora_rslora: bool = False
     train_pooler: bool = False
+    standardize_targets: bool = True  # regression head outputs std * raw + mean of train labels
     learning_rate: Optional[float] = None  # None: DEFAULT_LR[method]
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -71,6 +72,7 @@ class RunConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     max_seq_length: int = 128
+    packing: bool = False  # pack several examples per row (training batches)
     eval_every: int = 0  # 0: at the end of each epoch (and of training) only
     log_every: int = 50
     seed: int = 0
@@ -214,11 +216,14 @@ class _Sharder:
 
     def batch(self, batch: dict) -> dict:
         """Device arrays for the model inputs, labels and weights (this process's rows)."""
-        rows = batch["weights"].shape[0]
-        per = rows // jax.process_count()
-        lo = jax.process_index() * per
-        return {k: jax.make_array_from_process_local_data(self.data, batch[k][lo:lo + per])
-                for k in MODEL_INPUTS + ("labels", "weights")}
+        out = {}
+        for k, v in batch.items():
+            if k == "index":  # host-side bookkeeping only
+                continue
+            per = v.shape[0] // jax.process_count()
+            lo = jax.process_index() * per
+            out[k] = jax.make_array_from_process_local_data(self.data, v[lo:lo + per])
+        return out
 
     def gather(self, tree):
         """Host numpy copies of (possibly multi-host) arrays."""
@@ -284,9 +289,9 @@ def main_metric_key(task: Task) -> str:
 def _format_row(row: dict, keys: list) -> str:
     parts = []
     for k in keys:
-        v = row.get(k)
-        parts.append(f"{v:>10.4f}" if isinstance(v, float) else f"{v!s:>10}")
-    return " ".join(parts)
+        v, w = row.get(k), max(len(k), 8)
+        parts.append(f"{v:>{w}.4f}" if isinstance(v, float) else f"{'-' if v is None else v!s:>{w}}")
+    return "  ".join(parts)
 
 
 def predict(eval_step, params, task: Task, cfg: RunConfig, tokenizer, sharder, buckets,
@@ -349,8 +354,20 @@ def train_and_evaluate(cfg: RunConfig,
     train_enc = tokenize(train_split, tok, cfg.max_seq_length, cache_dir)
     eval_encs = {k: tokenize(v, tok, cfg.max_seq_length, cache_dir) for k, v in eval_splits.items()}
     buckets = bucket_lengths(cfg.max_seq_length)
+    packing = None
+    if cfg.packing:
+        # Row counts are a multiple of the device count, so rows shard evenly.
+        packing = Packing(cfg.max_seq_length, position_offset=(
+            pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0),
+            row_multiple=math.lcm(2, jax.device_count()))
 
     model, params = pre.model, pre.params
+    target = None
+    if task.is_regression and cfg.standardize_targets:
+        # A fixed map to the label scale: the head starts at the mean instead of near 0.
+        target = (float(np.mean(train_split.labels)), float(np.std(train_split.labels)) or 1.0)
+        model = model.clone(runtime=dataclasses.replace(
+            model.runtime, target_mean=target[0], target_std=target[1]))
     if lora is not None:
         params = add_lora(params, lora, jax.random.key(cfg.seed + 1))
         model = lora_model(model, lora)
@@ -374,6 +391,7 @@ def train_and_evaluate(cfg: RunConfig,
                      "bucket_lengths": list(buckets), "model_path": str(pre.path),
                      "newly_initialized": list(pre.newly_initialized),
                      "lora_scale": lora.scale if lora else None,
+                     "target_mean_std": target,
                      "main_metric": main_metric_key(task)},
         "model_config": pre.config.to_dict(),
         "params": counts.to_dict(),
@@ -437,7 +455,7 @@ def train_and_evaluate(cfg: RunConfig,
         writer.log(row)
         last_eval = row
         if not header_printed:
-            tqdm.write(" ".join(f"{c:>10.10}" for c in columns))
+            tqdm.write("  ".join(f"{c:>{max(len(c), 8)}}" for c in columns))
             header_printed = True
         tqdm.write(_format_row(row, columns))
         if best is None or row[main_key] > best[main_key]:
@@ -445,7 +463,7 @@ def train_and_evaluate(cfg: RunConfig,
             if is_writer:
                 save_adapter(out / "best", jax.device_get(state.params), mask, method=cfg.method,
                              base_model=cfg.model, config=pre.config, lora=lora,
-                             train_pooler=cfg.train_pooler)
+                             train_pooler=cfg.train_pooler, target=target)
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {task.name} {cfg.method}",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -455,7 +473,7 @@ def train_and_evaluate(cfg: RunConfig,
         while step < total_steps:
             epoch, start = divmod(step, steps_per_epoch)
             for batch in train_batches(train_enc, cfg.batch_size, buckets, pad_id, cfg.seed,
-                                       epoch, start=start):
+                                       epoch, start=start, packing=packing):
                 n_real = int(batch["weights"].sum())
                 state, metrics = train_step(state, sharder.batch(batch), rng)
                 step += 1
@@ -523,7 +541,8 @@ def train_and_evaluate(cfg: RunConfig,
         if cfg.export_peft and is_writer:
             export_peft(out / "peft", best_params, trainable_mask(best_params, "lora",
                                                                   cfg.train_pooler),
-                        lora, base_model=cfg.model, train_pooler=cfg.train_pooler)
+                        lora, base_model=cfg.model, train_pooler=cfg.train_pooler,
+                        target=target)
             results["peft_export"] = str(out / "peft")
     writer.write_results(results)
     tqdm.write(f"best {main_key} {best[main_key]:.4f} at step {best['step']}; "

@@ -8,7 +8,9 @@ leaves only and frozen weights are closed over.
 
 A batch is a dict of numpy arrays: `input_ids`, `attention_mask`, `token_type_ids`
 (`[batch, length]`), `labels` (`[batch]`, int or float for regression) and `weights`
-(`[batch]`, 0 for padding rows so a padded last batch is exact).
+(`[batch]`, 0 for padding rows so a padded last batch is exact). A packed batch has
+`[rows, length]` token arrays with `position_ids` and `segment_ids` instead of
+`attention_mask`, and `example_row`/`example_pos` locating each example's first token.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import optax
 from jaxpeft.models.heads import SequenceClassifier
 from jaxpeft.peft.masks import combine, partition
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @flax.struct.dataclass
@@ -61,10 +62,14 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) 
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
 
 
+PACKED_INPUTS = ("position_ids", "segment_ids", "example_row", "example_pos")
+
+
 def _apply(model, params, batch, deterministic, rngs=None):
-    return model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS),
-                       position_ids=batch.get("position_ids"), deterministic=deterministic,
-                       rngs=rngs)
+    extra = {k: batch[k] for k in PACKED_INPUTS if k in batch}
+    return model.apply({"params": params}, batch["input_ids"], batch.get("attention_mask"),
+                       batch["token_type_ids"], deterministic=deterministic, rngs=rngs,
+                       **extra)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: SequenceClassifier,

@@ -185,3 +185,17 @@ def test_wrong_architecture_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(JaxpeftError, match="has shape"):
         jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+
+
+def test_dropout_keep_mask_rate_and_independence():
+    import jax
+
+    from jaxpeft.models.encoder import keep_mask
+
+    m1, p_keep = keep_mask(jax.random.key(1), (301, 999), 0.1)  # odd size: 16-bit halves
+    m2, _ = keep_mask(jax.random.key(2), (301, 999), 0.1)
+    assert m1.shape == (301, 999) and abs(p_keep - 0.9) < 2 ** -16
+    assert abs(float(m1.mean()) - p_keep) < 3e-3
+    assert abs(float((m1 & m2).mean()) - p_keep ** 2) < 3e-3
+    m3, _ = keep_mask(jax.random.key(1), (301, 999), 0.1)
+    np.testing.assert_array_equal(m1, m3)  # same key, same mask

@@ -293,3 +293,82 @@ def test_peft_export_all_targets_pooler_rslora(tiny_dirs, tmp_path, mt):
     np.testing.assert_allclose(_peft_logits(tiny_dirs[mt], tmp_path, args),
                                _logits(lora_model(pre.model, cfg), params, args),
                                atol=1e-4, rtol=0)
+
+
+def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
+    """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
+    peft = pytest.importorskip("peft")
+    from jaxpeft.models.checkpoint import hf_key
+    from jaxpeft.peft import combine, partition
+    from jaxpeft.train import per_example_loss
+
+    pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
+    cfg = LoraConfig(rank=4, alpha=8)
+    params = _perturb_lora(add_lora(pre.params, cfg, jax.random.key(0)), scale=0.01)
+    model, mask = lora_model(pre.model, cfg), trainable_mask(params, "lora")
+    export_peft(tmp_path, params, mask, cfg, base_model=str(minilm_dir))
+    rows = [l.split("\t") for l in
+            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
+    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
+                        return_tensors="np")
+    y = np.array([float(r[9]) for r in rows], np.float32)
+    trainable, frozen = partition(params, mask)
+
+    def loss_fn(t):
+        logits = model.apply({"params": combine(t, frozen)}, enc["input_ids"],
+                             enc["attention_mask"], enc["token_type_ids"], deterministic=True)
+        return per_example_loss(logits, jnp.asarray(y), True).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir,
+                                                                           num_labels=1)
+    tm = peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True).eval()
+    out = tm(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask",
+                                                  "token_type_ids")}, labels=torch.tensor(y))
+    out.loss.backward()
+    ref = {n.replace(".modules_to_save.default", "").replace(".default", ""): p.grad.numpy()
+           for n, p in tm.named_parameters() if p.requires_grad}
+    np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-6)
+    checked = 0
+    for path, g in traverse_util.flatten_dict(grads).items():
+        if g is None:  # frozen: no gradient was computed
+            continue
+        if path[-1] in ("lora_a", "lora_b"):
+            name = hf_key(path[:-1] + ("x",))[:-2] + {"lora_a": ".lora_A.weight",
+                                                      "lora_b": ".lora_B.weight"}[path[-1]]
+        else:
+            name = hf_key(path)
+        r = ref["base_model.model." + name]
+        r = r.T if path[-1] in ("kernel", "lora_a", "lora_b") else r
+        np.testing.assert_allclose(np.asarray(g), r, atol=1e-5 * np.abs(r).max(), rtol=0,
+                                   err_msg=name)
+        checked += 1
+    assert checked == 6 * 2 * 2 + 2
+
+
+@pytest.mark.parametrize("mt", ["bert", "roberta"])
+def test_regression_target_map_survives_adapter_and_export(tmp_path, mt):
+    """A regression head with the label map (std * y + mean): adapter files restore it and
+    the peft export folds it into the head, so PyTorch predicts the same values."""
+    cls = {"bert": transformers.BertForSequenceClassification,
+           "roberta": transformers.RobertaForSequenceClassification}[mt]
+    base_dir = tmp_path / "base"
+    save_torch_model(cls, tiny_hf_config(mt, num_labels=1), base_dir)
+    pre = jaxpeft.load_pretrained(base_dir, tokenizer=False)
+    target = (2.7, 1.5)
+    cfg = LoraConfig(rank=2, alpha=4)
+    model = lora_model(pre.model.clone(runtime=pre.model.runtime.__class__(
+        target_mean=target[0], target_std=target[1])), cfg)
+    params = _perturb_lora(add_lora(pre.params, cfg, jax.random.key(0)))
+    mask = trainable_mask(params, "lora")
+    args = random_batch(mt)
+    ours = _logits(model, params, args)
+    np.testing.assert_allclose(ours, _logits(lora_model(pre.model, cfg), params, args)
+                               * target[1] + target[0], atol=1e-5)
+    save_adapter(tmp_path / "ad", params, mask, method="lora", base_model=str(base_dir),
+                 config=pre.config, lora=cfg, target=target)
+    m2, p2 = load_adapter(tmp_path / "ad", jaxpeft.load_pretrained(base_dir, tokenizer=False))
+    np.testing.assert_array_equal(_logits(m2, p2, args), ours)
+    export_peft(tmp_path / "peft", params, mask, cfg, base_model=str(base_dir), target=target)
+    np.testing.assert_allclose(_peft_logits(base_dir, tmp_path / "peft", args, num_labels=1),
+                               ours, atol=1e-4, rtol=0)

@@ -90,13 +90,16 @@ def _comparable_rows(out):
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path):
-    full = train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", lora_dropout=0.1))
+    """A killed run resumed from its checkpoint ends exactly as an uninterrupted one (packed
+    training batches, dropout on)."""
+    full = train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", lora_dropout=0.1,
+                                   packing=True))
 
     def kill_at_7(step):
         if step == 7:
             raise _Kill()
 
-    cfg = _cfg(tiny_model, glue_dir, tmp_path / "b", lora_dropout=0.1)
+    cfg = _cfg(tiny_model, glue_dir, tmp_path / "b", lora_dropout=0.1, packing=True)
     with pytest.raises(_Kill):
         train_and_evaluate(cfg, on_step=kill_at_7)
     assert not (tmp_path / "b" / "run" / "results.json").exists()
@@ -185,7 +188,8 @@ def test_cli_help_documents_every_flag():
         assert f"--{name}:" in text or f"--[no]{name}:" in text, name
 
 
-def test_four_devices_match_one_device(tiny_model, glue_dir, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_four_devices_match_one_device(tiny_model, glue_dir, tmp_path, packing):
     """Data parallel over 4 (forced host) devices: same loss trajectory as 1 device."""
     losses = {}
     for n in (1, 4):
@@ -196,7 +200,8 @@ def test_four_devices_match_one_device(tiny_model, glue_dir, tmp_path):
                      "--method=lora", "--max_train_samples=64", "--batch_size=16",
                      "--max_steps=6", "--log_every=1", "--max_eval_samples=64",
                      "--eval_batch_size=32", "--max_seq_length=64", "--learning_rate=1e-3",
-                     "--cache_dir=", "--progress=false", f"--output_dir={out}"], env=env)
+                     "--cache_dir=", "--progress=false", f"--packing={packing}",
+                     f"--output_dir={out}"], env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         config = json.loads((out / "config.json").read_text())
         assert config["devices"]["count"] == n

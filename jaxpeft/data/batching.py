@@ -182,37 +182,117 @@ def num_train_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Packing settings: rows of `row_length` tokens, positions restarting at
+    `position_offset`, row count a multiple of `row_multiple`."""
+
+    row_length: int
+    position_offset: int = 0
+    row_multiple: int = 2
+
+
+def _batch(enc, rows, batch_size, buckets, pad_id, packing: Optional[Packing]):
+    if packing is None:
+        return make_batch(enc, rows, batch_size, buckets, pad_id)
+    return make_packed_batch(enc, rows, batch_size, packing.row_length, pad_id,
+                             packing.position_offset, packing.row_multiple)
+
+
 def train_batches(enc: Encoded, batch_size: int, buckets: Sequence[int], pad_id: int,
-                  seed: int, epoch: int, start: int = 0) -> Iterator[dict]:
-    """One epoch of shuffled batches, from batch number `start` on (for resuming)."""
+                  seed: int, epoch: int, start: int = 0,
+                  packing: Optional[Packing] = None) -> Iterator[dict]:
+    """One epoch of shuffled batches, from batch number `start` on (for resuming).
+
+    Each batch holds `batch_size` examples, padded to a bucket length or, with `packing`,
+    packed into rows.
+    """
     order = epoch_order(len(enc), seed, epoch)
     for b in range(start, num_train_batches(len(enc), batch_size)):
-        yield make_batch(enc, order[b * batch_size:(b + 1) * batch_size], batch_size, buckets,
-                         pad_id)
+        yield _batch(enc, order[b * batch_size:(b + 1) * batch_size], batch_size, buckets,
+                     pad_id, packing)
 
 
-def eval_batches(enc: Encoded, batch_size: int, buckets: Sequence[int],
-                 pad_id: int) -> Iterator[dict]:
+def eval_batches(enc: Encoded, batch_size: int, buckets: Sequence[int], pad_id: int,
+                 packing: Optional[Packing] = None) -> Iterator[dict]:
     """Every example exactly once, grouped by length (less padding); order is restored by
     each batch's `index`."""
     order = np.argsort(enc.lengths, kind="stable")
     for start in range(0, len(enc), batch_size):
-        yield make_batch(enc, order[start:start + batch_size], batch_size, buckets, pad_id)
+        yield _batch(enc, order[start:start + batch_size], batch_size, buckets, pad_id, packing)
 
 
-def padding_stats(enc: Encoded, batch_size: int, buckets: Sequence[int], seed: int = 0) -> dict:
-    """Real-token fraction of one epoch of train batches, bucketed vs padded to the maximum,
-    and the number of distinct batch shapes."""
-    order = epoch_order(len(enc), seed, 0)
-    lengths = enc.lengths
+def padding_stats(enc: Encoded, batch_size: int, buckets: Sequence[int], seed: int = 0,
+                  packing: Optional[Packing] = None) -> dict:
+    """Real-token fraction of one epoch of train batches (bucketed, or packed if `packing`)
+    against padding to the maximum, and the distinct batch shapes."""
     real = padded = 0
     shapes = set()
-    for b in range(num_train_batches(len(enc), batch_size)):
-        rows = order[b * batch_size:(b + 1) * batch_size]
-        length = bucket_for(int(lengths[rows].max()), buckets)
-        shapes.add(length)
-        real += int(lengths[rows].sum())
-        padded += batch_size * length
+    for batch in train_batches(enc, batch_size, buckets, 0, seed, 0, packing=packing):
+        shapes.add(batch["input_ids"].shape)
+        real += int(enc.lengths[batch["index"][batch["index"] >= 0]].sum())
+        padded += batch["input_ids"].size
     full = num_train_batches(len(enc), batch_size) * batch_size * buckets[-1]
-    return {"real_fraction_bucketed": real / padded, "real_fraction_max_length": real / full,
-            "distinct_shapes": len(shapes), "bucket_lengths": sorted(shapes)}
+    return {"real_fraction": real / padded, "real_fraction_max_length": real / full,
+            "distinct_shapes": len(shapes), "shapes": sorted(shapes)}
+
+
+# ---- sequence packing -----------------------------------------------------------------------
+
+def pack_rows(lengths: np.ndarray, row_length: int) -> list:
+    """First-fit-decreasing packing: lists of example positions (into `lengths`) per row."""
+    rows, space = [], []
+    for i in sorted(range(len(lengths)), key=lambda j: -int(lengths[j])):
+        n = int(lengths[i])
+        for r, free in enumerate(space):
+            if n <= free:
+                rows[r].append(i)
+                space[r] -= n
+                break
+        else:
+            rows.append([i])
+            space.append(row_length - n)
+    return rows
+
+
+def make_packed_batch(enc: Encoded, rows: np.ndarray, batch_size: int, row_length: int,
+                      pad_id: int, position_offset: int = 0, row_multiple: int = 2) -> dict:
+    """Packs the examples `rows` (at most `batch_size`) into rows of `row_length` tokens.
+
+    Each example keeps its own positions (restarting at `position_offset`: 0 for BERT,
+    `pad_token_id + 1` for RoBERTa), token types and a segment id (1, 2, ... within its
+    row; 0 is padding), from which the model builds a block-diagonal attention mask. The
+    head reads example `e` at `(example_row[e], example_pos[e])`, its first token. The row
+    count is rounded up to a multiple of `row_multiple`, so few distinct shapes occur.
+    Per-example keys (labels, weights, index) keep `batch_size` entries, as unpacked batches.
+    """
+    lengths = enc.lengths[rows]
+    packing = pack_rows(lengths, row_length)
+    n_rows = max(row_multiple, -(-len(packing) // row_multiple) * row_multiple)
+    ids = np.full((n_rows, row_length), pad_id, np.int32)
+    types = np.zeros((n_rows, row_length), np.int32)
+    positions = np.full((n_rows, row_length), position_offset, np.int32)
+    segments = np.zeros((n_rows, row_length), np.int32)
+    example_row = np.zeros(batch_size, np.int32)
+    example_pos = np.zeros(batch_size, np.int32)
+    for r, members in enumerate(packing):
+        cursor = 0
+        for seg, e in enumerate(members, start=1):
+            i, n = rows[e], int(lengths[e])
+            s = enc.offsets[i]
+            ids[r, cursor:cursor + n] = enc.ids[s:s + n]
+            types[r, cursor:cursor + n] = enc.type_ids[s:s + n]
+            positions[r, cursor:cursor + n] = np.arange(n) + position_offset
+            segments[r, cursor:cursor + n] = seg
+            example_row[e], example_pos[e] = r, cursor
+            cursor += n
+    labels = np.zeros(batch_size, enc.labels.dtype)
+    labels[:len(rows)] = enc.labels[rows]
+    labels = np.nan_to_num(labels) if labels.dtype.kind == "f" else np.maximum(labels, 0)
+    weights = np.zeros(batch_size, np.float32)
+    weights[:len(rows)] = 1.0
+    index = np.full(batch_size, -1, np.int64)
+    index[:len(rows)] = rows
+    return {"input_ids": ids, "token_type_ids": types, "position_ids": positions,
+            "segment_ids": segments, "example_row": example_row, "example_pos": example_pos,
+            "labels": labels, "weights": weights, "index": index}

@@ -12,6 +12,7 @@ Every projection is a `Dense` that also applies LoRA when the parameter tree hol
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -40,16 +41,49 @@ class Runtime:
     dtype: compute dtype ("float32" or "bfloat16"); parameters always stay float32.
     lora_scale: multiplier of the LoRA update (alpha / r, or alpha / sqrt(r) for rsLoRA).
     lora_dropout: dropout on the LoRA input during training.
+    target_mean, target_std: a regression head outputs `target_std * raw + target_mean`, so
+      training starts at the label mean and scale (fixed values, not trained; the
+      default is the identity).
     """
 
     dtype: str = "float32"
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
     @property
     def jnp_dtype(self):
         """The compute dtype as a JAX dtype."""
         return DTYPES[self.dtype]
+
+
+def keep_mask(rng: jax.Array, shape: tuple, rate: float) -> tuple[jax.Array, float]:
+    """A dropout keep-mask and the keep probability it realises.
+
+    Random bits dominate dropout's cost on CPU (attention probabilities alone need
+    batch x heads x length^2 draws per layer). Each 32-bit threefry word is split into two
+    16-bit draws, which halves the random-number work while keeping the probability exact
+    to 2^-16 (8-bit draws would shift a rate of 0.1 to 0.1016).
+    """
+    threshold = round(rate * 65536)
+    size = math.prod(shape)
+    words = jax.random.bits(rng, ((size + 1) // 2,), jnp.uint32)
+    halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:size]
+    return (halves >= threshold).reshape(shape), (65536 - threshold) / 65536
+
+
+class Dropout(nn.Module):
+    """Inverted dropout over the `dropout` RNG stream, with `keep_mask`'s cheaper draws."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep, p_keep = keep_mask(self.make_rng("dropout"), x.shape, self.rate)
+        return jnp.where(keep, x * jnp.asarray(1.0 / p_keep, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _normal(config: EncoderConfig):
@@ -79,7 +113,7 @@ class Dense(nn.Module):
         if self.has_variable("params", "lora_a"):
             a = self.get_variable("params", "lora_a").astype(dtype)
             b = self.get_variable("params", "lora_b").astype(dtype)
-            h = nn.Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
+            h = Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
             y = y + ((h @ a) @ b) * jnp.asarray(self.runtime.lora_scale, dtype)
         return y
 
@@ -127,7 +161,7 @@ class SelfAttention(nn.Module):
             logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(cfg.head_dim).astype(q.dtype)
             logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-            probs = nn.Dropout(dropout)(probs, deterministic=False)
+            probs = Dropout(dropout)(probs, deterministic=False)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         return out.reshape(batch, length, cfg.hidden_size)
 
@@ -142,7 +176,7 @@ class Residual(nn.Module):
     def __call__(self, x, residual, deterministic: bool = True):
         x = Dense(self.config.hidden_size, self.config, self.runtime, name="dense")(
             x, deterministic)
-        x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(self.config, self.runtime)(x + residual)
 
 
@@ -202,7 +236,7 @@ class Embeddings(nn.Module):
              + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
              + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = _layer_norm(cfg, self.runtime)(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 def default_position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
@@ -220,8 +254,13 @@ def default_position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Arr
 class Backbone(nn.Module):
     """`BertModel` / `RobertaModel`: embeddings, `encoder/layer_i`, and (BERT) the pooler.
 
-    Returns the last hidden state `[batch, length, hidden]` and the pooled first token
-    (`None` without a pooler).
+    Returns `(last_hidden_state, first_tokens, pooled)`: the hidden states
+    `[rows, length, hidden]`, each example's first token `[examples, hidden]`, and (BERT)
+    the pooler output on those (`None` without a pooler).
+
+    Packed input: `segment_ids` (1, 2, ... per example within a row, 0 for padding) make the
+    attention block-diagonal, and example `e` starts at `(example_row[e], example_pos[e])`.
+    Without them each row is one example starting at position 0.
     """
 
     config: EncoderConfig
@@ -230,22 +269,28 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, segment_ids=None, example_row=None,
+                 example_pos=None):
         cfg = self.config
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if position_ids is None:
             position_ids = default_position_ids(cfg, input_ids)
+        if segment_ids is not None:
+            # Tokens attend within their own example; padding (0) only to padding, so no
+            # softmax runs over an empty set.
+            attention_mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+        elif attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
         x = Embeddings(cfg, self.runtime, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic)
         mask = expand_attention_mask(attention_mask)
         x = EncoderLayers(cfg, self.runtime, name="encoder")(x, mask, deterministic)
+        first = x[:, 0] if example_row is None else x[example_row, example_pos]
         pooled = None
         if self.add_pooling_layer:
-            pooled = Pooler(cfg, self.runtime, name="pooler")(x, deterministic)
-        return x, pooled
+            pooled = Pooler(cfg, self.runtime, name="pooler")(first, deterministic)
+        return x, first, pooled
 
 
 class EncoderLayers(nn.Module):
@@ -262,13 +307,13 @@ class EncoderLayers(nn.Module):
 
 
 class Pooler(nn.Module):
-    """BERT's pooler: `tanh(dense(first token))`."""
+    """BERT's pooler: `tanh(dense(first token))`, given the first tokens `[examples, hidden]`."""
 
     config: EncoderConfig
     runtime: Runtime
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, first, deterministic: bool = True):
         h = Dense(self.config.hidden_size, self.config, self.runtime, name="dense")(
-            x[:, 0], deterministic)
+            first, deterministic)
         return jnp.tanh(h)

@@ -11,6 +11,7 @@ peft format (LoRA only), loadable with `PeftModel.from_pretrained(base_model, fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -45,8 +46,12 @@ def _serialize(tensors: dict[str, np.ndarray]) -> bytes:
 
 def save_adapter(directory: os.PathLike, params: Any, mask: Any, *, method: str,
                  base_model: str, config, lora: Optional[LoraConfig] = None,
-                 train_pooler: bool = False) -> Path:
-    """Writes the trainable leaves of `params` (per `mask`) and their description."""
+                 train_pooler: bool = False, target: Optional[tuple] = None) -> Path:
+    """Writes the trainable leaves of `params` (per `mask`) and their description.
+
+    `target` is `(mean, std)` of a regression head's output map (`Runtime.target_mean`,
+    `target_std`), stored so the adapter predicts the same values when loaded.
+    """
     directory = Path(directory)
     flat = traverse_util.flatten_dict(jax.device_get(params))
     flat_mask = traverse_util.flatten_dict(mask)
@@ -55,6 +60,7 @@ def save_adapter(directory: os.PathLike, params: Any, mask: Any, *, method: str,
         "format": FORMAT, "method": method,
         "lora": lora.to_dict() if lora is not None else None,
         "train_pooler": train_pooler, "base_model": base_model,
+        "target": None if target is None else {"mean": float(target[0]), "std": float(target[1])},
         "num_labels": config.num_labels,
         "architecture": {k: getattr(config, k) for k in _ARCH_FIELDS},
         "num_parameters": int(sum(v.size for v in tensors.values())),
@@ -100,6 +106,9 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
                            f"{meta['base_model']!r}, not {pre.name_or_path!r} (pass "
                            "check_base_name=False if they are the same weights)")
     model, params = pre.model, pre.params
+    if meta.get("target"):
+        model = model.clone(runtime=dataclasses.replace(
+            model.runtime, target_mean=meta["target"]["mean"], target_std=meta["target"]["std"]))
     lora = LoraConfig.from_dict(meta["lora"]) if meta["lora"] else None
     if lora is not None:
         params = add_lora(params, lora, jax.random.key(0))  # values are overwritten below
@@ -122,14 +131,29 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
     return model, traverse_util.unflatten_dict(flat)
 
 
+def fold_target(params: Any, mean: float, std: float) -> Any:
+    """Folds a regression output map `std * y + mean` into the head's last layer (BERT
+    `classifier`, RoBERTa `classifier/out_proj`), for models that do not apply it."""
+    flat = dict(traverse_util.flatten_dict(params))
+    last = ("classifier", "out_proj") if ("classifier", "out_proj", "kernel") in flat \
+        else ("classifier",)
+    flat[last + ("kernel",)] = flat[last + ("kernel",)] * std
+    flat[last + ("bias",)] = flat[last + ("bias",)] * std + mean
+    return traverse_util.unflatten_dict(flat)
+
+
 def export_peft(directory: os.PathLike, params: Any, mask: Any, lora: LoraConfig, *,
-                base_model: str, train_pooler: bool = False) -> Path:
+                base_model: str, train_pooler: bool = False,
+                target: Optional[tuple] = None) -> Path:
     """Writes a LoRA adapter in Hugging Face peft's format (task SEQ_CLS).
 
     The classification head (and BERT's pooler, if trained) go to `modules_to_save`, so the
-    PyTorch `PeftModel` reproduces our logits.
+    PyTorch `PeftModel` reproduces our logits; a regression `target` map `(mean, std)` is
+    folded into the head first.
     """
     directory = Path(directory)
+    if target is not None:
+        params = fold_target(params, *target)
     flat = traverse_util.flatten_dict(jax.device_get(params))
     flat_mask = traverse_util.flatten_dict(mask)
     tensors = {}

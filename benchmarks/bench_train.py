@@ -1,0 +1,272 @@
+"""Train-step benchmark: jaxpeft against transformers + peft, same model, shapes and threads.
+
+  python -m benchmarks.bench_train --model=minilm --shapes=32x128 --out=/tmp/bench.json
+
+For each method (full, lora, bitfit) and shape (batch x seq), after compilation: step time,
+examples/s, tokens/s, model FLOP/s and that as a fraction of this machine's dense matmul rate
+(a model-shaped float32 matmul, measured in the same run), compile time, and peak memory
+(host RSS on CPU, device memory on accelerators). Each measurement runs in its own process
+so peak memory is per method. With torch and peft installed, the same step in PyTorch
+(AdamW, same LoRA config, same shapes, same thread count) and the ratio.
+
+Model FLOPs: the forward pass is 2 FLOPs per multiply-add of every dense layer plus the
+attention products; full fine-tuning needs 3x that (forward, input gradients, weight
+gradients), LoRA and BitFit 2x (no frozen weight gradients).
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_string("model", "minilm", "model name or folder")
+flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "methods")
+flags.DEFINE_list("shapes", ["32x128"], "batch x sequence shapes")
+flags.DEFINE_integer("steps", 8, "timed steps (median reported)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+flags.DEFINE_bool("torch", True, "also time the PyTorch transformers + peft peer")
+flags.DEFINE_bool("random_weights", False, "build the model from its config with random "
+                  "weights (no checkpoint needed; e.g. a bert-base config on a GPU box)")
+flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
+flags.DEFINE_string("out", "", "write all results as JSON here")
+flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
+
+
+def model_flops(cfg, batch, seq, method):
+    """Analytic model FLOPs of one training step (see the module docstring)."""
+    d, ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    tokens = batch * seq
+    dense = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
+    attention = 2 * 2 * batch * layers * seq * seq * d
+    forward = dense + attention
+    return forward * (3 if method == "full" else 2)
+
+
+def peak_matmul_flops(dtype="float32"):
+    """FLOP/s of a jitted (4096 x 384) @ (384 x 1536) matmul: the model-shaped peak here."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((4096, 384), dtype)
+    b = jnp.ones((384, 1536), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * 4096 * 384 * 1536 / float(np.median(times))
+
+
+def _peak_memory_bytes(device=None):
+    if device is not None and device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return int(stats.get("peak_bytes_in_use", 0))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _random_batch(batch, seq, vocab, seed=0):
+    rs = np.random.default_rng(seed)
+    return {"input_ids": rs.integers(1000, min(vocab, 20000), (batch, seq)).astype(np.int32),
+            "attention_mask": np.ones((batch, seq), np.int32),
+            "token_type_ids": np.zeros((batch, seq), np.int32),
+            "labels": rs.integers(0, 2, batch).astype(np.int32),
+            "weights": np.ones(batch, np.float32)}
+
+
+def _load(f):
+    import jaxpeft
+    from jaxpeft.models.checkpoint import resolve_model_dir
+
+    if f.random_weights:
+        import jax
+        import jax.numpy as jnp
+        from jaxpeft.models import EncoderConfig, Runtime, SequenceClassifier
+
+        cfg_d = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
+        cfg = EncoderConfig.from_hf_dict(cfg_d, num_labels=2)
+        model = SequenceClassifier(cfg, Runtime(dtype=f.dtype))
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        return model, params, cfg
+    pre = jaxpeft.load_pretrained(f.model, num_labels=2, dtype=f.dtype, tokenizer=False)
+    return pre.model, pre.params, pre.config
+
+
+def jax_worker(f, method, batch, seq):
+    """Times the jaxpeft train step for one method and shape; returns a dict."""
+    import jax
+
+    from jaxpeft.optim import OptimConfig, make_optimizer
+    from jaxpeft.peft import LoraConfig, add_lora, count_params, lora_model, trainable_mask
+    from jaxpeft.train import create_train_state, make_train_step
+
+    model, params, cfg = _load(f)
+    if method == "lora":
+        lcfg = LoraConfig(rank=8, alpha=16)
+        params, model = add_lora(params, lcfg, jax.random.key(0)), lora_model(model, lcfg)
+    mask = trainable_mask(params, method)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), params, mask)
+    state = create_train_state(params, mask, tx)
+    del params
+    step = make_train_step(model, tx)
+    data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
+    rng = jax.random.key(0)
+    t0 = time.perf_counter()
+    state, m = step(state, data, rng)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, data, rng)  # one more warm step
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(f.steps):
+        t0 = time.perf_counter()
+        state, m = step(state, data, rng)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return {"impl": "jaxpeft", "method": method, "batch": batch, "seq": seq,
+            "step_s": float(np.median(times)), "compile_s": compile_s,
+            "trainable": count_params(state.params, mask).trainable,
+            "peak_memory_bytes": _peak_memory_bytes(jax.devices()[0]),
+            "device": jax.devices()[0].device_kind, "threads": os.cpu_count()}
+
+
+def torch_worker(f, method, batch, seq):
+    """Times the transformers + peft train step for one method and shape."""
+    import peft
+    import torch
+    import transformers
+
+    from jaxpeft.models.checkpoint import resolve_model_dir
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_model_dir(f.model) if not f.config_json else None
+    torch.manual_seed(0)
+    if f.random_weights:
+        cfg = transformers.AutoConfig.from_pretrained(os.path.dirname(f.config_json) or path)
+        cfg.num_labels = 2
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]))
+    elif method == "bitfit":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.endswith(".bias") or name.startswith("classifier")
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    b = _random_batch(batch, seq, model.config.vocab_size)
+    inputs = {k: torch.tensor(v, dtype=torch.long, device=dev)
+              for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    labels = torch.tensor(b["labels"], dtype=torch.long, device=dev)
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=f.dtype == "bfloat16")
+
+    def one():
+        with autocast:
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    one()
+    one()
+    times = []
+    for _ in range(f.steps):
+        t0 = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if dev == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"impl": "torch+peft", "method": method, "batch": batch, "seq": seq,
+            "step_s": float(np.median(times)), "compile_s": 0.0,
+            "trainable": sum(p.numel() for p in params), "peak_memory_bytes": int(peak),
+            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+            "threads": torch.get_num_threads()}
+
+
+def _run_worker(spec):
+    """Runs one measurement in a fresh process (so peak memory is its own)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--_worker")]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", *args,
+                           f"--_worker={spec}"], capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(_):
+    f = flags.FLAGS
+    if f._worker:
+        impl, method, shape = f._worker.split(":")
+        batch, seq = map(int, shape.split("x"))
+        fn = jax_worker if impl == "jax" else torch_worker
+        print("RESULT " + json.dumps(fn(f, method, batch, seq)))
+        return
+    import jax
+
+    from jaxpeft.models.checkpoint import resolve_model_dir
+
+    cfg = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
+    peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32")
+    have_torch = f.torch
+    if have_torch:
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError:
+            have_torch = False
+    print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
+          f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s")
+    header = (f"{'shape':>8} {'method':>7} {'impl':>10} {'step ms':>9} {'ex/s':>8} "
+              f"{'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'compile s':>9} {'peak MiB':>9}")
+    print(header)
+    results = []
+    for shape in f.shapes:
+        batch, seq = map(int, shape.split("x"))
+        by_method = {}
+        for method in f.methods:
+            rows = [_run_worker(f"jax:{method}:{shape}")]
+            if have_torch:
+                rows.append(_run_worker(f"torch:{method}:{shape}"))
+            for r in rows:
+                flops = model_flops(cfg, batch, seq, method)
+                r.update(examples_per_s=batch / r["step_s"], tokens_per_s=batch * seq / r["step_s"],
+                         model_flops_per_s=flops / r["step_s"],
+                         fraction_of_matmul_peak=flops / r["step_s"] / peak,
+                         matmul_peak_flops_per_s=peak)
+                print(f"{shape:>8} {method:>7} {r['impl']:>10} {r['step_s'] * 1e3:9.1f} "
+                      f"{r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} "
+                      f"{r['model_flops_per_s'] / 1e9:8.1f} "
+                      f"{100 * r['fraction_of_matmul_peak']:6.1f}% {r['compile_s']:9.1f} "
+                      f"{r['peak_memory_bytes'] / 2**20:9.0f}")
+                results.append(r)
+            by_method[method] = rows
+        jax_step = {m: rows[0]["step_s"] for m, rows in by_method.items()}
+        for m, rows in by_method.items():
+            if len(rows) > 1:
+                print(f"{shape} {m}: jaxpeft / torch+peft speed = "
+                      f"{rows[1]['step_s'] / rows[0]['step_s']:.2f}x")
+        if "full" in jax_step:
+            for m in jax_step:
+                if m != "full":
+                    print(f"{shape} jaxpeft {m} step / full step = "
+                          f"{jax_step[m] / jax_step['full']:.3f}")
+    if f.out:
+        with open(f.out, "w") as fh:
+            json.dump({"model": f.model, "dtype": f.dtype, "matmul_peak_flops_per_s": peak,
+                       "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
