@@ -74,13 +74,17 @@ flags.DEFINE_bool("multihost", D.multihost, "Call jax.distributed.initialize() (
 flags.DEFINE_bool("progress", D.progress, "Show tqdm progress bars.")
 
 
+def config_from_flags() -> RunConfig:
+    """The RunConfig the parsed flags describe (also used by experiments/sweep.py)."""
+    fields = {name: getattr(flags.FLAGS, name) for name in RunConfig.__dataclass_fields__}
+    fields["lora_targets"] = tuple(fields["lora_targets"])
+    return RunConfig(**fields)
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
-    f = flags.FLAGS
-    fields = {name: getattr(f, name) for name in RunConfig.__dataclass_fields__}
-    fields["lora_targets"] = tuple(fields["lora_targets"])
-    sys.exit(cli_main(RunConfig(**fields)))
+    sys.exit(cli_main(config_from_flags()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""Tables and plots from the run folders under --root (reads only their JSON files).
+
+  python -m experiments.report --root=runs/lr --out=docs/RESULTS_lr.md --plots_dir=docs/plots
+
+Flags only; the work is `jaxpeft.plots.write_report`.
+"""
+
+import sys
+
+from absl import app, flags
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.plots import write_report
+
+flags.DEFINE_string("root", "runs", "Folder searched for runs (results.json files).")
+flags.DEFINE_string("out", "", "Markdown file to write (default: <root>/report.md).")
+flags.DEFINE_string("plots_dir", "", "Where PNG plots go (default: <root>/plots).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        print(write_report(f.root, f.out, f.plots_dir))
+    except JaxpeftError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

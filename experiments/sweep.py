@@ -1,0 +1,36 @@
+"""Run a grid of run_glue configurations, each into its own folder under --root.
+
+  python -m experiments.sweep --root=runs/lr --task=sst2 --model=minilm \
+      --data_dir=../shared/glue_data --max_steps=300 \
+      --grid="method=full,lora,bitfit;learning_rate=2e-5,1e-4,5e-4,1e-3" --seeds=0,1
+
+Every run_glue flag sets the base configuration; --grid varies some of them. Finished runs
+are skipped, failed ones reported. Flags only; the work is `jaxpeft.sweep.run_sweep`.
+"""
+
+import sys
+
+from absl import app, flags
+
+from experiments import run_glue
+from experiments.run_glue import config_from_flags
+from jaxpeft.sweep import sweep_cli
+
+flags.adopt_module_key_flags(run_glue)  # every run_glue flag sets the base run (--help shows them)
+
+flags.DEFINE_string("root", "runs/sweep", "Folder holding one subfolder per run.")
+flags.DEFINE_string("grid", "", "Settings to vary: 'name=v1,v2;name2=v3,v4' "
+                    "(lora_targets values join modules with '+').")
+flags.DEFINE_list("seeds", ["0"], "Seeds: each grid point runs once per seed.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    sys.exit(sweep_cli(config_from_flags(), f.grid, [int(s) for s in f.seeds], f.root,
+                       f.progress))
+
+
+if __name__ == "__main__":
+    app.run(main)

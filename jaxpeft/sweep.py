@@ -1,0 +1,132 @@
+"""Grids of runs: every combination of some `RunConfig` fields, each into its own folder.
+
+A grid is written `"method=full,lora,bitfit;learning_rate=2e-5,1e-4"`: fields separated by
+`;`, values by `,`. Runs whose folder already holds `results.json` are skipped, a failing
+run is reported and the sweep goes on, and `sweep.json` in the root lists every run's status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.fileio import atomic_write_json
+from jaxpeft.run import RunConfig, train_and_evaluate
+from jaxpeft.writer import RESULTS
+
+log = logging.getLogger("jaxpeft")
+
+
+def _convert(field: dataclasses.Field, raw: str):
+    default = field.default
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise JaxpeftError(f"grid: {field.name} takes true/false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if isinstance(default, tuple):
+        return tuple(v for v in raw.split("+") if v)  # lora_targets=query+value
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float) or field.name == "learning_rate":
+            return float(raw)
+    except ValueError:
+        raise JaxpeftError(f"grid: {field.name}={raw!r} is not a number") from None
+    return raw
+
+
+def parse_grid(grid: str) -> dict:
+    """`"a=1,2;b=x"` -> `{"a": [1, 2], "b": ["x"]}` with values typed as RunConfig's fields."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for part in filter(None, (p.strip() for p in grid.split(";"))):
+        if "=" not in part:
+            raise JaxpeftError(f"grid: {part!r} is not name=value1,value2,...")
+        name, values = (s.strip() for s in part.split("=", 1))
+        if name not in fields or name in ("output_dir", "overwrite", "resume"):
+            raise JaxpeftError(f"grid: {name!r} is not a run setting that can vary")
+        if name in out:
+            raise JaxpeftError(f"grid: {name!r} appears twice")
+        out[name] = [_convert(fields[name], v.strip()) for v in values.split(",") if v.strip()]
+        if not out[name]:
+            raise JaxpeftError(f"grid: {name!r} has no values")
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "+".join(v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expand(base: RunConfig, grid: dict, seeds: Sequence[int], root: Path) -> list:
+    """Every (grid point, seed) as a RunConfig with its own output folder under `root`."""
+    names = list(grid)
+    runs = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        point = dict(zip(names, values))
+        for seed in seeds:
+            label = ",".join(f"{n}={_fmt(v)}" for n, v in point.items()) or "base"
+            folder = root / f"{label},seed={seed}"
+            runs.append(dataclasses.replace(base, **point, seed=seed, output_dir=str(folder)))
+    return runs
+
+
+def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
+              progress: bool = True) -> dict:
+    """Runs the grid; returns (and writes to `<root>/sweep.json`) each run's status."""
+    root_path = Path(root)
+    runs = expand(base, parse_grid(grid), seeds, root_path)
+    for cfg in runs:  # every setting is checked before the first run starts
+        dataclasses.replace(cfg).lora()
+    status = {}
+    bar = tqdm(runs, desc="sweep", disable=not progress)
+    for cfg in bar:
+        name = Path(cfg.output_dir).name
+        bar.set_postfix_str(name[:60])
+        if (Path(cfg.output_dir) / RESULTS).is_file():
+            status[name] = "skipped (finished before)"
+            continue
+        try:
+            train_and_evaluate(dataclasses.replace(cfg, progress=False,
+                                                   resume=Path(cfg.output_dir).is_dir()))
+            status[name] = "ok"
+        except JaxpeftError as e:
+            status[name] = f"failed: {e}"
+            tqdm.write(f"run {name} failed: {e}")
+        except Exception as e:  # keep sweeping; the traceback goes to the log
+            status[name] = f"failed: {type(e).__name__}: {e}"
+            tqdm.write(f"run {name} crashed: {type(e).__name__}: {e}")
+            log.debug("%s", traceback.format_exc())
+        atomic_write_json(root_path / "sweep.json", {"grid": grid, "seeds": list(seeds),
+                                                     "runs": status})
+    atomic_write_json(root_path / "sweep.json", {"grid": grid, "seeds": list(seeds),
+                                                 "runs": status})
+    failed = [n for n, s in status.items() if s.startswith("failed")]
+    tqdm.write(f"sweep: {len(status) - len(failed)} of {len(status)} runs done"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return status
+
+
+def sweep_cli(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
+              progress: bool = True) -> int:
+    """Command-line entry: user errors print one line; exit 1 if any run failed."""
+    import sys
+
+    from absl import logging as absl_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        status = run_sweep(base, grid, seeds, root, progress)
+    except JaxpeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 1 if any(s.startswith("failed") for s in status.values()) else 0

@@ -1,0 +1,60 @@
+"""experiments/sweep.py and experiments/report.py on a tiny model."""
+
+import json
+
+import pytest
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.plots import write_report
+from jaxpeft.run import RunConfig
+from jaxpeft.sweep import expand, parse_grid, run_sweep
+from tests.test_run import tiny_model  # noqa: F401  (fixture)
+
+
+def test_parse_grid_types_and_errors(tmp_path):
+    grid = parse_grid("method=full,lora; learning_rate=2e-5,1e-3;lora_targets=query+value,key")
+    assert grid == {"method": ["full", "lora"], "learning_rate": [2e-5, 1e-3],
+                    "lora_targets": [("query", "value"), ("key",)]}
+    runs = expand(RunConfig(), grid, [0, 1], tmp_path)
+    assert len(runs) == 2 * 2 * 2 * 2
+    assert runs[0].output_dir == str(tmp_path / "method=full,learning_rate=2e-05,"
+                                                 "lora_targets=query+value,seed=0")
+    for bad, msg in [("lr=1", "not a run setting"), ("method", "not name=value"),
+                     ("lora_rank=a", "not a number"), ("output_dir=x", "not a run setting"),
+                     ("seed=1;seed=2", "appears twice")]:
+        with pytest.raises(JaxpeftError, match=msg):
+            parse_grid(bad)
+
+
+def test_sweep_then_report(tiny_model, glue_dir, tmp_path):  # noqa: F811
+    base = RunConfig(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
+                     max_train_samples=64, batch_size=16, max_steps=4, log_every=2,
+                     eval_every=2, max_eval_samples=64, max_seq_length=64, cache_dir="",
+                     progress=False)
+    root = tmp_path / "sweep"
+    status = run_sweep(base, "learning_rate=1e-3,1e-2", [0], str(root), progress=False)
+    assert list(status.values()) == ["ok", "ok"]
+    again = run_sweep(base, "learning_rate=1e-3,1e-2", [0], str(root), progress=False)
+    assert all(s.startswith("skipped") for s in again.values())
+    # a failing run is reported and does not stop the next one
+    mixed = run_sweep(base, "max_seq_length=4,64", [0], str(tmp_path / "mixed"),
+                      progress=False)
+    assert mixed["max_seq_length=4,seed=0"].startswith("failed: --max_seq_length must be >= 8")
+    assert mixed["max_seq_length=64,seed=0"] == "ok"
+    with pytest.raises(JaxpeftError, match="LoRA rank"):  # checked before any run starts
+        run_sweep(base, "lora_rank=2,0", [0], str(tmp_path / "bad"), progress=False)
+    assert not (tmp_path / "bad" / "lora_rank=2,seed=0").exists()
+    summary = json.loads((root / "sweep.json").read_text())
+    assert len(summary["runs"]) == 2
+
+    md = write_report(str(root))
+    text = md.read_text()
+    assert "| sst2 | lora | 0.001 | 8 |" in text and "| sst2 | lora | 0.01 | 8 |" in text
+    pngs = sorted(p.name for p in (root / "plots").glob("*.png"))
+    assert pngs == ["sst2_curves.png", "sst2_lr.png"]
+    assert all((root / "plots" / p).stat().st_size > 10_000 for p in pngs)
+
+
+def test_report_on_empty_folder(tmp_path):
+    with pytest.raises(JaxpeftError, match="no finished runs"):
+        write_report(str(tmp_path))
