@@ -33,6 +33,8 @@ flags.DEFINE_bool("torch", True, "also time the PyTorch transformers + peft peer
 flags.DEFINE_bool("random_weights", False, "build the model from its config with random "
                   "weights (no checkpoint needed; e.g. a bert-base config on a GPU box)")
 flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
+flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmul (the "
+                    "default is model-shaped for MiniLM; use a large one on GPUs)")
 flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
@@ -47,13 +49,14 @@ def model_flops(cfg, batch, seq, method):
     return forward * (3 if method == "full" else 2)
 
 
-def peak_matmul_flops(dtype="float32"):
-    """FLOP/s of a jitted (4096 x 384) @ (384 x 1536) matmul: the model-shaped peak here."""
+def peak_matmul_flops(dtype="float32", shape="4096x384x1536"):
+    """FLOP/s of a jitted (M x K) @ (K x N) matmul: this machine's reference matmul rate."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((4096, 384), dtype)
-    b = jnp.ones((384, 1536), dtype)
+    m, k, n = map(int, shape.split("x"))
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
     times = []
@@ -61,7 +64,7 @@ def peak_matmul_flops(dtype="float32"):
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * 4096 * 384 * 1536 / float(np.median(times))
+    return 2 * m * k * n / float(np.median(times))
 
 
 def _peak_memory_bytes(device=None):
@@ -145,14 +148,16 @@ def torch_worker(f, method, batch, seq):
     from jaxpeft.models.checkpoint import resolve_model_dir
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    path = resolve_model_dir(f.model) if not f.config_json else None
     torch.manual_seed(0)
     if f.random_weights:
-        cfg = transformers.AutoConfig.from_pretrained(os.path.dirname(f.config_json) or path)
+        cfg = transformers.AutoConfig.from_pretrained(
+            os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
+            else resolve_model_dir(f.model))
         cfg.num_labels = 2
         model = transformers.AutoModelForSequenceClassification.from_config(cfg)
     else:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_dir(f.model), num_labels=2)
     if method == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]))
@@ -218,7 +223,7 @@ def main(_):
     from jaxpeft.models.checkpoint import resolve_model_dir
 
     cfg = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
-    peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32")
+    peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32", f.peak_shape)
     have_torch = f.torch
     if have_torch:
         try:

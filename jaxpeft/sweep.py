@@ -85,7 +85,7 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
     root_path = Path(root)
     runs = expand(base, parse_grid(grid), seeds, root_path)
     for cfg in runs:  # every setting is checked before the first run starts
-        dataclasses.replace(cfg).lora()
+        cfg.lora()
     status = {}
     bar = tqdm(runs, desc="sweep", disable=not progress)
     for cfg in bar:
