@@ -341,8 +341,9 @@ def train_and_evaluate(cfg: RunConfig,
 
     # ---- data and model (errors here happen before anything is written) ----------------
     pre = load_pretrained(cfg.model, num_labels=task.num_labels, dtype=cfg.dtype, seed=cfg.seed)
-    max_len = pre.config.max_position_embeddings - (
-        pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0)
+    # RoBERTa's positions start after its padding index (as transformers counts them).
+    position_offset = pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0
+    max_len = pre.config.max_position_embeddings - position_offset
     if cfg.max_seq_length > max_len:
         raise JaxpeftError(f"--max_seq_length={cfg.max_seq_length} exceeds what {cfg.model} "
                            f"supports ({max_len})")
@@ -357,9 +358,8 @@ def train_and_evaluate(cfg: RunConfig,
     packing = None
     if cfg.packing:
         # Row counts are a multiple of the device count, so rows shard evenly.
-        packing = Packing(cfg.max_seq_length, position_offset=(
-            pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0),
-            row_multiple=math.lcm(2, jax.device_count()))
+        packing = Packing(cfg.max_seq_length, position_offset=position_offset,
+                          row_multiple=math.lcm(2, jax.device_count()))
 
     model, params = pre.model, pre.params
     target = None
@@ -405,7 +405,8 @@ def train_and_evaluate(cfg: RunConfig,
     writer = RunWriter(out, enabled=is_writer)
     if not resuming:
         writer.write_config(config_dict)
-    log.info("%s", counts)
+    if is_writer:
+        tqdm.write(f"{task.name} / {cfg.method} / {cfg.model}: {counts}")
 
     # ---- state, steps, checkpoints ----------------------------------------------------
     sharder = _Sharder()
