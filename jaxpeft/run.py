@@ -533,9 +533,8 @@ def train_and_evaluate(cfg: RunConfig,
         "learning_rate": lr,
     }
     if cfg.do_predict or cfg.export_peft:
-        fresh = load_pretrained(cfg.model, num_labels=task.num_labels, dtype=cfg.dtype,
-                                seed=cfg.seed, tokenizer=False)
-        best_model, best_params = load_adapter(out / "best", fresh)
+        # `pre.params` is still the untouched base (the train state owns copies).
+        best_model, best_params = load_adapter(out / "best", pre)
         if cfg.do_predict:
             results["predictions"] = predict(make_eval_step(best_model), best_params, task, cfg,
                                              tok, sharder, buckets, writer)
