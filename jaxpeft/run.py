@@ -239,31 +239,43 @@ def _eval_suffix(task: Task, split: str) -> str:
     return "_" + split.removeprefix("validation_")
 
 
+def score(eval_step, params, enc, task: Task, batch_size: int, buckets, pad_id: int,
+          sharder: _Sharder, desc: str = "", progress: bool = False):
+    """Predictions and per-example losses for every example of `enc`, in split order.
+
+    All batches are dispatched before any result is fetched, so the host syncs once.
+    """
+    preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
+    loss = np.zeros(len(enc), np.float64)
+    scored = np.zeros(len(enc), np.int64)
+    indices, pending = [], []
+    for batch in tqdm(eval_batches(enc, batch_size, buckets, pad_id),
+                      total=num_train_batches(len(enc), batch_size), desc=desc, leave=False,
+                      disable=not progress):
+        result = eval_step(params, sharder.batch(batch))
+        indices.append(batch["index"])  # host-side: never gathered across processes
+        pending.append({k: result[k] for k in ("predictions", "loss")})
+    for index, result in zip(indices, sharder.gather(pending)):
+        real = index >= 0
+        preds[index[real]] = result["predictions"][real]
+        loss[index[real]] = result["loss"][real]
+        np.add.at(scored, index[real], 1)
+    if not (scored == 1).all():  # a bug, not a user error: every example exactly once
+        raise AssertionError(f"{desc}: {int((scored != 1).sum())} examples not scored once")
+    return preds, loss
+
+
 def evaluate(eval_step, params, encs: dict, task: Task, cfg: RunConfig, pad_id: int,
              sharder: _Sharder, buckets, progress: bool) -> dict:
     """Scores every example of each eval split once; metrics on host."""
     out = {}
     losses = []
     for split, enc in encs.items():
-        preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
-        loss = np.zeros(len(enc), np.float64)
-        scored = np.zeros(len(enc), np.int64)
-        pending = []
-        for batch in tqdm(eval_batches(enc, cfg.eval_batch_size, buckets, pad_id),
-                          total=num_train_batches(len(enc), cfg.eval_batch_size),
-                          desc=f"eval {split}", leave=False, disable=not progress):
-            pending.append((batch["index"], eval_step(params, sharder.batch(batch))))
-        for index, result in pending:
-            result = sharder.gather({"predictions": result["predictions"], "loss": result["loss"]})
-            real = index >= 0
-            preds[index[real]] = result["predictions"][real]
-            loss[index[real]] = result["loss"][real]
-            np.add.at(scored, index[real], 1)
-        if not (scored == 1).all():  # a bug, not a user error: every example exactly once
-            raise AssertionError(f"{split}: {int((scored != 1).sum())} examples not scored once")
+        preds, loss = score(eval_step, params, enc, task, cfg.eval_batch_size, buckets, pad_id,
+                            sharder, f"eval {split}", progress)
         suffix = _eval_suffix(task, split)
         out[f"eval_loss{suffix}"] = float(loss.mean())
-        out[f"eval_examples{suffix}"] = int(scored.sum())
+        out[f"eval_examples{suffix}"] = len(preds)
         losses.append(float(loss.mean()))
         for name, value in compute_metrics(task, preds, enc.labels).items():
             out[f"eval_{name}{suffix}"] = value
@@ -295,18 +307,15 @@ def _format_row(row: dict, keys: list) -> str:
 
 
 def predict(eval_step, params, task: Task, cfg: RunConfig, tokenizer, sharder, buckets,
-            writer: RunWriter) -> list:
+            writer: RunWriter, cache_dir: Optional[str]) -> list:
     """Writes GLUE submission files for the test split(s) into `<output_dir>/predict/`."""
     written = []
     names = TSV_LABELS.get(task.name, task.label_names)
     for split, filename in task.submission.items():
         data = load_split(task, split, cfg.data_dir or None, cfg.hub_dataset)
-        enc = tokenize(data, tokenizer, cfg.max_seq_length, os.path.expanduser(cfg.cache_dir) or None)
-        preds = np.zeros(len(enc), np.float32 if task.is_regression else np.int64)
-        for batch in eval_batches(enc, cfg.eval_batch_size, buckets, tokenizer.pad_token_id):
-            result = sharder.gather(eval_step(params, sharder.batch(batch))["predictions"])
-            real = batch["index"] >= 0
-            preds[batch["index"][real]] = result[real]
+        enc = tokenize(data, tokenizer, cfg.max_seq_length, cache_dir)
+        preds, _ = score(eval_step, params, enc, task, cfg.eval_batch_size, buckets,
+                         tokenizer.pad_token_id, sharder, f"predict {split}")
         if task.is_regression:
             values = [f"{min(max(float(p), 0.0), 5.0):.3f}" for p in preds]
         else:
@@ -537,7 +546,7 @@ def train_and_evaluate(cfg: RunConfig,
         best_model, best_params = load_adapter(out / "best", pre)
         if cfg.do_predict:
             results["predictions"] = predict(make_eval_step(best_model), best_params, task, cfg,
-                                             tok, sharder, buckets, writer)
+                                             tok, sharder, buckets, writer, cache_dir)
         if cfg.export_peft and is_writer:
             export_peft(out / "peft", best_params, trainable_mask(best_params, "lora",
                                                                   cfg.train_pooler),
