@@ -51,13 +51,6 @@ class Encoded:
         """Tokens per example (special tokens included)."""
         return np.diff(self.offsets)
 
-    @property
-    def has_labels(self) -> bool:
-        """False for test splits."""
-        if self.labels.dtype.kind == "f":
-            return bool(len(self) and not np.isnan(self.labels).all())
-        return bool(len(self) and (self.labels >= 0).all())
-
 
 def _tokenizer_fingerprint(tokenizer) -> bytes:
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -158,6 +151,12 @@ def make_batch(enc: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequenc
         mask[r, :n] = 1
     # Padding rows attend to one token, so no softmax runs over an empty set.
     mask[len(rows):, 0] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+            **_example_columns(enc, rows, batch_size)}
+
+
+def _example_columns(enc: Encoded, rows: np.ndarray, batch_size: int) -> dict:
+    """Per-example `labels`, `weights` (1 real, 0 padding) and `index` (-1 for padding)."""
     labels = np.zeros(batch_size, enc.labels.dtype)
     labels[:len(rows)] = enc.labels[rows]
     if labels.dtype.kind == "f":
@@ -168,8 +167,7 @@ def make_batch(enc: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequenc
     weights[:len(rows)] = 1.0
     index = np.full(batch_size, -1, np.int64)
     index[:len(rows)] = rows
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
-            "labels": labels, "weights": weights, "index": index}
+    return {"labels": labels, "weights": weights, "index": index}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -286,13 +284,6 @@ def make_packed_batch(enc: Encoded, rows: np.ndarray, batch_size: int, row_lengt
             segments[r, cursor:cursor + n] = seg
             example_row[e], example_pos[e] = r, cursor
             cursor += n
-    labels = np.zeros(batch_size, enc.labels.dtype)
-    labels[:len(rows)] = enc.labels[rows]
-    labels = np.nan_to_num(labels) if labels.dtype.kind == "f" else np.maximum(labels, 0)
-    weights = np.zeros(batch_size, np.float32)
-    weights[:len(rows)] = 1.0
-    index = np.full(batch_size, -1, np.int64)
-    index[:len(rows)] = rows
     return {"input_ids": ids, "token_type_ids": types, "position_ids": positions,
             "segment_ids": segments, "example_row": example_row, "example_pos": example_pos,
-            "labels": labels, "weights": weights, "index": index}
+            **_example_columns(enc, rows, batch_size)}
