@@ -298,7 +298,7 @@ def test_peft_export_all_targets_pooler_rslora(tiny_dirs, tmp_path, mt):
 def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     peft = pytest.importorskip("peft")
-    from jaxpeft.models.checkpoint import hf_key
+    from jaxpeft.models.checkpoint import hf_key, hf_module_key
     from jaxpeft.peft import combine, partition
     from jaxpeft.train import per_example_loss
 
@@ -334,8 +334,8 @@ def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
         if g is None:  # frozen: no gradient was computed
             continue
         if path[-1] in ("lora_a", "lora_b"):
-            name = hf_key(path[:-1] + ("x",))[:-2] + {"lora_a": ".lora_A.weight",
-                                                      "lora_b": ".lora_B.weight"}[path[-1]]
+            name = hf_module_key(path[:-1]) + {"lora_a": ".lora_A.weight",
+                                               "lora_b": ".lora_B.weight"}[path[-1]]
         else:
             name = hf_key(path)
         r = ref["base_model.model." + name]

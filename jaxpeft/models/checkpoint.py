@@ -76,8 +76,8 @@ def minilm_path() -> Path:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (name.startswith((".", "/", "~")) or os.sep in name.strip(os.sep).split(os.sep, 1)[-1]
-            or name.count("/") > 1)
+    # Hub ids are "name" or "org/name"; anything else that is not a folder is a bad path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
@@ -155,16 +155,19 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def hf_module_key(modules: tuple) -> str:
+    """transformers' module name for a Flax module path: `layer_0` -> `layer.0`."""
+    return ".".join(re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules)
+
+
 def hf_key(path: tuple) -> str:
     """transformers' state-dict key for a Flax parameter path.
 
     `("bert", "encoder", "layer_0", "output", "dense", "kernel")` ->
     `"bert.encoder.layer.0.output.dense.weight"`.
     """
-    *mods, leaf = path
-    mods = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in mods]
-    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)
-    return ".".join(mods + [leaf])
+    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(path[-1], path[-1])
+    return hf_module_key(path[:-1]) + "." + leaf
 
 
 def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:

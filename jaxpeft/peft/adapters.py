@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
-from jaxpeft.models.checkpoint import Pretrained, hf_key
+from jaxpeft.models.checkpoint import Pretrained, hf_key, hf_module_key
 from jaxpeft.peft.lora import LoraConfig, add_lora, lora_model, peft_target_modules
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.methods import METHODS, trainable_mask
@@ -163,8 +163,8 @@ def export_peft(directory: os.PathLike, params: Any, mask: Any, lora: LoraConfig
         value = np.asarray(value, np.float32)
         if path[-1] in ("lora_a", "lora_b"):
             # ours: a (in, r), b (r, out); peft: lora_A.weight (r, in), lora_B.weight (out, r)
-            key = hf_key(path[:-1] + ("x",))[:-2] + {"lora_a": ".lora_A.weight",
-                                                     "lora_b": ".lora_B.weight"}[path[-1]]
+            key = hf_module_key(path[:-1]) + {"lora_a": ".lora_A.weight",
+                                              "lora_b": ".lora_B.weight"}[path[-1]]
             value = value.T
         else:
             key = hf_key(path)
