@@ -87,28 +87,30 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
     for cfg in runs:  # every setting is checked before the first run starts
         cfg.lora()
     status = {}
+
+    def record(name: str, outcome: str) -> None:
+        status[name] = outcome  # sweep.json is current after every run, finished or not
+        atomic_write_json(root_path / "sweep.json", {"grid": grid, "seeds": list(seeds),
+                                                     "runs": status})
+
     bar = tqdm(runs, desc="sweep", disable=not progress)
     for cfg in bar:
         name = Path(cfg.output_dir).name
         bar.set_postfix_str(name[:60])
         if (Path(cfg.output_dir) / RESULTS).is_file():
-            status[name] = "skipped (finished before)"
+            record(name, "skipped (finished before)")
             continue
         try:
             train_and_evaluate(dataclasses.replace(cfg, progress=False,
                                                    resume=Path(cfg.output_dir).is_dir()))
-            status[name] = "ok"
+            record(name, "ok")
         except JaxpeftError as e:
-            status[name] = f"failed: {e}"
+            record(name, f"failed: {e}")
             tqdm.write(f"run {name} failed: {e}")
         except Exception as e:  # keep sweeping; the traceback goes to the log
-            status[name] = f"failed: {type(e).__name__}: {e}"
+            record(name, f"failed: {type(e).__name__}: {e}")
             tqdm.write(f"run {name} crashed: {type(e).__name__}: {e}")
             log.debug("%s", traceback.format_exc())
-        atomic_write_json(root_path / "sweep.json", {"grid": grid, "seeds": list(seeds),
-                                                     "runs": status})
-    atomic_write_json(root_path / "sweep.json", {"grid": grid, "seeds": list(seeds),
-                                                 "runs": status})
     failed = [n for n, s in status.items() if s.startswith("failed")]
     tqdm.write(f"sweep: {len(status) - len(failed)} of {len(status)} runs done"
                + (f"; failed: {', '.join(failed)}" if failed else ""))
