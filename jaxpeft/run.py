@@ -37,7 +37,7 @@ from jaxpeft.models import load_pretrained
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.peft import (METHODS, LoraConfig, add_lora, count_params, export_peft, load_adapter,
                           lora_model, save_adapter, trainable_mask)
-from jaxpeft.train import create_train_state, make_eval_step, make_train_step
+from jaxpeft.train import STEP_STATS, create_train_state, make_eval_step, make_train_step
 from jaxpeft.writer import CONFIG, RESULTS, RunWriter
 
 log = logging.getLogger("jaxpeft")
@@ -502,7 +502,7 @@ def train_and_evaluate(cfg: RunConfig,
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                            "train_loss": recent_loss,
                            "learning_rate": learning_rate_at(optim_cfg, step - 1),
-                           "grad_norm": float(fetched[-1]["grad_norm"]),
+                           **{k: float(np.mean([m[k] for m in fetched])) for k in STEP_STATS},
                            "examples_per_s": window_examples / max(now - window_t0, 1e-9)}
                     _check_finite(losses, step, out)
                     writer.log(row)

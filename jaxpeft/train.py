@@ -74,7 +74,7 @@ def _apply(model, params, batch, deterministic, rngs=None):
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: SequenceClassifier,
                tx: optax.GradientTransformation):
-    """One optimizer step on the weighted mean loss; returns `(state, {loss, grad_norm})`."""
+    """One optimizer step on the weighted mean loss; returns `(state, {loss, update stats})`."""
     # A fresh dropout key per step, derived rather than carried, so resuming is exact.
     dropout_rng = jax.random.fold_in(rng, state.step)
 
@@ -89,7 +89,27 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: Sequenc
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, **update_stats(grads, updates, state.trainable)}
+
+
+# What `train_step` reports besides the loss; the run log averages each over its window.
+STEP_STATS = ("grad_norm", "update_norm", "update_ratio", "loss_decrease")
+
+
+def update_stats(grads: Any, updates: Any, params: Any) -> dict:
+    """Size of one step: gradient norm, ‖Δθ‖, ‖Δθ‖/‖θ‖ and the first-order loss decrease.
+
+    These explain learning rates across methods: Adam moves each trainable coordinate by about
+    the learning rate, so the loss decrease a step buys, −⟨g, Δθ⟩, grows with how many
+    coordinates train. Reductions over the trainable leaves only, a few per step.
+    """
+    param_norm = optax.global_norm(params)
+    update_norm = optax.global_norm(updates)
+    dot = sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
+              for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates)))
+    return {"grad_norm": optax.global_norm(grads), "update_norm": update_norm,
+            "update_ratio": update_norm / jnp.maximum(param_norm, 1e-12),
+            "loss_decrease": -dot}
 
 
 def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:

@@ -12,7 +12,7 @@ from jaxpeft.models import EncoderConfig, SequenceClassifier
 from jaxpeft.optim import OptimConfig, make_optimizer
 from jaxpeft.peft import (LoraConfig, add_lora, count_params, export_peft, load_adapter,
                           lora_model, merge_lora, path_str, save_adapter, trainable_mask)
-from jaxpeft.train import create_train_state, make_train_step
+from jaxpeft.train import create_train_state, make_train_step, update_stats
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
 torch = pytest.importorskip("torch")
@@ -188,6 +188,27 @@ def test_full_gradients_for_frozen_leaves_are_zeroed(tiny_dirs):
                             traverse_util.flatten_dict(mask).values()):
         assert bool(jnp.any(u != 0)) == m, path_str(path)
 
+
+
+def test_step_stats_measure_the_step_taken():
+    """update_norm/ratio equal what the parameters moved; loss_decrease is −⟨g, Δθ⟩ exactly."""
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([0.1, -0.3])}
+    grads = {"w": jnp.array([[0.2, -0.4], [0.0, 1.5]]), "b": jnp.array([-0.7, 0.05])}
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, max_grad_norm=0.0),
+                        params, jax.tree.map(lambda _: True, params))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    stats = jax.device_get(update_stats(grads, updates, params))
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    g, u, p = flat(grads), flat(updates), flat(params)
+    np.testing.assert_allclose(stats["grad_norm"], np.linalg.norm(g), rtol=1e-6)
+    np.testing.assert_allclose(stats["update_norm"], np.linalg.norm(u), rtol=1e-6)
+    np.testing.assert_allclose(stats["update_ratio"], np.linalg.norm(u) / np.linalg.norm(p),
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats["loss_decrease"], -np.dot(g, u), rtol=1e-6)
+    # Adam's first step moves each coordinate with a nonzero gradient by the learning rate,
+    # against the gradient: the decrease is lr·‖g‖₁ (the zero-gradient coordinate stays).
+    np.testing.assert_allclose(stats["loss_decrease"], 1e-2 * np.abs(g).sum(), rtol=1e-5)
+    np.testing.assert_allclose(np.abs(u[g != 0]), 1e-2, rtol=1e-5)
 
 # ---- adapter files --------------------------------------------------------------------------
 

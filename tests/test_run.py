@@ -66,7 +66,8 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     for r in rows:
         if "eval_accuracy" in r:
             assert r["eval_examples"] == 872  # the whole dev split, each example once
-    assert all(np.isfinite(r["grad_norm"]) and r["examples_per_s"] > 0
+    assert all(r["grad_norm"] > 0 and r["update_norm"] > 0 and 0 < r["update_ratio"] < 1
+               and np.isfinite(r["loss_decrease"]) and r["examples_per_s"] > 0
                for r in rows if "learning_rate" in r)
     assert (out / "best" / "adapter.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "8"]
