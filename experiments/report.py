@@ -1,6 +1,7 @@
 """Tables and plots from the run folders under --root (reads only their JSON files).
 
   python -m experiments.report --root=runs/lr --out=docs/RESULTS_lr.md --plots_dir=docs/plots
+  python -m experiments.report --root=runs/a --root=runs/b/some-run --out=combined.md
 
 Flags only; the work is `jaxpeft.plots.write_report`.
 """
@@ -12,7 +13,8 @@ from absl import app, flags
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.plots import write_report
 
-flags.DEFINE_string("root", "runs", "Folder searched for runs (results.json files).")
+flags.DEFINE_multi_string("root", ["runs"], "Folder searched for runs (results.json files); "
+                          "repeat to combine folders or single run folders.")
 flags.DEFINE_string("out", "", "Markdown file to write (default: <root>/report.md).")
 flags.DEFINE_string("plots_dir", "", "Where PNG plots go (default: <root>/plots).")
 

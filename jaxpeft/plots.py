@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -30,45 +31,79 @@ def load_runs(root: Path) -> list:
     return runs
 
 
-def _key(run) -> tuple:
+# Settings that never change what a run computes (or are shown in their own columns).
+_NOT_SETTINGS = {"seed", "output_dir", "overwrite", "resume", "progress", "multihost",
+                 "cache_dir", "data_dir", "hub_dataset", "do_predict", "export_peft",
+                 "checkpoint_every", "eval_batch_size"}
+_OWN_COLUMNS = {"task", "method", "learning_rate", "lora_rank"}
+
+
+def _settings(run) -> dict:
     c = run["config"]["run"]
-    rank = c["lora_rank"] if c["method"] == "lora" else None
-    return (c["task"], c["method"], run["results"]["learning_rate"], rank)
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()
+           if k not in _NOT_SETTINGS}
+    out["learning_rate"] = run["results"]["learning_rate"]  # the resolved one (default per method)
+    return out
+
+
+def _mean_stat(run, key: str) -> Optional[float]:
+    values = [r[key] for r in run["rows"] if "learning_rate" in r and key in r]
+    return float(np.mean(values)) if values else None
 
 
 def summarize(runs: list) -> list:
-    """One row per (task, method, learning rate, rank), mean ± std over seeds."""
+    """One row per configuration (all settings but the seed), mean ± std over seeds.
+
+    `setting` names the settings, other than task/method/lr/rank, that differ between rows
+    (e.g. `train_pooler=True`), so runs that differ in them are never averaged together.
+    """
     groups = defaultdict(list)
     for r in runs:
-        groups[_key(r)].append(r)
+        groups[tuple(sorted(_settings(r).items()))].append(r)
+    keys = [dict(k) for k in groups]
+    varying = sorted(name for name in set().union(*keys) - _OWN_COLUMNS
+                     if len({repr(k.get(name)) for k in keys}) > 1)
     table = []
-    for (task, method, lr, rank), group in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0)):
+    for key, group in groups.items():
+        s = dict(key)
         main = group[0]["results"]["main_metric"]
         best = np.array([g["results"]["best"][main] for g in group], np.float64)
         params = group[0]["results"]["params"]
+        stats = {}
+        for stat in ("update_ratio", "loss_decrease"):
+            values = [v for v in (_mean_stat(g, stat) for g in group) if v is not None]
+            stats[stat] = float(np.mean(values)) if values else None
         table.append({
-            "task": task, "method": method, "learning_rate": lr, "rank": rank,
+            "task": s["task"], "method": s["method"], "learning_rate": s["learning_rate"],
+            "rank": s["lora_rank"] if s["method"] == "lora" else None,
+            "setting": ", ".join(f"{n}={s.get(n)}" for n in varying),
             "metric": main.removeprefix("eval_"), "mean": float(best.mean()),
             "std": float(best.std(ddof=1)) if len(best) > 1 else 0.0, "seeds": len(group),
             "trainable": params["trainable"], "percent": params["percent"],
-            "steps": group[0]["results"]["train"]["steps"],
+            "steps": group[0]["results"]["train"]["steps"], **stats,
             "wall_s": float(np.mean([g["results"]["train"]["wall_s"] for g in group])),
             "examples_per_s": float(np.mean([g["results"]["train"]["examples_per_s"]
                                              for g in group]))})
-    return table
+    return sorted(table, key=lambda t: (t["task"], t["method"], t["setting"], t["learning_rate"],
+                                        t["rank"] or 0))
+
+
+def _sci(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.2e}"
 
 
 def markdown_table(table: list) -> str:
-    """The summary as a Markdown table."""
-    lines = ["| task | method | lr | rank | trainable | % | best metric (mean ± std) | seeds "
-             "| steps | train s | ex/s |",
-             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    """The summary as a Markdown table (step sizes: means over the logged training steps)."""
+    lines = ["| task | method | setting | lr | rank | trainable | % | best metric (mean ± std) "
+             "| seeds | steps | ‖Δθ‖/‖θ‖ per step | −⟨g,Δθ⟩ per step | train s | ex/s |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for t in table:
+        spread = f" ± {t['std']:.4f}" if t["seeds"] > 1 else ""  # no ± from a single seed
         lines.append(
-            f"| {t['task']} | {t['method']} | {t['learning_rate']:g} | {t['rank'] or '—'} | "
-            f"{t['trainable']:,} | {t['percent']:.3f} | {t['metric']} {t['mean']:.4f} ± "
-            f"{t['std']:.4f} | {t['seeds']} | {t['steps']} | {t['wall_s']:.0f} | "
+            f"| {t['task']} | {t['method']} | {t['setting'] or '—'} | {t['learning_rate']:g} | "
+            f"{t['rank'] or '—'} | {t['trainable']:,} | {t['percent']:.3f} | {t['metric']} "
+            f"{t['mean']:.4f}{spread} | {t['seeds']} | {t['steps']} | "
+            f"{_sci(t['update_ratio'])} | {_sci(t['loss_decrease'])} | {t['wall_s']:.0f} | "
             f"{t['examples_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -112,36 +147,52 @@ def write_plots(runs: list, table: list, out: Path) -> list:
         written.append(path)
 
         rows = [t for t in table if t["task"] == task]
-        ranks = sorted({t["rank"] for t in rows if t["rank"]})
-        if len(ranks) > 1:
-            lora = {t["rank"]: t for t in rows if t["rank"]}
+        lines = defaultdict(list)  # one rank curve per (lr, setting)
+        for t in rows:
+            if t["rank"]:
+                lines[(t["learning_rate"], t["setting"])].append(t)
+        lines = {k: sorted(v, key=lambda t: t["rank"]) for k, v in lines.items() if len(v) > 1}
+        if lines:
             fig, ax = plt.subplots(figsize=(6, 4.5))
-            ax.errorbar(ranks, [lora[k]["mean"] for k in ranks], [lora[k]["std"] for k in ranks],
-                        marker="o", capsize=3)
+            twin = ax.twinx()
+            for (lr, setting), pts in sorted(lines.items()):
+                ranks = [t["rank"] for t in pts]
+                ax.errorbar(ranks, [t["mean"] for t in pts], [t["std"] for t in pts],
+                            marker="o", capsize=3, label=f"lr {lr:g} {setting}".strip())
+                twin.plot(ranks, [t["trainable"] for t in pts], "s--", color="gray")
             ax.set(xscale="log", xlabel="LoRA rank", ylabel=main, title=f"{task}: LoRA rank")
             ax.set_xticks(ranks, [str(k) for k in ranks])
-            twin = ax.twinx()
-            twin.plot(ranks, [lora[k]["trainable"] for k in ranks], "s--", color="gray")
-            twin.set(yscale="log", ylabel="trainable parameters")
+            ax.legend(fontsize=7, loc="lower left")
+            twin.set(yscale="log", ylabel="trainable parameters (gray)")
             fig.tight_layout()
             path = out / f"{task}_rank.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)
 
-        methods = sorted({t["method"] for t in rows})
-        if any(len({t["learning_rate"] for t in rows if t["method"] == m}) > 1 for m in methods):
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            for m in methods:
-                pts = sorted((t["learning_rate"], t["mean"], t["std"]) for t in rows
-                             if t["method"] == m and t["rank"] in (None, 8))
-                if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
-                                marker="o", capsize=3, label=m)
-            ax.set(xscale="log", xlabel="learning rate", ylabel=main,
-                   title=f"{task}: metric vs learning rate")
-            ax.grid(alpha=0.3)
-            ax.legend()
+        curves = defaultdict(list)  # one learning-rate curve per (method, rank, setting)
+        for t in rows:
+            curves[(t["method"], t["rank"], t["setting"])].append(t)
+        curves = {k: sorted(v, key=lambda t: t["learning_rate"]) for k, v in curves.items()
+                  if len(v) > 1}
+        if curves:
+            panels = [("mean", main, "linear")]
+            if any(t["update_ratio"] is not None for v in curves.values() for t in v):
+                panels += [("update_ratio", "‖Δθ‖/‖θ‖ per step", "log"),
+                           ("loss_decrease", "−⟨g,Δθ⟩ per step", "log")]
+            fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5),
+                                     squeeze=False)
+            for ax, (key, ylabel, yscale) in zip(axes[0], panels):
+                for (method, rank, setting), pts in sorted(curves.items(), key=str):
+                    pts = [t for t in pts if t[key] is not None]
+                    label = " ".join(x for x in (method, f"r{rank}" if rank else "", setting) if x)
+                    ax.errorbar([t["learning_rate"] for t in pts], [t[key] for t in pts],
+                                [t["std"] for t in pts] if key == "mean" else None,
+                                marker="o", capsize=3, label=label)
+                ax.set(xscale="log", yscale=yscale, xlabel="learning rate", ylabel=ylabel,
+                       title=f"{task}: {ylabel} vs learning rate")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
             fig.tight_layout()
             path = out / f"{task}_lr.png"
             fig.savefig(path, dpi=120)
@@ -150,18 +201,32 @@ def write_plots(runs: list, table: list, out: Path) -> list:
     return written
 
 
-def write_report(root: str, out_md: str = "", plots_dir: str = "") -> Path:
-    """Writes `<root>/report.md` (or `out_md`) and PNGs (in `plots_dir` or `<root>/plots`)."""
+def write_report(roots, out_md: str = "", plots_dir: str = "") -> Path:
+    """Writes a Markdown report and PNGs for the runs under `roots` (a folder or several).
+
+    Defaults: `<first root>/report.md` and `<first root>/plots/`. A root may also be a single
+    run's folder, so a report can combine chosen runs from different sweeps.
+    """
     from jaxpeft.errors import JaxpeftError
     from jaxpeft.fileio import atomic_write_bytes
 
-    runs = load_runs(Path(root))
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    runs, seen = [], set()
+    for root in roots:
+        if not Path(root).is_dir():
+            raise JaxpeftError(f"{root}: no such folder")
+        for run in load_runs(Path(root)):
+            if run["dir"].resolve() not in seen:
+                seen.add(run["dir"].resolve())
+                runs.append(run)
+    where = ", ".join(f"`{r}`" for r in roots)
     if not runs:
-        raise JaxpeftError(f"{root}: no finished runs (no {RESULTS} below this folder)")
+        raise JaxpeftError(f"{where}: no finished runs (no {RESULTS} below)")
     table = summarize(runs)
-    md_path = Path(out_md) if out_md else Path(root) / "report.md"
-    plots = write_plots(runs, table, Path(plots_dir) if plots_dir else Path(root) / "plots")
-    text = [f"# Report: {len(runs)} runs under `{root}`", "", markdown_table(table), ""]
+    first = Path(roots[0])
+    md_path = Path(out_md) if out_md else first / "report.md"
+    plots = write_plots(runs, table, Path(plots_dir) if plots_dir else first / "plots")
+    text = [f"# Report: {len(runs)} runs under {where}", "", markdown_table(table), ""]
     text += [f"![{p.stem}]({p.relative_to(md_path.parent) if p.is_relative_to(md_path.parent) else p})"
              for p in plots]
     atomic_write_bytes(md_path, ("\n".join(text) + "\n").encode())

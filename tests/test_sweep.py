@@ -32,9 +32,9 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):  # noqa: F811
                      eval_every=2, max_eval_samples=64, max_seq_length=64, cache_dir="",
                      progress=False)
     root = tmp_path / "sweep"
-    status = run_sweep(base, "learning_rate=1e-3,1e-2", [0], str(root), progress=False)
-    assert list(status.values()) == ["ok", "ok"]
-    again = run_sweep(base, "learning_rate=1e-3,1e-2", [0], str(root), progress=False)
+    status = run_sweep(base, "learning_rate=1e-3,1e-2", [0, 1], str(root), progress=False)
+    assert list(status.values()) == ["ok"] * 4
+    again = run_sweep(base, "learning_rate=1e-3,1e-2", [0, 1], str(root), progress=False)
     assert all(s.startswith("skipped") for s in again.values())
     # a failing run is reported and does not stop the next one
     mixed = run_sweep(base, "max_seq_length=4,64", [0], str(tmp_path / "mixed"),
@@ -45,16 +45,33 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):  # noqa: F811
         run_sweep(base, "lora_rank=2,0", [0], str(tmp_path / "bad"), progress=False)
     assert not (tmp_path / "bad" / "lora_rank=2,seed=0").exists()
     summary = json.loads((root / "sweep.json").read_text())
-    assert len(summary["runs"]) == 2
+    assert len(summary["runs"]) == 4
 
     md = write_report(str(root))
     text = md.read_text()
-    assert "| sst2 | lora | 0.001 | 8 |" in text and "| sst2 | lora | 0.01 | 8 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| sst2 ")]
+    assert [r.split(" | ")[:5] for r in rows] == [["| sst2", "lora", "—", "0.001", "8"],
+                                                   ["| sst2", "lora", "—", "0.01", "8"]]
+    for row in rows:  # two seeds each: mean ± std, and the step sizes were logged
+        cells = row.split(" | ")
+        assert " ± " in cells[7] and cells[8] == "2" and cells[10] != "—" and cells[11] != "—"
     pngs = sorted(p.name for p in (root / "plots").glob("*.png"))
     assert pngs == ["sst2_curves.png", "sst2_lr.png"]
     assert all((root / "plots" / p).stat().st_size > 10_000 for p in pngs)
 
+    # Runs that differ in another setting are never averaged together; the column names it.
+    other = tmp_path / "pooler"
+    assert run_sweep(base, "train_pooler=true;learning_rate=1e-3", [0], str(other),
+                     progress=False) == {"train_pooler=True,learning_rate=0.001,seed=0": "ok"}
+    text = write_report([str(root), str(other)], str(tmp_path / "both.md")).read_text()
+    rows = [line.split(" | ")[1:5] for line in text.splitlines() if line.startswith("| sst2 ")]
+    assert rows == [["lora", "train_pooler=False", "0.001", "8"],
+                    ["lora", "train_pooler=False", "0.01", "8"],
+                    ["lora", "train_pooler=True", "0.001", "8"]]
 
-def test_report_on_empty_folder(tmp_path):
+
+def test_report_on_empty_or_missing_folder(tmp_path):
     with pytest.raises(JaxpeftError, match="no finished runs"):
         write_report(str(tmp_path))
+    with pytest.raises(JaxpeftError, match="no such folder"):
+        write_report([str(tmp_path), str(tmp_path / "nope")])
