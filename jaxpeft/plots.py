@@ -31,7 +31,7 @@ def load_runs(root: Path) -> list:
     return runs
 
 
-# Settings that never change what a run computes (or are shown in their own columns).
+# Run settings that never change what a run computes: never a reason to keep runs apart.
 _NOT_SETTINGS = {"seed", "output_dir", "overwrite", "resume", "progress", "multihost",
                  "cache_dir", "data_dir", "hub_dataset", "do_predict", "export_peft",
                  "checkpoint_every", "eval_batch_size"}
