@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Re-runs every experiment behind docs/RESULTS.md, copies the run files into docs/runs/ and
+# rewrites the reports in docs/results/. From the repository root, with the GLUE TSVs in
+# ../shared/glue_data (or pass another folder as $1). About 3 hours on a 2-core CPU; finished
+# runs are skipped, so it can be stopped and restarted. Run one block to answer one question.
+set -euo pipefail
+data=${1:-../shared/glue_data}
+py=${PYTHON:-python}
+c="--model=minilm --data_dir=$data --max_steps=300 --eval_every=100 --progress=false"
+
+# 1. Methods x learning rate, SST-2 and STS-B (the lr study and the method comparison).
+$py -m experiments.sweep --root=runs/methods-sst2 --task=sst2 $c --grid="method=full;learning_rate=2e-5,5e-5,1e-4,2e-4" --seeds=0,1
+$py -m experiments.sweep --root=runs/methods-sst2 --task=sst2 $c --grid="method=full;learning_rate=4e-4"
+$py -m experiments.sweep --root=runs/methods-sst2 --task=sst2 $c --grid="method=lora;learning_rate=5e-4,1e-3,2e-3" --seeds=0,1
+$py -m experiments.sweep --root=runs/methods-sst2 --task=sst2 $c --grid="method=lora;learning_rate=2e-4,4e-3"
+$py -m experiments.sweep --root=runs/methods-sst2 --task=sst2 $c --grid="method=bitfit;learning_rate=1e-3,3e-3,1e-2" --seeds=0,1
+$py -m experiments.sweep --root=runs/methods-sst2 --task=sst2 $c --grid="method=bitfit;learning_rate=5e-4,3e-2"
+$py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=full;learning_rate=2e-5,5e-5,1e-4,2e-4"
+$py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=lora;learning_rate=5e-4,1e-3,2e-3,4e-3,8e-3"
+$py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=bitfit;learning_rate=1e-3,3e-3,1e-2,3e-2"
+$py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=full;learning_rate=2e-4" --seeds=0,1
+$py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=lora;learning_rate=4e-3" --seeds=0,1
+$py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=bitfit;learning_rate=3e-3,1e-2" --seeds=0,1
+
+# 2. Regression levers on STS-B: label map (--standardize_targets) x trainable pooler.
+$py -m experiments.sweep --root=runs/labelmap-stsb --task=stsb $c --grid="method=lora;learning_rate=5e-4;standardize_targets=false"
+$py -m experiments.sweep --root=runs/labelmap-stsb --task=stsb $c --grid="method=bitfit;learning_rate=1e-3;standardize_targets=false"
+$py -m experiments.sweep --root=runs/labelmap-stsb --task=stsb $c --grid="method=lora;learning_rate=5e-4;standardize_targets=false,true;train_pooler=true"
+$py -m experiments.sweep --root=runs/labelmap-stsb --task=stsb $c --grid="method=bitfit;learning_rate=1e-3;standardize_targets=false,true;train_pooler=true"
+# ... and the pooler on SST-2.
+$py -m experiments.sweep --root=runs/pooler-sst2 --task=sst2 $c --grid="method=lora;learning_rate=5e-4,1e-3;train_pooler=true"
+$py -m experiments.sweep --root=runs/pooler-sst2 --task=sst2 $c --grid="method=bitfit;learning_rate=1e-3,1e-2;train_pooler=true"
+
+# 3. LoRA rank on SST-2.
+$py -m experiments.sweep --root=runs/rank-sst2 --task=sst2 $c --grid="method=lora;lora_rank=1,2,4,8,16,32,64" --learning_rate=5e-4
+$py -m experiments.sweep --root=runs/rank-sst2 --task=sst2 $c --grid="method=lora;lora_rank=1,2,4,8,16,32,64;learning_rate=2e-3"
+
+# 4. A longer budget on STS-B (3 epochs = 540 steps).
+l="--model=minilm --data_dir=$data --num_epochs=3 --eval_every=180 --progress=false"
+$py -m experiments.sweep --root=runs/long-stsb --task=stsb $l --grid="method=lora;learning_rate=4e-3"
+$py -m experiments.sweep --root=runs/long-stsb --task=stsb $l --grid="method=bitfit;learning_rate=3e-3"
+
+# Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
+(cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb \
+    -maxdepth 2 \( -name config.json -o -name metrics.jsonl -o -name results.json \) \
+    -exec cp --parents {} ../docs/runs/ \;)
+
+r() { $py -m experiments.report "$@"; }
+d=docs/runs
+r --root=$d/methods-sst2 --out=docs/results/methods-sst2.md --plots_dir=docs/results/plots-methods-sst2
+r --root=$d/methods-stsb --out=docs/results/methods-stsb.md --plots_dir=docs/results/plots-methods-stsb
+r --root=$d/labelmap-stsb --root="$d/methods-stsb/method=lora,learning_rate=0.0005,seed=0" \
+  --root="$d/methods-stsb/method=bitfit,learning_rate=0.001,seed=0" \
+  --out=docs/results/levers-stsb.md --plots_dir=docs/results/plots-levers-stsb
+r --root=$d/pooler-sst2 --root="$d/methods-sst2/method=lora,learning_rate=0.0005,seed=0" \
+  --root="$d/methods-sst2/method=lora,learning_rate=0.001,seed=0" \
+  --root="$d/methods-sst2/method=bitfit,learning_rate=0.001,seed=0" \
+  --root="$d/methods-sst2/method=bitfit,learning_rate=0.01,seed=0" \
+  --out=docs/results/pooler-sst2.md --plots_dir=docs/results/plots-pooler-sst2
+r --root=$d/rank-sst2 --out=docs/results/rank-sst2.md --plots_dir=docs/results/plots-rank-sst2
+r --root=$d/long-stsb --out=docs/results/long-stsb.md --plots_dir=docs/results/plots-long-stsb
