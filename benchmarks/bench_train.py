@@ -2,16 +2,19 @@
 
   python -m benchmarks.bench_train --model=minilm --shapes=32x128 --out=/tmp/bench.json
 
-For each method (full, lora, bitfit) and shape (batch x seq), after compilation: step time,
-examples/s, tokens/s, model FLOP/s and that as a fraction of this machine's dense matmul rate
-(a model-shaped float32 matmul, measured in the same run), compile time, and peak memory
-(host RSS on CPU, device memory on accelerators). Each measurement runs in its own process
-so peak memory is per method. With torch and peft installed, the same step in PyTorch
-(AdamW, same LoRA config, same shapes, same thread count) and the ratio.
+For each method (any registered one; default full, lora, bitfit, with the run_glue defaults
+for their options) and shape (batch x seq), after compilation: step time, examples/s,
+tokens/s, model FLOP/s and that as a fraction of this machine's dense matmul rate (a
+model-shaped float32 matmul, measured in the same run), compile time, and peak memory (host
+RSS on CPU, device memory on accelerators), with the bytes of trainable parameters,
+optimizer state and frozen parameters the step holds. Each measurement runs in its own
+process so peak memory is per method. With torch and peft installed, the same step in
+PyTorch (AdamW, the same method built from the same options, same shapes, same thread
+count) and the ratio.
 
 Model FLOPs: the forward pass is 2 FLOPs per multiply-add of every dense layer plus the
-attention products; full fine-tuning needs 3x that (forward, input gradients, weight
-gradients), LoRA and BitFit 2x (no frozen weight gradients).
+attention products; a method that trains the dense kernels (full) needs 3x that (forward,
+input gradients, weight gradients), the others 2x (no frozen weight gradients).
 """
 
 import json
@@ -25,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_string("model", "minilm", "model name or folder")
-flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "methods")
+flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time")
 flags.DEFINE_list("shapes", ["32x128"], "batch x sequence shapes")
 flags.DEFINE_integer("steps", 8, "timed steps (median reported)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
@@ -39,14 +42,14 @@ flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
 
-def model_flops(cfg, batch, seq, method):
+def model_flops(cfg, batch, seq, kernel_grads):
     """Analytic model FLOPs of one training step (see the module docstring)."""
     d, ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     tokens = batch * seq
     dense = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
     attention = 2 * 2 * batch * layers * seq * seq * d
     forward = dense + attention
-    return forward * (3 if method == "full" else 2)
+    return forward * (3 if kernel_grads else 2)
 
 
 def peak_matmul_flops(dtype="float32", shape="4096x384x1536"):
@@ -105,47 +108,57 @@ def jax_worker(f, method, batch, seq):
     """Times the jaxpeft train step for one method and shape; returns a dict."""
     import jax
 
+    from flax import traverse_util
+
+    from jaxpeft.config import RunConfig
     from jaxpeft.optim import OptimConfig, make_optimizer
-    from jaxpeft.peft import LoraConfig, add_lora, count_params, lora_model, trainable_mask
+    from jaxpeft.peft import peft_from_run
     from jaxpeft.train import create_train_state, make_train_step
 
     model, params, cfg = _load(f)
-    if method == "lora":
-        lcfg = LoraConfig(rank=8, alpha=16)
-        params, model = add_lora(params, lcfg, jax.random.key(0)), lora_model(model, lcfg)
-    mask = trainable_mask(params, method)
-    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), params, mask)
-    state = create_train_state(params, mask, tx)
+    peft = peft_from_run(RunConfig(method=method))
+    model, params = peft.init(model, params, jax.random.key(0))
+    mask = peft.mask(params)
+    counts = peft.count(params)
+    kernel_grads = any(m for p, m in traverse_util.flatten_dict(mask).items()
+                       if p[-1] == "kernel" and p[0] != "classifier")
+    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
+    state, frozen = create_train_state(params, mask, tx)
     del params
     step = make_train_step(model, tx)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     t0 = time.perf_counter()
-    state, m = step(state, data, rng)
+    state, m = step(state, data, rng, frozen)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    state, m = step(state, data, rng)  # one more warm step
+    state, m = step(state, data, rng, frozen)  # one more warm step
     jax.block_until_ready(m)
     times = []
     for _ in range(f.steps):
         t0 = time.perf_counter()
-        state, m = step(state, data, rng)
+        state, m = step(state, data, rng, frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
     return {"impl": "jaxpeft", "method": method, "batch": batch, "seq": seq,
             "step_s": float(np.median(times)), "compile_s": compile_s,
-            "trainable": count_params(state.params, mask).trainable,
+            "trainable": counts.trainable, "kernel_grads": kernel_grads,
+            "trainable_bytes": nbytes(state.trainable), "opt_state_bytes": nbytes(state.opt_state),
+            "frozen_bytes": nbytes(frozen),
             "peak_memory_bytes": _peak_memory_bytes(jax.devices()[0]),
             "device": jax.devices()[0].device_kind, "threads": os.cpu_count()}
 
 
 def torch_worker(f, method, batch, seq):
     """Times the transformers + peft train step for one method and shape."""
-    import peft
     import torch
     import transformers
 
+    from benchmarks.torch_peer import torch_model_for
+    from jaxpeft.config import RunConfig
     from jaxpeft.models.checkpoint import resolve_model_dir
+    from jaxpeft.peft import peft_from_run
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -158,12 +171,7 @@ def torch_worker(f, method, batch, seq):
     else:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             resolve_model_dir(f.model), num_labels=2)
-    if method == "lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]))
-    elif method == "bitfit":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.endswith(".bias") or name.startswith("classifier")
+    model = torch_model_for(model, peft_from_run(RunConfig(method=method)))
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -245,7 +253,7 @@ def main(_):
             if have_torch:
                 rows.append(_run_worker(f"torch:{method}:{shape}"))
             for r in rows:
-                flops = model_flops(cfg, batch, seq, method)
+                flops = model_flops(cfg, batch, seq, rows[0]["kernel_grads"])
                 r.update(examples_per_s=batch / r["step_s"], tokens_per_s=batch * seq / r["step_s"],
                          model_flops_per_s=flops / r["step_s"],
                          fraction_of_matmul_peak=flops / r["step_s"] / peak,
@@ -256,6 +264,11 @@ def main(_):
                       f"{100 * r['fraction_of_matmul_peak']:6.1f}% {r['compile_s']:9.1f} "
                       f"{r['peak_memory_bytes'] / 2**20:9.0f}")
                 results.append(r)
+            j = rows[0]
+            print(f"{'':>8} {method:>7} {'jaxpeft':>10} holds trainable "
+                  f"{j['trainable_bytes'] / 2**20:.1f} MiB, optimizer state "
+                  f"{j['opt_state_bytes'] / 2**20:.1f} MiB, frozen {j['frozen_bytes'] / 2**20:.1f} "
+                  "MiB (frozen: once, outside the donated state)")
             by_method[method] = rows
         jax_step = {m: rows[0]["step_s"] for m, rows in by_method.items()}
         for m, rows in by_method.items():

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from absl import app, flags
 
+from benchmarks.torch_peer import torch_model_for
 from jaxpeft.data import get_task, load_split
 from jaxpeft.metrics import compute_metrics
 from jaxpeft.models.checkpoint import resolve_model_dir
-from jaxpeft.run import DEFAULT_LR
+from jaxpeft.config import RunConfig
+from jaxpeft.peft import METHODS, peft_from_run
 
 flags.DEFINE_string("task", "sst2", "GLUE task")
 flags.DEFINE_string("model", "minilm", "model folder, hub id or 'minilm'")
-flags.DEFINE_enum("method", "lora", ["full", "lora", "bitfit"], "what to train")
+flags.DEFINE_enum("method", "lora", list(METHODS), "what to train")
 flags.DEFINE_float("learning_rate", None, "peak learning rate (default: jaxpeft's per method)")
 flags.DEFINE_integer("batch_size", 32, "examples per step")
 flags.DEFINE_integer("eval_batch_size", 128, "examples per eval batch")
@@ -44,21 +46,15 @@ flags.DEFINE_string("out", "", "write the result JSON here too")
 
 def build_model(f, num_labels):
     """The transformers model with the method's trainable parameters."""
-    import peft
     import transformers
 
     path = resolve_model_dir(f.model)
     torch.manual_seed(f.seed)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels)
-    if f.method == "lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            task_type="SEQ_CLS", r=f.lora_rank, lora_alpha=f.lora_alpha, lora_dropout=0.0,
-            target_modules=["query", "value"]))
-    elif f.method == "bitfit":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.endswith(".bias") or name.startswith("classifier")
-    return transformers.AutoTokenizer.from_pretrained(path), model
+    peft = peft_from_run(RunConfig(method=f.method, lora_rank=f.lora_rank,
+                                   lora_alpha=f.lora_alpha))
+    return transformers.AutoTokenizer.from_pretrained(path), torch_model_for(model, peft)
 
 
 def main(_):
@@ -68,7 +64,7 @@ def main(_):
     if f.threads:
         torch.set_num_threads(f.threads)
     task = get_task(f.task)
-    lr = f.learning_rate or DEFAULT_LR[f.method]
+    lr = f.learning_rate or METHODS[f.method].default_learning_rate
     tok, model = build_model(f, task.num_labels)
     train = load_split(task, "train", f.data_dir)
     dev = load_split(task, task.eval_splits[0], f.data_dir)

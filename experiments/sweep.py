@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 
 from experiments import run_glue
-from experiments.run_glue import config_from_flags
+from jaxpeft import config
 from jaxpeft.sweep import sweep_cli
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag sets the base run (--help shows them)
@@ -28,7 +28,7 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    sys.exit(sweep_cli(config_from_flags(), f.grid, [int(s) for s in f.seeds], f.root,
+    sys.exit(sweep_cli(config.from_flags(), f.grid, [int(s) for s in f.seeds], f.root,
                        f.progress))
 
 

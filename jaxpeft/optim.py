@@ -1,10 +1,11 @@
-"""AdamW with warmup + linear decay, gradient clipping, and freezing via `optax.masked`.
+"""AdamW with warmup + linear decay, gradient clipping, built from the trainable mask.
 
-The optimizer is built for a trainable mask: `optax.masked(adamw, trainable)` updates the
-trainable leaves and keeps optimizer state for them alone, and
-`optax.masked(set_to_zero(), frozen)` freezes the rest explicitly (`optax.masked` on its own
-would pass frozen leaves' updates through unchanged). The train step feeds gradients for the
-trainable leaves only (`None` elsewhere), so frozen weights never get a gradient at all.
+Freezing has one mechanism: the mask. The train step differentiates only the trainable half
+of the tree (`jaxpeft.peft.partition`), whose frozen places are `None`; the optimizer is
+`optax.masked(adamw, mask)`, which keeps Adam's state for the trainable leaves alone. Because
+`optax.masked` passes masked-out updates through unchanged, `make_optimizer` also refuses
+(when tracing, at no run-time cost) an update tree holding an array at a frozen place, so a
+frozen weight can never receive a raw gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dataclasses
 import re
 from typing import Any
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -75,20 +75,35 @@ def learning_rate_at(config: OptimConfig, step: int) -> float:
     return lr * (1.0 - frac)
 
 
-def decay_mask(params: Any) -> Any:
-    """True for leaves that get weight decay: kernels, embeddings, LoRA factors."""
-    flat = traverse_util.flatten_dict(params)
+def decay_mask(tree: Any) -> Any:
+    """True for leaves that get weight decay: kernels, embeddings, LoRA factors. `tree` is any
+    tree with the params' structure (the params, or their mask)."""
+    flat = traverse_util.flatten_dict(tree)
     return traverse_util.unflatten_dict(
         {p: not _NO_DECAY.fullmatch(path_str(p)) for p in flat})
 
 
-def make_optimizer(config: OptimConfig, params: Any, trainable: Any) -> optax.GradientTransformation:
-    """AdamW over the `trainable` leaves of `params`; the other leaves are frozen."""
+def _frozen_places_empty(mask: Any) -> optax.GradientTransformation:
+    """Stateless check: every frozen place of the update tree is `None` (no gradient)."""
+
+    def update(updates, state, params=None):
+        flat = traverse_util.flatten_dict(updates)
+        for path, trainable in traverse_util.flatten_dict(mask).items():
+            if not trainable and flat.get(path) is not None:
+                raise ValueError(f"{path_str(path)} is frozen but received an update; "
+                                 "differentiate the trainable tree only (peft.partition)")
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: OptimConfig, mask: Any) -> optax.GradientTransformation:
+    """AdamW with state for the leaves `mask` marks trainable, for trees shaped like `mask`
+    whose frozen places are `None` (the trainable half from `peft.partition`)."""
     inner = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm
         else optax.identity(),
         optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                    weight_decay=config.weight_decay, mask=decay_mask(params)),
+                    weight_decay=config.weight_decay, mask=decay_mask(mask)),
     )
-    frozen = jax.tree.map(lambda m: not m, trainable)
-    return optax.chain(optax.masked(inner, trainable), optax.masked(optax.set_to_zero(), frozen))
+    return optax.chain(_frozen_places_empty(mask), optax.masked(inner, mask))

@@ -13,28 +13,28 @@ from typing import Optional
 
 import numpy as np
 
-from jaxpeft.writer import CONFIG, METRICS, RESULTS
+from jaxpeft.config import names_where
+from jaxpeft.writer import CONFIG, RESULTS, read_metrics
 
 
 def load_runs(root: Path) -> list:
-    """Every finished run below `root`: dicts with config, results, metric rows, folder."""
+    """Every finished run below `root`: dicts with config, results, training and evaluation
+    rows, folder."""
     runs = []
     for results in sorted(Path(root).rglob(RESULTS)):
         folder = results.parent
         if not (folder / CONFIG).is_file():
             continue
-        rows = []
-        if (folder / METRICS).is_file():
-            rows = [json.loads(l) for l in (folder / METRICS).read_text().splitlines() if l.strip()]
+        train_rows, eval_rows = read_metrics(folder)
         runs.append({"dir": folder, "config": json.loads((folder / CONFIG).read_text()),
-                     "results": json.loads(results.read_text()), "rows": rows})
+                     "results": json.loads(results.read_text()), "train_rows": train_rows,
+                     "eval_rows": eval_rows})
     return runs
 
 
-# Run settings that never change what a run computes: never a reason to keep runs apart.
-_NOT_SETTINGS = {"seed", "output_dir", "overwrite", "resume", "progress", "multihost",
-                 "cache_dir", "data_dir", "hub_dataset", "do_predict", "export_peft",
-                 "checkpoint_every", "eval_batch_size"}
+# Never a reason to keep runs apart: options that do not change what a run computes, and the
+# seed (the report averages over it).
+_NOT_SETTINGS = set(names_where("setting", False)) | {"seed"}
 _OWN_COLUMNS = {"task", "method", "learning_rate", "lora_rank"}
 
 
@@ -46,8 +46,17 @@ def _settings(run) -> dict:
     return out
 
 
+def _rank(run) -> Optional[int]:
+    """The method's rank option, for methods that have one."""
+    resolved = run["config"]["resolved"]
+    if "peft" in resolved:
+        return resolved["peft"]["options"].get("rank")
+    # Runs written before the method options were recorded: LoRA runs had a scale.
+    return run["config"]["run"]["lora_rank"] if resolved.get("lora_scale") else None
+
+
 def _mean_stat(run, key: str) -> Optional[float]:
-    values = [r[key] for r in run["rows"] if "learning_rate" in r and key in r]
+    values = [r[f"train_{key}"] for r in run["train_rows"] if f"train_{key}" in r]
     return float(np.mean(values)) if values else None
 
 
@@ -75,7 +84,7 @@ def summarize(runs: list) -> list:
             stats[stat] = float(np.mean(values)) if values else None
         table.append({
             "task": s["task"], "method": s["method"], "learning_rate": s["learning_rate"],
-            "rank": s["lora_rank"] if s["method"] == "lora" else None,
+            "rank": _rank(group[0]),
             "setting": ", ".join(f"{n}={s.get(n)}" for n in varying),
             "metric": main.removeprefix("eval_"), "mean": float(best.mean()),
             "std": float(best.std(ddof=1)) if len(best) > 1 else 0.0, "seeds": len(group),
@@ -112,92 +121,106 @@ def _label(run) -> str:
     return run["dir"].name
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curves_plot(task: str, task_runs: list, main: str, out: Path) -> Path:
+    """Training/validation loss and the validation metric against steps, one line per run."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in task_runs:
+        train = [(x["step"], x["train_loss"]) for x in r["train_rows"]]
+        evals = [(x["step"], x["eval_loss"], x.get(main)) for x in r["eval_rows"] if main in x]
+        line = ax1.plot(*zip(*train), lw=1, label=f"{_label(r)} train")[0] if train else None
+        if evals:
+            ax1.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3,
+                     color=line.get_color() if line else None, label=f"{_label(r)} val")
+            ax2.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3, label=_label(r))
+    ax1.set(xlabel="step", ylabel="loss", title=f"{task}: training and validation loss")
+    ax2.set(xlabel="step", ylabel=main, title=f"{task}: validation {main}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if len(task_runs) <= 12:
+            ax.legend(fontsize=6)
+    return _save(fig, out / f"{task}_curves.png")
+
+
+def _rank_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
+    """Best metric and trainable count against the rank, one curve per (lr, setting)."""
+    import matplotlib.pyplot as plt
+
+    lines = defaultdict(list)
+    for t in rows:
+        if t["rank"]:
+            lines[(t["learning_rate"], t["setting"])].append(t)
+    lines = {k: sorted(v, key=lambda t: t["rank"]) for k, v in lines.items() if len(v) > 1}
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    twin = ax.twinx()
+    for (lr, setting), pts in sorted(lines.items()):
+        ranks = [t["rank"] for t in pts]
+        ax.errorbar(ranks, [t["mean"] for t in pts], [t["std"] for t in pts],
+                    marker="o", capsize=3, label=f"lr {lr:g} {setting}".strip())
+        twin.plot(ranks, [t["trainable"] for t in pts], "s--", color="gray")
+    ax.set(xscale="log", xlabel="LoRA rank", ylabel=main, title=f"{task}: LoRA rank")
+    ax.set_xticks(ranks, [str(k) for k in ranks])
+    ax.legend(fontsize=7, loc="lower left")
+    twin.set(yscale="log", ylabel="trainable parameters (gray)")
+    return _save(fig, out / f"{task}_rank.png")
+
+
+def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
+    """Best metric (and step sizes) against the learning rate, one curve per method setup."""
+    import matplotlib.pyplot as plt
+
+    curves = defaultdict(list)
+    for t in rows:
+        curves[(t["method"], t["rank"], t["setting"])].append(t)
+    curves = {k: sorted(v, key=lambda t: t["learning_rate"]) for k, v in curves.items()
+              if len(v) > 1}
+    if not curves:
+        return None
+    panels = [("mean", main, "linear")]
+    if any(t["update_ratio"] is not None for v in curves.values() for t in v):
+        panels += [("update_ratio", "‖Δθ‖/‖θ‖ per step", "log"),
+                   ("loss_decrease", "−⟨g,Δθ⟩ per step", "log")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, ylabel, yscale) in zip(axes[0], panels):
+        for (method, rank, setting), pts in sorted(curves.items(), key=str):
+            pts = [t for t in pts if t[key] is not None]
+            label = " ".join(x for x in (method, f"r{rank}" if rank else "", setting) if x)
+            ax.errorbar([t["learning_rate"] for t in pts], [t[key] for t in pts],
+                        [t["std"] for t in pts] if key == "mean" else None,
+                        marker="o", capsize=3, label=label)
+        ax.set(xscale="log", yscale=yscale, xlabel="learning rate", ylabel=ylabel,
+               title=f"{task}: {ylabel} vs learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out / f"{task}_lr.png")
+
+
 def write_plots(runs: list, table: list, out: Path) -> list:
     """Loss curves, validation metric vs steps, metric/params vs rank, metric vs lr (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for task in sorted({r["config"]["run"]["task"] for r in runs}):
         task_runs = [r for r in runs if r["config"]["run"]["task"] == task]
         main = task_runs[0]["results"]["main_metric"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for r in task_runs:
-            train = [(x["step"], x["train_loss"]) for x in r["rows"] if "learning_rate" in x]
-            evals = [(x["step"], x["eval_loss"], x.get(main)) for x in r["rows"] if main in x]
-            line = ax1.plot(*zip(*train), lw=1, label=f"{_label(r)} train")[0] if train else None
-            if evals:
-                ax1.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3,
-                         color=line.get_color() if line else None, label=f"{_label(r)} val")
-                ax2.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3,
-                         label=_label(r))
-        ax1.set(xlabel="step", ylabel="loss", title=f"{task}: training and validation loss")
-        ax2.set(xlabel="step", ylabel=main, title=f"{task}: validation {main}")
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-            if len(task_runs) <= 12:
-                ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"{task}_curves.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-
         rows = [t for t in table if t["task"] == task]
-        lines = defaultdict(list)  # one rank curve per (lr, setting)
-        for t in rows:
-            if t["rank"]:
-                lines[(t["learning_rate"], t["setting"])].append(t)
-        lines = {k: sorted(v, key=lambda t: t["rank"]) for k, v in lines.items() if len(v) > 1}
-        if lines:
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            twin = ax.twinx()
-            for (lr, setting), pts in sorted(lines.items()):
-                ranks = [t["rank"] for t in pts]
-                ax.errorbar(ranks, [t["mean"] for t in pts], [t["std"] for t in pts],
-                            marker="o", capsize=3, label=f"lr {lr:g} {setting}".strip())
-                twin.plot(ranks, [t["trainable"] for t in pts], "s--", color="gray")
-            ax.set(xscale="log", xlabel="LoRA rank", ylabel=main, title=f"{task}: LoRA rank")
-            ax.set_xticks(ranks, [str(k) for k in ranks])
-            ax.legend(fontsize=7, loc="lower left")
-            twin.set(yscale="log", ylabel="trainable parameters (gray)")
-            fig.tight_layout()
-            path = out / f"{task}_rank.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
-
-        curves = defaultdict(list)  # one learning-rate curve per (method, rank, setting)
-        for t in rows:
-            curves[(t["method"], t["rank"], t["setting"])].append(t)
-        curves = {k: sorted(v, key=lambda t: t["learning_rate"]) for k, v in curves.items()
-                  if len(v) > 1}
-        if curves:
-            panels = [("mean", main, "linear")]
-            if any(t["update_ratio"] is not None for v in curves.values() for t in v):
-                panels += [("update_ratio", "‖Δθ‖/‖θ‖ per step", "log"),
-                           ("loss_decrease", "−⟨g,Δθ⟩ per step", "log")]
-            fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5),
-                                     squeeze=False)
-            for ax, (key, ylabel, yscale) in zip(axes[0], panels):
-                for (method, rank, setting), pts in sorted(curves.items(), key=str):
-                    pts = [t for t in pts if t[key] is not None]
-                    label = " ".join(x for x in (method, f"r{rank}" if rank else "", setting) if x)
-                    ax.errorbar([t["learning_rate"] for t in pts], [t[key] for t in pts],
-                                [t["std"] for t in pts] if key == "mean" else None,
-                                marker="o", capsize=3, label=label)
-                ax.set(xscale="log", yscale=yscale, xlabel="learning rate", ylabel=ylabel,
-                       title=f"{task}: {ylabel} vs learning rate")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out / f"{task}_lr.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+        written.append(_curves_plot(task, task_runs, main, out))
+        written += [p for p in (_rank_plot(task, rows, main, out),
+                                _lr_plot(task, rows, main, out)) if p is not None]
     return written
 
 

@@ -16,45 +16,33 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from jaxpeft.config import RunConfig, names_where, parse_value
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_json
-from jaxpeft.run import RunConfig, train_and_evaluate
+from jaxpeft.peft import peft_from_run
+from jaxpeft.run import train_and_evaluate
 from jaxpeft.writer import RESULTS
 
 log = logging.getLogger("jaxpeft")
 
 
-def _convert(field: dataclasses.Field, raw: str):
-    default = field.default
-    if isinstance(default, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise JaxpeftError(f"grid: {field.name} takes true/false, got {raw!r}")
-        return raw.lower() in ("true", "1")
-    if isinstance(default, tuple):
-        return tuple(v for v in raw.split("+") if v)  # lora_targets=query+value
-    try:
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float) or field.name == "learning_rate":
-            return float(raw)
-    except ValueError:
-        raise JaxpeftError(f"grid: {field.name}={raw!r} is not a number") from None
-    return raw
-
-
 def parse_grid(grid: str) -> dict:
-    """`"a=1,2;b=x"` -> `{"a": [1, 2], "b": ["x"]}` with values typed as RunConfig's fields."""
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    """`"a=1,2;b=x"` -> `{"a": [1, 2], "b": ["x"]}` with values typed as RunConfig's fields
+    (tuple fields join their items with `+`: `lora_targets=query+value`)."""
+    sweepable = names_where("sweepable")
     out = {}
     for part in filter(None, (p.strip() for p in grid.split(";"))):
         if "=" not in part:
             raise JaxpeftError(f"grid: {part!r} is not name=value1,value2,...")
         name, values = (s.strip() for s in part.split("=", 1))
-        if name not in fields or name in ("output_dir", "overwrite", "resume"):
+        if name not in sweepable:
             raise JaxpeftError(f"grid: {name!r} is not a run setting that can vary")
         if name in out:
             raise JaxpeftError(f"grid: {name!r} appears twice")
-        out[name] = [_convert(fields[name], v.strip()) for v in values.split(",") if v.strip()]
+        try:
+            out[name] = [parse_value(name, v.strip()) for v in values.split(",") if v.strip()]
+        except JaxpeftError as e:
+            raise JaxpeftError(f"grid: {e}") from None
         if not out[name]:
             raise JaxpeftError(f"grid: {name!r} has no values")
     return out
@@ -84,8 +72,8 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
     """Runs the grid; returns (and writes to `<root>/sweep.json`) each run's status."""
     root_path = Path(root)
     runs = expand(base, parse_grid(grid), seeds, root_path)
-    for cfg in runs:  # every setting is checked before the first run starts
-        cfg.lora()
+    for cfg in runs:  # the methods' options are checked before the first run starts
+        peft_from_run(cfg)
     status = {}
 
     def record(name: str, outcome: str) -> None:

@@ -1,10 +1,12 @@
-"""Training state, the jitted train and eval steps.
+"""Training state, the jitted train and eval steps, and a compilation counter.
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> dict`
-are pure top-level functions; the model and optimizer are bound with `functools.partial` and
-the result is jitted once (`make_train_step`, `make_eval_step`). The state keeps trainable
-and frozen leaves in separate trees, so the gradient is taken with respect to the trainable
-leaves only and frozen weights are closed over.
+`train_step(state, batch, rng, frozen) -> (state, metrics)` and `eval_step(params, batch)
+-> dict` are pure top-level functions; the model and optimizer are bound with
+`functools.partial` and the result is jitted once (`make_train_step`, `make_eval_step`).
+The state holds only what training changes: the step, the trainable leaves and their
+optimizer state. Frozen weights are a separate, non-donated argument (as in levanter and
+lorax), so they exist once on the device and are never copied; the gradient is taken with
+respect to the trainable leaves only.
 
 A batch is a dict of numpy arrays: `input_ids`, `attention_mask`, `token_type_ids`
 (`[batch, length]`), `labels` (`[batch]`, int or float for regression) and `weights`
@@ -15,6 +17,7 @@ A batch is a dict of numpy arrays: `input_ids`, `attention_mask`, `token_type_id
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -27,32 +30,30 @@ from jaxpeft.models.heads import SequenceClassifier
 from jaxpeft.peft.masks import combine, partition
 
 
-
 @flax.struct.dataclass
 class TrainState:
-    """Step counter, trainable and frozen params (each `None` where the other holds a leaf),
-    and optimizer state (which exists for trainable leaves only)."""
+    """Step counter, the trainable leaves (`None` at frozen places) and their optimizer
+    state. `combine(state.trainable, frozen)` is the full parameter tree."""
 
     step: jax.Array
     trainable: Any
-    frozen: Any
     opt_state: Any
 
-    @property
-    def params(self) -> Any:
-        """The full parameter tree."""
-        return combine(self.trainable, self.frozen)
 
+def create_train_state(params: Any, mask: Any,
+                       tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
+    """`(state, frozen)`: `params` split by `mask`, the optimizer initialised on the
+    trainable half.
 
-def create_train_state(params: Any, mask: Any, tx: optax.GradientTransformation) -> TrainState:
-    """Splits `params` by `mask` and initialises the optimizer on the trainable leaves.
-
-    The leaves are copied: the train step donates its state, and the caller's `params` must
-    stay usable afterwards.
+    Only the trainable leaves are copied (the train step donates the state, and the caller's
+    `params` stay usable); `frozen` holds the caller's own arrays, so base weights are never
+    duplicated.
     """
-    trainable, frozen = partition(jax.tree.map(jnp.copy, params), mask)
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                      opt_state=tx.init(trainable))
+    trainable, frozen = partition(params, mask)
+    trainable = jax.tree.map(jnp.copy, trainable)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                       opt_state=tx.init(trainable))
+    return state, frozen
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) -> jax.Array:
@@ -65,21 +66,23 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) 
 PACKED_INPUTS = ("position_ids", "segment_ids", "example_row", "example_pos")
 
 
-def _apply(model, params, batch, deterministic, rngs=None):
+def forward(model: SequenceClassifier, params: Any, batch: dict, deterministic: bool,
+            rngs=None) -> jax.Array:
+    """The model's logits for a (padded or packed) batch dict."""
     extra = {k: batch[k] for k in PACKED_INPUTS if k in batch}
     return model.apply({"params": params}, batch["input_ids"], batch.get("attention_mask"),
                        batch["token_type_ids"], deterministic=deterministic, rngs=rngs,
                        **extra)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: SequenceClassifier,
-               tx: optax.GradientTransformation):
+def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
+               model: SequenceClassifier, tx: optax.GradientTransformation):
     """One optimizer step on the weighted mean loss; returns `(state, {loss, update stats})`."""
     # A fresh dropout key per step, derived rather than carried, so resuming is exact.
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(trainable):
-        logits = _apply(model, combine(trainable, state.frozen), batch, False,
+        logits = forward(model, combine(trainable, frozen), batch, False,
                         {"dropout": dropout_rng})
         per = per_example_loss(logits, batch["labels"], model.config.is_regression)
         w = batch["weights"].astype(jnp.float32)
@@ -113,20 +116,58 @@ def update_stats(grads: Any, updates: Any, params: Any) -> dict:
 
 
 def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
-    """Predictions (class id or regression value), per-example loss and weights."""
-    logits = _apply(model, params, batch, True)
+    """Predictions (class id or regression value) and per-example loss.
+
+    Padding rows are told apart on the host by their index (-1), so no weights come back.
+    """
+    logits = forward(model, params, batch, True)
     is_regression = model.config.is_regression
     preds = logits[:, 0] if is_regression else jnp.argmax(logits, axis=-1)
-    return {"predictions": preds, "logits": logits,
-            "loss": per_example_loss(logits, batch["labels"], is_regression),
-            "weights": batch["weights"]}
+    return {"predictions": preds,
+            "loss": per_example_loss(logits, batch["labels"], is_regression)}
 
 
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation):
-    """`train_step` with the model and optimizer bound, jitted once, donating the state."""
+    """`train_step` with the model and optimizer bound, jitted once, donating the state
+    (never the frozen weights, which every step reads)."""
     return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
 
 
 def make_eval_step(model: SequenceClassifier):
     """`eval_step` with the model bound, jitted once."""
     return jax.jit(functools.partial(eval_step, model=model))
+
+
+class CompileCounter:
+    """Counts XLA compilations while `counting()` is active.
+
+    jax.monitoring has no way to unregister a listener, so one listener per process is
+    registered on first use and shared.
+    """
+
+    _instance = None
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    @classmethod
+    def shared(cls) -> "CompileCounter":
+        """The process's counter."""
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Counts compilations inside the block; yields a function returning the count."""
+        start, self.active = self.count, True
+        try:
+            yield lambda: self.count - start
+        finally:
+            self.active = False
+
+    def _on_event(self, event, duration, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1

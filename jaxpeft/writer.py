@@ -3,6 +3,12 @@
 JSON files are replaced atomically; `metrics.jsonl` is appended one flushed line per row, and
 trimmed back to the checkpoint's step when a run resumes, so it never holds rows the resumed
 run will write again.
+
+The metrics-row schema: every row has `step` and `epoch`; a training row's other keys all
+start with `train_` (`train_loss`, `train_learning_rate`, `train_grad_norm`, ...), an
+evaluation row's with `eval_` (`eval_loss`, `eval_accuracy`, ..., `eval_examples`).
+`read_metrics` is the one reader (report, plots, resume and tests use it); it also reads
+rows written before the prefixes (unprefixed training stats, `train_loss` on eval rows).
 """
 
 from __future__ import annotations
@@ -20,6 +26,32 @@ from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+# Unprefixed keys of training rows written before the schema had prefixes.
+_OLD_TRAIN_KEYS = ("learning_rate", "grad_norm", "update_norm", "update_ratio",
+                   "loss_decrease", "examples_per_s")
+
+
+def is_eval_row(row: dict) -> bool:
+    """True for an evaluation row, False for a training row."""
+    return any(k.startswith("eval_") for k in row)
+
+
+def _upgrade(row: dict) -> dict:
+    """A row in the prefixed schema (rows from older runs are renamed, not dropped)."""
+    if is_eval_row(row):
+        return {k: v for k, v in row.items() if not k.startswith("train_")}
+    if "learning_rate" in row:
+        return {("train_" + k if k in _OLD_TRAIN_KEYS else k): v for k, v in row.items()}
+    return row
+
+
+def read_metrics(folder: os.PathLike) -> tuple[list, list]:
+    """`(training rows, evaluation rows)` of a run folder's `metrics.jsonl`, in file order."""
+    path = Path(folder) / METRICS
+    if not path.is_file():
+        return [], []
+    rows = [_upgrade(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return ([r for r in rows if not is_eval_row(r)], [r for r in rows if is_eval_row(r)])
 
 
 def _clean(obj: Any) -> Any:
@@ -61,19 +93,17 @@ class RunWriter:
             f.write(json.dumps(_clean(row), allow_nan=False) + "\n")
             f.flush()
 
-    def rows(self) -> list:
-        """Rows of `metrics.jsonl` so far."""
-        path = self.dir / METRICS
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def truncate_after(self, step: int) -> None:
-        """Drops rows past `step` (written after the checkpoint a run resumes from)."""
+    def truncate_after(self, step: int) -> tuple[list, list]:
+        """Drops rows past `step` (written after the checkpoint a run resumes from); returns
+        the `(training, evaluation)` rows kept."""
+        train, evals = read_metrics(self.dir)
+        train = [r for r in train if r["step"] <= step]
+        evals = [r for r in evals if r["step"] <= step]
         if self.enabled:
-            keep = [r for r in self.rows() if r["step"] <= step]
+            keep = sorted(train + evals, key=lambda r: (r["step"], is_eval_row(r)))
             atomic_write_bytes(self.dir / METRICS,
                                "".join(json.dumps(r) + "\n" for r in keep).encode())
+        return train, evals
 
     def write_results(self, results: dict) -> None:
         """`results.json`: final and best metrics, counts, timings."""

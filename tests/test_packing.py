@@ -6,7 +6,7 @@ import pytest
 import jaxpeft
 from jaxpeft.data.batching import (Encoded, bucket_lengths, make_batch, make_packed_batch,
                                    pack_rows)
-from jaxpeft.train import eval_step
+from jaxpeft.train import forward
 from tests.helpers import save_torch_model, tiny_hf_config
 
 transformers = pytest.importorskip("transformers")
@@ -44,12 +44,12 @@ def test_packed_logits_equal_unpacked(tmp_path, model_type, pairs):
     packed = make_packed_batch(enc, rows, batch_size, 64, pad, position_offset=offset)
     assert packed["input_ids"].shape[0] < batch_size  # several examples share a row
     assert packed["segment_ids"].max() > 1
-    out_plain = eval_step(pre.params, plain, model=pre.model)
-    out_packed = eval_step(pre.params, packed, model=pre.model)
+    out_plain = forward(pre.model, pre.params, plain, deterministic=True)
+    out_packed = forward(pre.model, pre.params, packed, deterministic=True)
     real = plain["weights"] > 0
     np.testing.assert_array_equal(packed["index"], plain["index"])
-    np.testing.assert_allclose(np.asarray(out_packed["logits"])[real],
-                               np.asarray(out_plain["logits"])[real], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out_packed)[real], np.asarray(out_plain)[real],
+                               atol=1e-5, rtol=0)
 
 
 def test_pack_rows_fits_and_keeps_everyone():

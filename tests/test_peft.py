@@ -1,4 +1,5 @@
-"""LoRA / BitFit / full: masks, exact counts, freezing, adapter files, peft export."""
+"""LoRA / BitFit / full through the method registry: masks, exact counts, freezing, adapter
+files, peft export."""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +9,10 @@ from flax import traverse_util
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models import EncoderConfig, SequenceClassifier
+from jaxpeft.models import EncoderConfig, Runtime, SequenceClassifier
 from jaxpeft.optim import OptimConfig, make_optimizer
-from jaxpeft.peft import (LoraConfig, add_lora, count_params, export_peft, load_adapter,
-                          lora_model, merge_lora, path_str, save_adapter, trainable_mask)
+from jaxpeft.peft import (METHODS, LoraConfig, add_lora, combine, export_peft, load_adapter,
+                          make_peft, merge_lora, partition, path_str, save_adapter)
 from jaxpeft.train import create_train_state, make_train_step, update_stats
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
@@ -62,16 +63,18 @@ def _logits(model, params, args):
 def test_lora_equals_base_at_init_and_merged_after_perturbation(minilm, sst2_batch):
     cfg = LoraConfig(rank=8, alpha=16, targets=("query", "key", "value", "attention_output",
                                                 "intermediate", "output"))
-    params = add_lora(minilm.params, cfg, jax.random.key(0))
-    model = lora_model(minilm.model, cfg)
+    peft = make_peft("lora", cfg)
+    model, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
     base = _logits(minilm.model, minilm.params, sst2_batch)
     np.testing.assert_array_equal(_logits(model, params, sst2_batch), base)  # B = 0: exact
 
     params = _perturb_lora(params)
     unmerged = _logits(model, params, sst2_batch)
-    merged_params = merge_lora(params, cfg)
+    plain_model, merged_params = peft.merge(model, params)
     assert not any(p[-1].startswith("lora") for p in traverse_util.flatten_dict(merged_params))
-    merged = _logits(minilm.model, merged_params, sst2_batch)
+    merged = _logits(plain_model, merged_params, sst2_batch)
+    np.testing.assert_array_equal(
+        _logits(minilm.model, merge_lora(params, cfg), sst2_batch), merged)
     assert np.abs(unmerged - base).max() > 1e-3  # the perturbation really changed the output
     np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
 
@@ -93,12 +96,11 @@ def test_lora_shapes_and_init():
 # ---- exact counts ---------------------------------------------------------------------------
 
 def test_counts_match_peft_on_minilm(minilm):
-    lora_params = add_lora(minilm.params, LoraConfig(rank=8, alpha=16), jax.random.key(0))
-    got = {
-        "lora": count_params(lora_params, trainable_mask(lora_params, "lora")).trainable,
-        "bitfit": count_params(minilm.params, trainable_mask(minilm.params, "bitfit")).trainable,
-        "full": count_params(minilm.params, trainable_mask(minilm.params, "full")).trainable,
-    }
+    got = {}
+    for method in METHODS:
+        peft = make_peft(method)
+        _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+        got[method] = peft.count(params).trainable
     assert got == {"lora": 74_498, "bitfit": 26_882, "full": 22_713_986}
 
 
@@ -110,8 +112,8 @@ def test_counts_match_peft_print_trainable_parameters(minilm_dir):
                                                    target_modules=["query", "value"]))
     trainable, total = pm.get_nb_trainable_parameters()
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=2, tokenizer=False)
-    params = add_lora(pre.params, LoraConfig(), jax.random.key(0))
-    counts = count_params(params, trainable_mask(params, "lora"))
+    peft = make_peft("lora", LoraConfig(rank=8, alpha=16))
+    counts = peft.count(peft.init(pre.model, pre.params, jax.random.key(0))[1])
     assert counts.trainable == trainable
     # peft's total also counts its modules_to_save copy of the head a second time.
     head = 384 * 2 + 2
@@ -122,8 +124,9 @@ def test_bert_base_lora_count_is_the_papers_0_3m():
     cfg = EncoderConfig("bert", 30522, 768, 12, 12, 3072, num_labels=2)
     model = SequenceClassifier(cfg)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    lora = jax.eval_shape(lambda p: add_lora(p, LoraConfig(rank=8), jax.random.key(0)), shapes)
-    counts = count_params(lora, trainable_mask(lora, "lora"))
+    peft = make_peft("lora", LoraConfig(rank=8))
+    lora = jax.eval_shape(lambda p: peft.init(model, p, jax.random.key(0))[1], shapes)
+    counts = peft.count(lora)
     head = 768 * 2 + 2
     assert counts.trainable == 294_912 + head == 2 * 12 * 768 * 8 * 2 + head
 
@@ -132,13 +135,13 @@ def test_every_leaf_is_covered_and_head_always_trainable(tiny_dirs):
     for mt, d in tiny_dirs.items():
         pre = jaxpeft.load_pretrained(d, tokenizer=False)
         params = add_lora(pre.params, LoraConfig(), jax.random.key(0))
-        for method in jaxpeft.peft.METHODS:
-            flat = traverse_util.flatten_dict(trainable_mask(params, method))
+        for method in METHODS:
+            flat = traverse_util.flatten_dict(make_peft(method).mask(params))
             assert set(flat) == set(traverse_util.flatten_dict(params))
             assert all(isinstance(v, bool) for v in flat.values())
             heads = [v for p, v in flat.items() if p[0] == "classifier"]
             assert heads and all(heads)
-        bitfit = traverse_util.flatten_dict(trainable_mask(params, "bitfit"))
+        bitfit = traverse_util.flatten_dict(make_peft("bitfit").mask(params))
         assert all(v == (p[-1] == "bias" or p[0] == "classifier") for p, v in bitfit.items())
 
 
@@ -147,28 +150,33 @@ def test_every_leaf_is_covered_and_head_always_trainable(tiny_dirs):
 @pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
 def test_steps_change_only_trainable_leaves(tiny_dirs, method):
     pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
-    model, params = pre.model, pre.params
-    if method == "lora":
-        cfg = LoraConfig(rank=4, dropout=0.1)
-        params, model = add_lora(params, cfg, jax.random.key(0)), lora_model(model, cfg)
-    mask = trainable_mask(params, method)
-    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, weight_decay=0.01),
-                        params, mask)
-    state = create_train_state(params, mask, tx)
-    counts = count_params(params, mask)
+    options = LoraConfig(rank=4, dropout=0.1) if method == "lora" else None
+    peft = make_peft(method, options)
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    mask = peft.mask(params)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, weight_decay=0.01), mask)
+    before = jax.device_get(params)
+    state, frozen = create_train_state(params, mask, tx)
+    counts = peft.count(params)
     # Adam keeps mu and nu for trainable leaves only (plus scalar step counters).
     state_sizes = [x.size for x in jax.tree.leaves(state.opt_state)]
     assert sum(s for s in state_sizes if s > 1) == 2 * counts.trainable
-    before = jax.device_get(params)
+    # The state holds the trainable leaves only; frozen leaves are the caller's own arrays
+    # (held once on the device, never copied) and stay outside the donated state.
+    assert sum(x.size for x in jax.tree.leaves(state.trainable)) == counts.trainable
+    flat_params, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
+    for path, leaf in traverse_util.flatten_dict(frozen).items():
+        if leaf is not None:
+            assert not flat_mask[path]
+            assert leaf.unsafe_buffer_pointer() == flat_params[path].unsafe_buffer_pointer()
     ids, attn, types = random_batch("roberta", batch=8)
     batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
              "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
     step = make_train_step(model, tx)
     for i in range(3):
-        state, metrics = step(state, batch, jax.random.key(42))
+        state, metrics = step(state, batch, jax.random.key(42), frozen)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
-    after = traverse_util.flatten_dict(jax.device_get(state.params))
-    flat_mask = traverse_util.flatten_dict(mask)
+    after = traverse_util.flatten_dict(jax.device_get(combine(state.trainable, frozen)))
     for path, old in traverse_util.flatten_dict(before).items():
         if flat_mask[path]:
             assert not np.array_equal(after[path], old), path_str(path)
@@ -177,17 +185,31 @@ def test_steps_change_only_trainable_leaves(tiny_dirs, method):
     assert int(state.step) == 3
 
 
-def test_full_gradients_for_frozen_leaves_are_zeroed(tiny_dirs):
-    """Even if given a gradient for a frozen leaf, the optimizer freezes it explicitly."""
+def test_optimizer_refuses_an_update_for_a_frozen_leaf(tiny_dirs):
+    """optax.masked would pass a frozen leaf's gradient through unchanged: the optimizer
+    built from the mask refuses such a tree instead of silently training the leaf."""
     pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
-    mask = trainable_mask(pre.params, "bitfit")
-    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10), pre.params, mask)
-    grads = jax.tree.map(jnp.ones_like, pre.params)
-    updates, _ = tx.update(grads, tx.init(pre.params), pre.params)
-    for (path, u), m in zip(traverse_util.flatten_dict(updates).items(),
-                            traverse_util.flatten_dict(mask).values()):
-        assert bool(jnp.any(u != 0)) == m, path_str(path)
+    mask = make_peft("bitfit").mask(pre.params)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10), mask)
+    trainable, _ = partition(pre.params, mask)
+    state = tx.init(trainable)
+    with pytest.raises(ValueError, match="is frozen but received an update"):
+        tx.update(jax.tree.map(jnp.ones_like, pre.params), state, pre.params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, trainable), state, trainable)
+    flat_u = traverse_util.flatten_dict(updates)
+    for path, m in traverse_util.flatten_dict(mask).items():
+        assert (flat_u[path] is not None and bool(jnp.all(flat_u[path] != 0))) == m, path
 
+
+def test_tree_with_method_leaves_needs_the_method(tiny_dirs):
+    """A LoRA tree applied to a model without the LoRA method is an error, not scale 1."""
+    pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+    peft = make_peft("lora", LoraConfig(rank=2, alpha=8))
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    args = random_batch("bert")
+    with pytest.raises(JaxpeftError, match=r"\['lora_a', 'lora_b'\] belong to a PEFT method"):
+        _logits(pre.model, params, args)
+    assert model.runtime.hooks[0].scale == 4.0  # alpha / r travels with the method
 
 
 def test_step_stats_measure_the_step_taken():
@@ -195,7 +217,7 @@ def test_step_stats_measure_the_step_taken():
     params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([0.1, -0.3])}
     grads = {"w": jnp.array([[0.2, -0.4], [0.0, 1.5]]), "b": jnp.array([-0.7, 0.05])}
     tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, max_grad_norm=0.0),
-                        params, jax.tree.map(lambda _: True, params))
+                        jax.tree.map(lambda _: True, params))
     updates, _ = tx.update(grads, tx.init(params), params)
     stats = jax.device_get(update_stats(grads, updates, params))
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
@@ -216,32 +238,47 @@ def test_step_stats_measure_the_step_taken():
 def test_adapter_save_load_roundtrip(tiny_dirs, tmp_path, method):
     d = tiny_dirs["bert"]
     pre = jaxpeft.load_pretrained(d, tokenizer=False)
-    model, params, lora = pre.model, pre.params, None
-    if method == "lora":
-        lora = LoraConfig(rank=2, alpha=4, targets=("query", "value", "output"))
-        params, model = add_lora(params, lora, jax.random.key(0)), lora_model(model, lora)
+    options = LoraConfig(rank=2, alpha=4, targets=("query", "value", "output")) \
+        if method == "lora" else None
+    peft = make_peft(method, options)
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
     params = _perturb_lora(jax.tree.map(lambda x: x + 0.01, params))  # every leaf changed
-    mask = trainable_mask(params, method)
-    save_adapter(tmp_path / "ad", params, mask, method=method, base_model=str(d),
-                 config=pre.config, lora=lora)
+    mask = peft.mask(params)
+    save_adapter(tmp_path / "ad", peft, params, base_model=str(d), config=pre.config)
     fresh = jaxpeft.load_pretrained(d, tokenizer=False)
-    model2, params2 = load_adapter(tmp_path / "ad", fresh)
+    model2, params2, peft2 = load_adapter(tmp_path / "ad", fresh)
+    assert peft2 == peft  # the method and every option come back from adapter.json
+    assert model2.runtime.hooks == model.runtime.hooks
     args = random_batch("bert", pairs=True)
+    _, fresh_params = peft.init(fresh.model, fresh.params, jax.random.key(0))
     expected = _logits(model, jax.tree.map(lambda p, f, m: p if m else f,
-                                           params, _add_like(fresh.params, params, lora), mask),
-                       args)
+                                           params, fresh_params, mask), args)
     np.testing.assert_array_equal(_logits(model2, params2, args), expected)
 
 
-def _add_like(base, like, lora):
-    """The fresh base params with LoRA leaves (values ignored by the mask) if `like` has them."""
-    return add_lora(base, lora, jax.random.key(0)) if lora is not None else base
+def test_version_1_adapter_still_loads(tiny_dirs, tmp_path):
+    """Adapters written before options were stored per method (LoRA's under "lora")."""
+    import json
+
+    pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+    peft = make_peft("lora", LoraConfig(rank=2, alpha=6))
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    params = _perturb_lora(params)
+    save_adapter(tmp_path, peft, params, base_model="tiny", config=pre.config)
+    meta = json.loads((tmp_path / "adapter.json").read_text())
+    meta.update(format="jaxpeft-adapter/1", method="lora", lora=meta["peft"]["options"],
+                train_pooler=False)
+    del meta["peft"]
+    (tmp_path / "adapter.json").write_text(json.dumps(meta))
+    model2, params2, peft2 = load_adapter(tmp_path, pre, check_base_name=False)
+    assert peft2 == peft
+    args = random_batch("bert")
+    np.testing.assert_array_equal(_logits(model2, params2, args), _logits(model, params, args))
 
 
 def test_adapter_for_other_base_or_num_labels_is_refused(tiny_dirs, tmp_path):
     pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
-    mask = trainable_mask(pre.params, "bitfit")
-    save_adapter(tmp_path, pre.params, mask, method="bitfit", base_model=str(tiny_dirs["bert"]),
+    save_adapter(tmp_path, make_peft("bitfit"), pre.params, base_model=str(tiny_dirs["bert"]),
                  config=pre.config)
     with pytest.raises(JaxpeftError, match="another architecture"):
         load_adapter(tmp_path, jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False))
@@ -271,7 +308,9 @@ def test_bad_lora_options(kwargs, msg):
 
 def test_unknown_method():
     with pytest.raises(JaxpeftError, match="unknown method 'prefix'.*full, lora, bitfit"):
-        trainable_mask({"a": {"kernel": jnp.zeros(1)}}, "prefix")
+        make_peft("prefix")
+    with pytest.raises(JaxpeftError, match="export works for methods peft implements"):
+        make_peft("bitfit").require_peft_export()
 
 
 # ---- export to Hugging Face peft ------------------------------------------------------------
@@ -287,11 +326,10 @@ def _peft_logits(base_dir, adapter_dir, args, num_labels=2, cls=None):
 
 
 def test_peft_export_reproduces_logits_on_minilm(minilm, minilm_dir, sst2_batch, tmp_path):
-    cfg = LoraConfig(rank=8, alpha=16)
-    params = _perturb_lora(add_lora(minilm.params, cfg, jax.random.key(0)))
-    model = lora_model(minilm.model, cfg)
-    export_peft(tmp_path, params, trainable_mask(params, "lora"), cfg,
-                base_model=str(minilm_dir))
+    peft = make_peft("lora", LoraConfig(rank=8, alpha=16))
+    model, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    params = _perturb_lora(params)
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
     ours = _logits(model, params, sst2_batch)
     theirs = _peft_logits(minilm_dir, tmp_path, sst2_batch)
     assert np.abs(ours - _logits(minilm.model, minilm.params, sst2_batch)).max() > 1e-3
@@ -303,31 +341,29 @@ def test_peft_export_all_targets_pooler_rslora(tiny_dirs, tmp_path, mt):
     pre = jaxpeft.load_pretrained(tiny_dirs[mt], tokenizer=False)
     cfg = LoraConfig(rank=3, alpha=5, use_rslora=True,
                      targets=("key", "attention_output", "intermediate", "output"))
-    params = _perturb_lora(add_lora(pre.params, cfg, jax.random.key(0)))
     train_pooler = mt == "bert"
+    peft = make_peft("lora", cfg, train_pooler=train_pooler)
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    params = _perturb_lora(params)
     if train_pooler:
         params["bert"]["pooler"]["dense"]["bias"] = params["bert"]["pooler"]["dense"]["bias"] + 0.3
-    mask = trainable_mask(params, "lora", train_pooler=train_pooler)
-    export_peft(tmp_path, params, mask, cfg, base_model=str(tiny_dirs[mt]),
-                train_pooler=train_pooler)
+    export_peft(tmp_path, peft, params, base_model=str(tiny_dirs[mt]))
     args = random_batch(mt, pairs=(mt == "bert"))
     np.testing.assert_allclose(_peft_logits(tiny_dirs[mt], tmp_path, args),
-                               _logits(lora_model(pre.model, cfg), params, args),
-                               atol=1e-4, rtol=0)
+                               _logits(model, params, args), atol=1e-4, rtol=0)
 
 
 def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
-    peft = pytest.importorskip("peft")
+    hf_peft = pytest.importorskip("peft")
     from jaxpeft.models.checkpoint import hf_key, hf_module_key
-    from jaxpeft.peft import combine, partition
     from jaxpeft.train import per_example_loss
 
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
-    cfg = LoraConfig(rank=4, alpha=8)
-    params = _perturb_lora(add_lora(pre.params, cfg, jax.random.key(0)), scale=0.01)
-    model, mask = lora_model(pre.model, cfg), trainable_mask(params, "lora")
-    export_peft(tmp_path, params, mask, cfg, base_model=str(minilm_dir))
+    peft = make_peft("lora", LoraConfig(rank=4, alpha=8))
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    params, mask = _perturb_lora(params, scale=0.01), peft.mask(params)
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
     rows = [l.split("\t") for l in
             (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
     enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
@@ -343,7 +379,7 @@ def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir,
                                                                            num_labels=1)
-    tm = peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True).eval()
+    tm = hf_peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True).eval()
     out = tm(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask",
                                                   "token_type_ids")}, labels=torch.tensor(y))
     out.loss.backward()
@@ -354,15 +390,13 @@ def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
     for path, g in traverse_util.flatten_dict(grads).items():
         if g is None:  # frozen: no gradient was computed
             continue
-        if path[-1] in ("lora_a", "lora_b"):
-            name = hf_module_key(path[:-1]) + {"lora_a": ".lora_A.weight",
-                                               "lora_b": ".lora_B.weight"}[path[-1]]
+        own = peft.method.peft_leaf(path, np.asarray(g))  # peft's name and layout
+        if own is not None:
+            name, g = hf_module_key(path[:-1]) + "." + own[0], own[1]
         else:
-            name = hf_key(path)
+            name, g = hf_key(path), np.asarray(g).T if path[-1] == "kernel" else np.asarray(g)
         r = ref["base_model.model." + name]
-        r = r.T if path[-1] in ("kernel", "lora_a", "lora_b") else r
-        np.testing.assert_allclose(np.asarray(g), r, atol=1e-5 * np.abs(r).max(), rtol=0,
-                                   err_msg=name)
+        np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), rtol=0, err_msg=name)
         checked += 1
     assert checked == 6 * 2 * 2 + 2
 
@@ -377,19 +411,19 @@ def test_regression_target_map_survives_adapter_and_export(tmp_path, mt):
     save_torch_model(cls, tiny_hf_config(mt, num_labels=1), base_dir)
     pre = jaxpeft.load_pretrained(base_dir, tokenizer=False)
     target = (2.7, 1.5)
-    cfg = LoraConfig(rank=2, alpha=4)
-    model = lora_model(pre.model.clone(runtime=pre.model.runtime.__class__(
-        target_mean=target[0], target_std=target[1])), cfg)
-    params = _perturb_lora(add_lora(pre.params, cfg, jax.random.key(0)))
-    mask = trainable_mask(params, "lora")
+    peft = make_peft("lora", LoraConfig(rank=2, alpha=4))
+    lora_model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    model = peft.attach(pre.model.clone(runtime=Runtime(target_mean=target[0],
+                                                        target_std=target[1])))
+    params = _perturb_lora(params)
     args = random_batch(mt)
     ours = _logits(model, params, args)
-    np.testing.assert_allclose(ours, _logits(lora_model(pre.model, cfg), params, args)
-                               * target[1] + target[0], atol=1e-5)
-    save_adapter(tmp_path / "ad", params, mask, method="lora", base_model=str(base_dir),
-                 config=pre.config, lora=cfg, target=target)
-    m2, p2 = load_adapter(tmp_path / "ad", jaxpeft.load_pretrained(base_dir, tokenizer=False))
+    np.testing.assert_allclose(ours, _logits(lora_model, params, args) * target[1] + target[0],
+                               atol=1e-5)
+    save_adapter(tmp_path / "ad", peft, params, base_model=str(base_dir), config=pre.config,
+                 target=target)
+    m2, p2, _ = load_adapter(tmp_path / "ad", jaxpeft.load_pretrained(base_dir, tokenizer=False))
     np.testing.assert_array_equal(_logits(m2, p2, args), ours)
-    export_peft(tmp_path / "peft", params, mask, cfg, base_model=str(base_dir), target=target)
+    export_peft(tmp_path / "peft", peft, params, base_model=str(base_dir), target=target)
     np.testing.assert_allclose(_peft_logits(base_dir, tmp_path / "peft", args, num_labels=1),
                                ours, atol=1e-4, rtol=0)

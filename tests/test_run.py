@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from jaxpeft.config import RunConfig
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.run import RunConfig, cli_main, train_and_evaluate
+from jaxpeft.run import cli_main, train_and_evaluate
+from jaxpeft.writer import read_metrics
 from tests.conftest import REPO
 
 torch = pytest.importorskip("torch")
@@ -43,6 +45,10 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _train_rows(out):
+    return read_metrics(out)[0]
+
+
 def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     cfg = _cfg(tiny_model, glue_dir, tmp_path)
     results = train_and_evaluate(cfg)
@@ -58,17 +64,18 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["run"]["learning_rate"] == 1e-3 and config["resolved"]["total_steps"] == 12
     assert config["devices"]["count"] >= 1 and "jax" in config["versions"]
-    rows = _rows(out)
-    train_steps = [r["step"] for r in rows if "learning_rate" in r]
-    eval_steps = [r["step"] for r in rows if "eval_accuracy" in r]
-    assert train_steps == [4, 8, 12]
-    assert eval_steps == [5, 6, 10, 12]  # every 5 steps and at each epoch end (6, 12)
-    for r in rows:
-        if "eval_accuracy" in r:
-            assert r["eval_examples"] == 872  # the whole dev split, each example once
-    assert all(r["grad_norm"] > 0 and r["update_norm"] > 0 and 0 < r["update_ratio"] < 1
-               and np.isfinite(r["loss_decrease"]) and r["examples_per_s"] > 0
-               for r in rows if "learning_rate" in r)
+    train_rows, eval_rows = read_metrics(out)
+    assert [r["step"] for r in train_rows] == [4, 8, 12]
+    assert [r["step"] for r in eval_rows] == [5, 6, 10, 12]  # every 5 steps, each epoch end
+    # One schema: a row's keys besides step/epoch all carry its kind's prefix.
+    assert len(_rows(out)) == len(train_rows) + len(eval_rows)
+    for rows, prefix in ((train_rows, "train_"), (eval_rows, "eval_")):
+        assert all(k.startswith(prefix) for r in rows for k in r if k not in ("step", "epoch"))
+    assert all(r["eval_examples"] == 872 for r in eval_rows)  # whole dev split, each once
+    assert all(r["train_grad_norm"] > 0 and r["train_update_norm"] > 0
+               and 0 < r["train_update_ratio"] < 1 and np.isfinite(r["train_loss_decrease"])
+               and r["train_examples_per_s"] > 0 and r["train_learning_rate"] > 0
+               for r in train_rows)
     assert (out / "best" / "adapter.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "8"]
 
@@ -87,7 +94,7 @@ class _Kill(Exception):
 
 
 def _comparable_rows(out):
-    return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in _rows(out)]
+    return [{k: v for k, v in r.items() if k != "train_examples_per_s"} for r in _rows(out)]
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path):
@@ -160,7 +167,9 @@ def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
     ({"data_dir": "/nonexistent/glue"}, "GLUE data folder not found"),
     ({"model": "/nonexistent/model"}, "no such model folder"),
     ({"batch_size": 0}, "--batch_size must be > 0"),
-    ({"method": "bitfit", "export_peft": True}, "--export_peft needs --method=lora"),
+    ({"method": "bitfit", "export_peft": True}, "peft has no 'bitfit' method"),
+    ({"method": "qlora"}, "--method='qlora' is not one of: full, lora, bitfit"),
+    ({"num_epochs": float("inf")}, "--num_epochs must be >= 0 and finite"),
 ])
 def test_user_errors_one_line(tiny_model, glue_dir, tmp_path, capsys, overrides, message):
     code = cli_main(_cfg(tiny_model, glue_dir, tmp_path, **overrides))
@@ -183,10 +192,21 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 
 def test_cli_help_documents_every_flag():
-    proc = _cli(["--help"])
-    text = proc.stdout + proc.stderr
-    for name in RunConfig.__dataclass_fields__:
-        assert f"--{name}:" in text or f"--[no]{name}:" in text, name
+    """Every RunConfig field is a flag with its help text and its default in --help."""
+    from jaxpeft import config
+
+    text = (lambda p: p.stdout + p.stderr)(_cli(["--help"]))
+    blocks = {}
+    for block in text.split("\n  --")[1:]:
+        name = block.split(":", 1)[0].removeprefix("[no]")
+        blocks[name] = " ".join(block.split())
+    for name, field in config.FIELDS.items():
+        assert name in blocks, name
+        assert " ".join(field.metadata["help"].split())[:40] in blocks[name], name
+        if field.default is None:  # the help says what None means
+            assert "Default per method: full 2e-05, lora 0.0005, bitfit 0.001" in blocks[name]
+        else:
+            assert "(default: " in blocks[name], name
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -206,6 +226,6 @@ def test_four_devices_match_one_device(tiny_model, glue_dir, tmp_path, packing):
         assert proc.returncode == 0, proc.stderr[-2000:]
         config = json.loads((out / "config.json").read_text())
         assert config["devices"]["count"] == n
-        losses[n] = [r["train_loss"] for r in _rows(out) if "learning_rate" in r]
+        losses[n] = [r["train_loss"] for r in _train_rows(out)]
     assert len(losses[1]) == 6
     np.testing.assert_allclose(losses[4], losses[1], atol=1e-5, rtol=0)

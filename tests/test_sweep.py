@@ -6,7 +6,7 @@ import pytest
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.plots import write_report
-from jaxpeft.run import RunConfig
+from jaxpeft.config import RunConfig
 from jaxpeft.sweep import expand, parse_grid, run_sweep
 from tests.test_run import tiny_model  # noqa: F401  (fixture)
 

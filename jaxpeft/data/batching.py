@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -23,8 +22,6 @@ import numpy as np
 from jaxpeft.data.glue import Split
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes
-
-log = logging.getLogger("jaxpeft")
 
 CACHE_VERSION = "1"
 _CHUNK = 8192  # examples per tokenizer call: bounds memory, keeps Rust's batch parallelism
@@ -211,13 +208,13 @@ def train_batches(enc: Encoded, batch_size: int, buckets: Sequence[int], pad_id:
                      pad_id, packing)
 
 
-def eval_batches(enc: Encoded, batch_size: int, buckets: Sequence[int], pad_id: int,
-                 packing: Optional[Packing] = None) -> Iterator[dict]:
+def eval_batches(enc: Encoded, batch_size: int, buckets: Sequence[int],
+                 pad_id: int) -> Iterator[dict]:
     """Every example exactly once, grouped by length (less padding); order is restored by
     each batch's `index`."""
     order = np.argsort(enc.lengths, kind="stable")
     for start in range(0, len(enc), batch_size):
-        yield _batch(enc, order[start:start + batch_size], batch_size, buckets, pad_id, packing)
+        yield make_batch(enc, order[start:start + batch_size], batch_size, buckets, pad_id)
 
 
 def padding_stats(enc: Encoded, batch_size: int, buckets: Sequence[int], seed: int = 0,

@@ -49,8 +49,7 @@ class Pretrained:
     """A loaded checkpoint: call `model.apply({"params": params}, ...)`.
 
     `newly_initialized` names the parameters that were not in the checkpoint (or had another
-    shape, e.g. a head with a different `num_labels`) and were freshly initialised;
-    `unused` names checkpoint tensors the model did not need (e.g. a masked-LM head).
+    shape, e.g. a head with a different `num_labels`) and were freshly initialised.
     """
 
     model: SequenceClassifier
@@ -60,7 +59,6 @@ class Pretrained:
     name_or_path: str
     path: Path
     newly_initialized: tuple = ()
-    unused: tuple = ()
 
 
 def minilm_path() -> Path:
@@ -170,11 +168,6 @@ def hf_key(path: tuple) -> str:
     return hf_module_key(path[:-1]) + "." + leaf
 
 
-def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
-    """A Flax value in PyTorch's layout (Dense kernels are transposed)."""
-    return value.T if path[-1] == "kernel" else value
-
-
 def _candidates(path: tuple, model_type: str) -> list[str]:
     key = hf_key(path)
     names = [key]
@@ -259,7 +252,7 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
         path if tokenizer in (None, True) else tokenizer)
     return Pretrained(model=model, params=params, tokenizer=tok, config=config,
                       name_or_path=os.fspath(name_or_path), path=path,
-                      newly_initialized=fresh, unused=unused)
+                      newly_initialized=fresh)
 
 
 def load_tokenizer(name_or_path: Union[str, os.PathLike]):

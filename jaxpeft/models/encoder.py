@@ -4,21 +4,21 @@ Module and parameter names mirror Hugging Face's (`encoder/layer_0/attention/sel
 kernel` for `encoder.layer.0.attention.self.query.weight`), so checkpoint conversion, LoRA
 target names and peft export each need a single naming rule.
 
-Every projection is a `Dense` that also applies LoRA when the parameter tree holds
-`lora_a`/`lora_b` leaves beside its kernel: LoRA is added by augmenting the tree (see
-`jaxpeft.peft.lora`), not by swapping modules.
+Every projection is a `Dense` whose output PEFT methods may change through `Runtime.hooks`
+(`DenseHook`), reading extra leaves they put beside its kernel (LoRA's `lora_a`/`lora_b`):
+methods are added by augmenting the tree and installing hooks (see `jaxpeft.peft`), never by
+swapping modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.config import EncoderConfig
 
 ACTIVATIONS = {
@@ -39,16 +39,14 @@ class Runtime:
     """Settings that change how the model computes, not what its weights are.
 
     dtype: compute dtype ("float32" or "bfloat16"); parameters always stay float32.
-    lora_scale: multiplier of the LoRA update (alpha / r, or alpha / sqrt(r) for rsLoRA).
-    lora_dropout: dropout on the LoRA input during training.
+    hooks: `DenseHook`s of the PEFT method in force (installed by `jaxpeft.peft.Peft.attach`).
     target_mean, target_std: a regression head outputs `target_std * raw + target_mean`, so
       training starts at the label mean and scale (fixed values, not trained; the
       default is the identity).
     """
 
     dtype: str = "float32"
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
+    hooks: tuple = ()
     target_mean: float = 0.0
     target_std: float = 1.0
 
@@ -90,12 +88,28 @@ def _normal(config: EncoderConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
 
 
-class Dense(nn.Module):
-    """A linear layer (`kernel: (in, out)`, `bias: (out,)`) that is LoRA-aware.
+class DenseHook:
+    """How a PEFT method changes `Dense` layers: subclass as a frozen (hashable) dataclass.
 
-    When `lora_a: (in, r)` and `lora_b: (r, out)` exist in this module's params, the output
-    gains `dropout(x) @ lora_a @ lora_b * lora_scale`. The low-rank path is kept separate
-    (never `kernel + a @ b`) so training never needs a gradient for the full kernel.
+    `leaves` names the parameters the method puts beside a Dense kernel; `__call__` gets the
+    layer (to read them with `dense.get_variable("params", name)`, or to create dropout),
+    its input `x` and output `y = x @ kernel + bias` (compute dtype) and returns the new
+    output. It must return `y` unchanged for layers without its leaves. XLA drops `y` when a
+    hook recomputes the output from `x` instead.
+    """
+
+    leaves: tuple = ()
+
+    def __call__(self, dense: "Dense", x, y, kernel, bias, deterministic: bool):
+        raise NotImplementedError
+
+
+class Dense(nn.Module):
+    """A linear layer (`kernel: (in, out)`, `bias: (out,)`) that PEFT hooks may change.
+
+    Any other parameter found in this module must belong to a hook in `runtime.hooks`: a
+    tree with, say, LoRA leaves applied without the LoRA method configured is an error rather
+    than a silent base-model forward pass.
     """
 
     features: int
@@ -106,16 +120,24 @@ class Dense(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         dtype = self.runtime.jnp_dtype
         kernel = self.param("kernel", _normal(self.config), (x.shape[-1], self.features),
-                            jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+                            jnp.float32).astype(dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                          jnp.float32).astype(dtype)
         x = x.astype(dtype)
-        y = x @ kernel.astype(dtype) + bias.astype(dtype)
-        if self.has_variable("params", "lora_a"):
-            a = self.get_variable("params", "lora_a").astype(dtype)
-            b = self.get_variable("params", "lora_b").astype(dtype)
-            h = Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
-            y = y + ((h @ a) @ b) * jnp.asarray(self.runtime.lora_scale, dtype)
+        y = x @ kernel + bias
+        self._check_leaves()
+        for hook in self.runtime.hooks:
+            y = hook(self, x, y, kernel, bias, deterministic)
         return y
+
+    def _check_leaves(self):
+        known = {"kernel", "bias"}.union(*(h.leaves for h in self.runtime.hooks))
+        unknown = sorted(set(self.variables.get("params", {})) - known)
+        if unknown:
+            raise JaxpeftError(
+                f"{'/'.join(self.scope.path)}: parameters {unknown} belong to a PEFT method "
+                "that is not configured on this model; apply the tree with its method "
+                "(Peft.attach, or load_adapter, which restores it from the adapter files)")
 
 
 def _layer_norm(config: EncoderConfig, runtime: Runtime, name: str = "LayerNorm"):

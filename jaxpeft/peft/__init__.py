@@ -1,13 +1,15 @@
-"""PEFT methods as trainable masks over one parameter tree: full, LoRA, BitFit."""
+"""PEFT methods over one parameter tree: a registry of `PeftMethod`s, each bound to its
+options as a `Peft` (init, mask, count, merge), adapter files and the peft export."""
 
-from jaxpeft.peft.adapters import export_peft, load_adapter, read_adapter_config, save_adapter
-from jaxpeft.peft.bitfit import bitfit_mask
-from jaxpeft.peft.lora import LoraConfig, add_lora, lora_mask, lora_model, merge_lora
-from jaxpeft.peft.masks import (ParamCounts, combine, count_params, full_mask, mask_from_rules,
-                                partition, path_str)
-from jaxpeft.peft.methods import METHODS, trainable_mask
+from jaxpeft.peft.adapters import load_adapter, read_adapter_config, save_adapter
+from jaxpeft.peft.hf_export import export_peft
+from jaxpeft.peft.lora import LoraConfig, add_lora, merge_lora
+from jaxpeft.peft.masks import (ParamCounts, combine, count_params, mask_from_rules, partition,
+                                path_str)
+from jaxpeft.peft.method import NoOptions, Peft, PeftMethod
+from jaxpeft.peft.registry import METHODS, get_method, make_peft, peft_from_dict, peft_from_run
 
-__all__ = ["METHODS", "LoraConfig", "ParamCounts", "add_lora", "bitfit_mask", "combine",
-           "count_params", "export_peft", "full_mask", "load_adapter", "lora_mask",
-           "lora_model", "mask_from_rules", "merge_lora", "partition", "path_str",
-           "read_adapter_config", "save_adapter", "trainable_mask"]
+__all__ = ["METHODS", "LoraConfig", "NoOptions", "ParamCounts", "Peft", "PeftMethod",
+           "add_lora", "combine", "count_params", "export_peft", "get_method", "load_adapter",
+           "make_peft", "mask_from_rules", "merge_lora", "partition", "path_str",
+           "peft_from_dict", "peft_from_run", "read_adapter_config", "save_adapter"]

@@ -1,16 +1,21 @@
 """BitFit (Ben Zaken et al., 2021): train only the biases, plus the classification head.
 
 Every `.../bias` leaf of the encoder (attention, feed-forward, LayerNorm, embeddings
-LayerNorm, pooler) is trainable; the classifier is trainable as in every method.
+LayerNorm, pooler) is trainable; the classifier is trainable as in every method. Nothing is
+added to the tree, so there is nothing to merge; peft has no BitFit, so no peft export.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from jaxpeft.peft.masks import head_rules, mask_from_rules
+from jaxpeft.peft.method import PeftMethod
 
 
-def bitfit_mask(params: Any, train_pooler: bool = False) -> Any:
-    """Trainable mask for BitFit: biases and the head."""
-    return mask_from_rules(params, head_rules(train_pooler) + [(r".*/bias", True), (".*", False)])
+class BitFit(PeftMethod):
+    """Biases (and the head) train; everything else is frozen."""
+
+    name = "bitfit"
+    summary = "train the biases (Ben Zaken et al., 2021)"
+    default_learning_rate = 1e-3
+
+    def rules(self, options):
+        return [(r".*/bias", True), (".*", False)]

@@ -1,10 +1,10 @@
 """LoRA (Hu et al., 2021) by augmenting the parameter tree.
 
 `add_lora` puts `lora_a: (in, r)` (random, as peft's Kaiming-uniform init) and
-`lora_b: (r, out)` (zeros) beside each targeted Dense `kernel`; the model's LoRA-aware
-`Dense` adds `dropout(x) @ lora_a @ lora_b * scale` whenever those leaves exist. With
-`lora_b = 0` the model computes exactly what the base model does. `merge_lora` folds the
-update into the kernels for inference and export.
+`lora_b: (r, out)` (zeros) beside each targeted Dense `kernel`; `LoraHook` makes those layers
+add `dropout(x) @ lora_a @ lora_b * scale`, the scale (alpha / r) travelling with the
+method's options, never as a model default. With `lora_b = 0` the model computes exactly
+what the base model does. `merge_lora` folds the update into the kernels for inference.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.heads import SequenceClassifier
-from jaxpeft.peft.masks import head_rules, mask_from_rules, path_str
+from jaxpeft.models.encoder import DenseHook, Dropout
+from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.method import PeftMethod
 
 # Target name -> regex over the path of the Dense module (inside an encoder layer).
 TARGETS = {
@@ -83,7 +84,10 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraConfig":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`; every field must be present (no silent defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise JaxpeftError(f"LoRA options {sorted(d)} do not match {sorted(names)}")
         return cls(**{**d, "targets": tuple(d["targets"])})
 
 
@@ -123,17 +127,61 @@ def merge_lora(params: Any, config: LoraConfig) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
-def lora_model(model: SequenceClassifier, config: LoraConfig) -> SequenceClassifier:
-    """The same model with this LoRA config's scale and dropout (weights are in params)."""
-    runtime = dataclasses.replace(model.runtime, lora_scale=config.scale,
-                                  lora_dropout=config.dropout)
-    return model.clone(runtime=runtime)
+@dataclasses.dataclass(frozen=True)
+class LoraHook(DenseHook):
+    """Adds `dropout(x) @ lora_a @ lora_b * scale` in layers holding LoRA leaves.
+
+    The low-rank path stays separate (never `kernel + a @ b`), so training needs no gradient
+    for the full kernel.
+    """
+
+    scale: float
+    dropout: float
+    leaves: tuple = ("lora_a", "lora_b")
+
+    def __call__(self, dense, x, y, kernel, bias, deterministic):
+        if not dense.has_variable("params", "lora_a"):
+            return y
+        a = dense.get_variable("params", "lora_a").astype(y.dtype)
+        b = dense.get_variable("params", "lora_b").astype(y.dtype)
+        h = Dropout(self.dropout)(x, deterministic=deterministic)
+        return y + ((h @ a) @ b) * jnp.asarray(self.scale, y.dtype)
 
 
-def lora_mask(params: Any, train_pooler: bool = False) -> Any:
-    """Trainable mask for LoRA: the `lora_a`/`lora_b` leaves and the head."""
-    return mask_from_rules(params, head_rules(train_pooler)
-                           + [(r".*/lora_[ab]", True), (".*", False)])
+class Lora(PeftMethod):
+    """LoRA on the `--lora_targets` Dense layers; `lora_a`/`lora_b` (and the head) train."""
+
+    name = "lora"
+    summary = "low-rank updates of chosen Dense layers (Hu et al., 2021)"
+    Options = LoraConfig
+    default_learning_rate = 5e-4
+    peft_type = "LORA"
+
+    def options_from(self, run):
+        return LoraConfig(rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
+                          targets=tuple(run.lora_targets), use_rslora=run.lora_rslora)
+
+    def augment(self, params, options, rng):
+        return add_lora(params, options, rng)
+
+    def rules(self, options):
+        return [(r".*/lora_[ab]", True), (".*", False)]
+
+    def hooks(self, options):
+        return (LoraHook(scale=options.scale, dropout=options.dropout),)
+
+    def merge(self, params, options):
+        return merge_lora(params, options)
+
+    def peft_config(self, options):
+        return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
+                "use_rslora": options.use_rslora, "target_modules": peft_target_modules(options),
+                "fan_in_fan_out": False, "init_lora_weights": True, "bias": "none"}
+
+    def peft_leaf(self, path, value):
+        # ours: a (in, r), b (r, out); peft: lora_A.weight (r, in), lora_B.weight (out, r)
+        names = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+        return (names[path[-1]], value.T) if path[-1] in names else None
 
 
 def peft_target_modules(config: LoraConfig) -> Any:

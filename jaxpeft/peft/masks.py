@@ -2,7 +2,8 @@
 
 A mask is a tree of Python bools with the params' structure, built from `(regex, bool)`
 rules matched against `"a/b/kernel"`-style paths: the first rule that matches a leaf decides,
-and a leaf no rule matches is an error, so every parameter is accounted for.
+and a leaf no rule matches is an error, so every parameter is accounted for. `partition` is
+the one place the mask splits a tree: the train step differentiates the trainable half only.
 """
 
 from __future__ import annotations
@@ -47,11 +48,6 @@ def mask_from_rules(params: Any, rules: Rules) -> Any:
 def head_rules(train_pooler: bool = False) -> list[tuple[str, bool]]:
     """Rules making the classification head (and optionally BERT's pooler) trainable."""
     return [(HEAD, True)] + ([(POOLER, True)] if train_pooler else [])
-
-
-def full_mask(params: Any) -> Any:
-    """Full fine-tuning: every parameter is trainable."""
-    return mask_from_rules(params, [(".*", True)])
 
 
 @dataclasses.dataclass(frozen=True)

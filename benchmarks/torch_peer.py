@@ -1,0 +1,45 @@
+"""The PyTorch side of the benchmarks: a transformers model training what a jaxpeft `Peft`
+trains, built from the method objects (no method names here).
+
+Methods Hugging Face peft has become a `PeftModel` with the config our export writes; the
+others (BitFit, full) keep the plain model with `requires_grad` set from our trainable mask,
+mapped to transformers' parameter names. Either way the trainable count equals ours.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.models import EncoderConfig, SequenceClassifier
+from jaxpeft.models.checkpoint import hf_key
+from jaxpeft.peft import Peft
+from jaxpeft.peft.hf_export import peft_config_dict
+
+
+def _trainable_names(model, peft: Peft) -> set:
+    """transformers parameter names of the leaves `peft` trains (from shapes only)."""
+    cfg = EncoderConfig.from_hf_dict(model.config.to_dict(), model.config.num_labels)
+    ours = SequenceClassifier(cfg)
+    shapes = jax.eval_shape(
+        lambda: peft.init(ours, ours.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+                          ["params"], jax.random.key(0))[1])
+    mask = traverse_util.flatten_dict(peft.mask(shapes))
+    return {hf_key(path) for path, trainable in mask.items() if trainable}
+
+
+def torch_model_for(model, peft: Peft):
+    """`model` (a transformers *ForSequenceClassification) set up to train what `peft` does."""
+    import peft as hf_peft
+
+    if peft.method.peft_type is not None:
+        config = hf_peft.get_peft_config(peft_config_dict(peft, model.name_or_path,
+                                                          inference_mode=False))
+        return hf_peft.get_peft_model(model, config)
+    names = _trainable_names(model, peft)
+    found = set()
+    for name, p in model.named_parameters():
+        p.requires_grad = name in names
+        found.update({name} & names)
+    if found != names:
+        raise RuntimeError(f"no transformers parameter for: {sorted(names - found)[:5]}")
+    return model

