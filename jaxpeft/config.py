@@ -53,6 +53,10 @@ class RunConfig:
     lora_targets: tuple = _option(("query", "value"), "Layers that get LoRA: query, key, value, "
                                   "attention_output, intermediate, output.")
     lora_rslora: bool = _option(False, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
+    ia3_targets: tuple = _option(("key", "value", "output"), "Layers IA3 scales (names as "
+                                 "--lora_targets): output and attention_output scale their "
+                                 "input, the others their output. Add attention_output for "
+                                 "peft's default set and count.")
     train_pooler: bool = _option(False, "Also train BERT's pooler (PEFT methods; not peft's "
                                  "default, so it changes the trainable count).")
     standardize_targets: bool = _option(

@@ -10,7 +10,10 @@ from typing import Any, Mapping, Optional
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft.bitfit import BitFit
+from jaxpeft.peft.dora import Dora
 from jaxpeft.peft.full import Full
+from jaxpeft.peft.ia3 import Ia3
+from jaxpeft.peft.ln_tuning import LnTuning
 from jaxpeft.peft.lora import Lora
 from jaxpeft.peft.method import Peft, PeftMethod
 
@@ -18,6 +21,9 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Full(),
     Lora(),
     BitFit(),
+    Dora(),
+    Ia3(),
+    LnTuning(),
 )}
 
 

@@ -1,0 +1,87 @@
+"""DoRA (Liu et al., 2024): weight-decomposed LoRA, on the LoRA flags.
+
+Each targeted kernel `W` (in, out) gets LoRA's `lora_a`/`lora_b` and a magnitude vector
+`lora_magnitude` (out,), initialised to the column norms of `W` (peft's `use_dora=True`). The
+layer computes `m / ||W + s·A B||_col · (W + s·A B)` applied to `x`, plus the bias, written as
+a correction of the base output so `W + s·A B` never needs a gradient:
+`y + (m/n − 1) ⊙ (x W) + (m/n) ⊙ (x A B)·s`. The norm `n` is detached from the gradient, as
+in the paper (§4.3) and peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.models.encoder import DenseHook, Dropout
+from jaxpeft.peft.lora import Lora, add_lora
+
+
+def _column_norm(kernel, a, b, scale):
+    """||W + s·A B|| over the input axis, in float32."""
+    return jnp.linalg.norm(kernel + (a @ b) * scale, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraHook(DenseHook):
+    """DoRA's output in layers holding `lora_magnitude`."""
+
+    scale: float
+    dropout: float
+    leaves: tuple = ("lora_a", "lora_b", "lora_magnitude")
+
+    def __call__(self, dense, x, y, kernel, bias, deterministic):
+        if not dense.has_variable("params", "lora_magnitude"):
+            return y
+        get = lambda name: dense.get_variable("params", name)  # noqa: E731
+        a, b, m = get("lora_a"), get("lora_b"), get("lora_magnitude")
+        norm = jax.lax.stop_gradient(_column_norm(get("kernel"), a, b, self.scale))
+        ratio = (m / norm).astype(y.dtype)
+        h = Dropout(self.dropout)(x, deterministic=deterministic)
+        # Without dropout the base product is already in y; with it, DoRA (like peft) uses
+        # the dropped input for the magnitude correction too.
+        base = y - bias if h is x else h @ kernel
+        low_rank = (h @ a.astype(y.dtype)) @ b.astype(y.dtype)
+        return y + (ratio - 1) * base + ratio * low_rank * jnp.asarray(self.scale, y.dtype)
+
+
+class Dora(Lora):
+    """LoRA leaves plus a trained magnitude per output column of each targeted kernel."""
+
+    name = "dora"
+    summary = "weight-decomposed LoRA: LoRA direction plus a magnitude vector (Liu et al., 2024)"
+
+    def augment(self, params, options, rng):
+        flat = dict(traverse_util.flatten_dict(add_lora(params, options, rng)))
+        for path in [p for p in flat if p[-1] == "lora_a"]:
+            # b = 0 at init, so m = ||W||_col and the layer starts equal to the base layer.
+            flat[path[:-1] + ("lora_magnitude",)] = jnp.linalg.norm(
+                flat[path[:-1] + ("kernel",)], axis=0)
+        return traverse_util.unflatten_dict(flat)
+
+    def rules(self, options):
+        return [(r".*/lora_(a|b|magnitude)", True), (".*", False)]
+
+    def hooks(self, options):
+        return (DoraHook(scale=options.scale, dropout=options.dropout),)
+
+    def merge(self, params, options):
+        flat = dict(traverse_util.flatten_dict(params))
+        for path in [p for p in flat if p[-1] == "lora_magnitude"]:
+            mod = path[:-1]
+            a, b = flat.pop(mod + ("lora_a",)), flat.pop(mod + ("lora_b",))
+            m, kernel = flat.pop(path), flat[mod + ("kernel",)]
+            adapted = kernel + (a @ b) * options.scale
+            flat[mod + ("kernel",)] = adapted * (m / _column_norm(kernel, a, b, options.scale))
+        return traverse_util.unflatten_dict(flat)
+
+    def peft_config(self, options):
+        return {**super().peft_config(options), "use_dora": True}
+
+    def peft_leaf(self, path, value):
+        if path[-1] == "lora_magnitude":
+            return "lora_magnitude_vector", value
+        return super().peft_leaf(path, value)

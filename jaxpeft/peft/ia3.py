@@ -1,0 +1,128 @@
+"""IA3 (Liu et al., 2022): learned vectors that rescale activations, initialised to ones.
+
+`--ia3_targets` picks Dense layers by LoRA's target names. `output` and `attention_output`
+(the layers transformers names `output.dense`) scale their **input**, as IA3 scales the
+feed-forward activation and as peft's BERT defaults do (`feedforward_modules=["output.dense"]`,
+whose suffix match also hits `attention.output.dense`); every other target scales its
+output (bias included, as peft does). Leaves: `ia3_in` (in,) or `ia3_out` (out,).
+
+Our default targets are the paper's, `key,value,output` (14,594 trainable on MiniLM with 2
+labels); `--ia3_targets=key,value,output,attention_output` is peft's default set (16,898).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.encoder import DenseHook
+from jaxpeft.peft.lora import PEFT_MODULE, TARGET_ALIASES, TARGETS
+from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.method import PeftMethod
+
+# Targets whose input is scaled (transformers' `output.dense` modules).
+INPUT_SCALED = ("output", "attention_output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ia3Config:
+    """IA3 options: `targets`, any of LoRA's target names."""
+
+    targets: tuple = ("key", "value", "output")
+
+    def __post_init__(self):
+        targets = tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in self.targets))
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown or not targets:
+            raise JaxpeftError(
+                f"unknown IA3 target module(s) {', '.join(map(repr, unknown)) or '(none given)'}"
+                f"; valid targets: {', '.join(TARGETS)}")
+        object.__setattr__(self, "targets", targets)
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, for JSON files."""
+        return {"targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ia3Config":
+        """Inverse of `to_dict`."""
+        if set(d) != {"targets"}:
+            raise JaxpeftError(f"IA3 options {sorted(d)} do not match ['targets']")
+        return cls(targets=tuple(d["targets"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ia3Hook(DenseHook):
+    """`(x ⊙ ia3_in) W + b`, or `(x W + b) ⊙ ia3_out`."""
+
+    leaves: tuple = ("ia3_in", "ia3_out")
+
+    def __call__(self, dense, x, y, kernel, bias, deterministic):
+        if dense.has_variable("params", "ia3_in"):
+            # XLA drops the unscaled product y, which is no longer used.
+            y = (x * dense.get_variable("params", "ia3_in").astype(x.dtype)) @ kernel + bias
+        if dense.has_variable("params", "ia3_out"):
+            y = y * dense.get_variable("params", "ia3_out").astype(y.dtype)
+        return y
+
+
+def _regex(targets) -> str:
+    return r".*\.layer\.\d+\.(?:" + "|".join(PEFT_MODULE[t] for t in targets) + ")"
+
+
+class Ia3(PeftMethod):
+    """Scaling vectors on the `--ia3_targets` layers (and the head) train."""
+
+    name = "ia3"
+    summary = "learned scaling vectors on keys, values and the FFN activation (Liu et al., 2022)"
+    Options = Ia3Config
+    default_learning_rate = 3e-3  # the IA3 paper's (T-Few) learning rate
+    peft_type = "IA3"
+
+    def options_from(self, run):
+        return Ia3Config(targets=tuple(run.ia3_targets))
+
+    def augment(self, params, options, rng):
+        flat = dict(traverse_util.flatten_dict(params))
+        for target in options.targets:
+            rx = re.compile(TARGETS[target])
+            leaf = "ia3_in" if target in INPUT_SCALED else "ia3_out"
+            for path in [p for p in flat if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))]:
+                size = flat[path].shape[0 if leaf == "ia3_in" else 1]
+                flat[path[:-1] + (leaf,)] = jnp.ones((size,), jnp.float32)
+        return traverse_util.unflatten_dict(flat)
+
+    def rules(self, options):
+        return [(r".*/ia3_(in|out)", True), (".*", False)]
+
+    def hooks(self, options):
+        return (Ia3Hook(),)
+
+    def merge(self, params, options):
+        flat = dict(traverse_util.flatten_dict(params))
+        for path in [p for p in flat if p[-1] in ("ia3_in", "ia3_out")]:
+            mod, s = path[:-1], flat.pop(path)
+            if path[-1] == "ia3_in":
+                flat[mod + ("kernel",)] = flat[mod + ("kernel",)] * s[:, None]
+            else:
+                flat[mod + ("kernel",)] = flat[mod + ("kernel",)] * s[None, :]
+                flat[mod + ("bias",)] = flat[mod + ("bias",)] * s
+        return traverse_util.unflatten_dict(flat)
+
+    def peft_config(self, options):
+        return {"target_modules": _regex(options.targets),
+                "feedforward_modules": _regex([t for t in options.targets
+                                               if t in INPUT_SCALED] or ["output"]),
+                "fan_in_fan_out": False, "init_ia3_weights": True}
+
+    def peft_leaf(self, path, value):
+        # peft: ia3_l (1, in) on feed-forward layers, (out, 1) on the others
+        if path[-1] == "ia3_in":
+            return "ia3_l", value.reshape(1, -1)
+        if path[-1] == "ia3_out":
+            return "ia3_l", value.reshape(-1, 1)
+        return None

@@ -1,0 +1,29 @@
+"""LN-tuning (Qi et al., 2022): only the LayerNorm scales and biases (and the head) train.
+
+Nothing is added to the tree and there is nothing to merge. peft's LN_TUNING trains a copy of
+each `LayerNorm` (`<module>.ln_tuning_layers.weight/bias`), which the export writes.
+"""
+
+from __future__ import annotations
+
+from jaxpeft.peft.method import PeftMethod
+
+
+class LnTuning(PeftMethod):
+    """Every LayerNorm's scale and bias (embeddings and each layer's two) train."""
+
+    name = "ln_tuning"
+    summary = "train the LayerNorm scales and biases (Qi et al., 2022)"
+    default_learning_rate = 1e-3
+    peft_type = "LN_TUNING"
+
+    def rules(self, options):
+        return [(r".*/LayerNorm/(scale|bias)", True), (".*", False)]
+
+    def peft_config(self, options):
+        return {"target_modules": ["LayerNorm"]}
+
+    def peft_leaf(self, path, value):
+        if len(path) > 1 and path[-2] == "LayerNorm":
+            return f"ln_tuning_layers.{'weight' if path[-1] == 'scale' else 'bias'}", value
+        return None

