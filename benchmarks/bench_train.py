@@ -171,7 +171,10 @@ def torch_worker(f, method, batch, seq):
     else:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             resolve_model_dir(f.model), num_labels=2)
-    model = torch_model_for(model, peft_from_run(RunConfig(method=method)))
+    try:
+        model = torch_model_for(model, peft_from_run(RunConfig(method=method)))
+    except NotImplementedError as e:
+        return {"impl": "torch+peft", "method": method, "skipped": str(e)}
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -251,7 +254,11 @@ def main(_):
         for method in f.methods:
             rows = [_run_worker(f"jax:{method}:{shape}")]
             if have_torch:
-                rows.append(_run_worker(f"torch:{method}:{shape}"))
+                peer = _run_worker(f"torch:{method}:{shape}")
+                if "skipped" in peer:
+                    print(f"{shape:>8} {method:>7} {'torch+peft':>10} skipped: {peer['skipped']}")
+                else:
+                    rows.append(peer)
             for r in rows:
                 flops = model_flops(cfg, batch, seq, rows[0]["kernel_grads"])
                 r.update(examples_per_s=batch / r["step_s"], tokens_per_s=batch * seq / r["step_s"],

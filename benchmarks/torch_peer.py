@@ -36,6 +36,11 @@ def torch_model_for(model, peft: Peft):
                                                           inference_mode=False))
         return hf_peft.get_peft_model(model, config)
     names = _trainable_names(model, peft)
+    missing = names - {name for name, _ in model.named_parameters()}
+    if missing:
+        raise NotImplementedError(f"{peft.name}: no PyTorch peer (peft has no such method, and "
+                                  f"it trains parameters transformers lacks, e.g. "
+                                  f"{sorted(missing)[0]})")
     found = set()
     for name, p in model.named_parameters():
         p.requires_grad = name in names

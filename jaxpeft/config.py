@@ -53,10 +53,15 @@ class RunConfig:
     lora_targets: tuple = _option(("query", "value"), "Layers that get LoRA: query, key, value, "
                                   "attention_output, intermediate, output.")
     lora_rslora: bool = _option(False, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
+    loraplus_lr_ratio: float = _option(0.0, "LoRA+ (lora, dora): lora_b learns at this multiple "
+                                       "of the learning rate (Hayou et al. suggest 16; 0: off).")
+    vera_rank: int = _option(256, "VeRA rank r of the shared random projections (targets: "
+                             "--lora_targets, dropout: --lora_dropout).")
     ia3_targets: tuple = _option(("key", "value", "output"), "Layers IA3 scales (names as "
                                  "--lora_targets): output and attention_output scale their "
                                  "input, the others their output. Add attention_output for "
                                  "peft's default set and count.")
+    adapter_size: int = _option(64, "Bottleneck width of adapter_houlsby / adapter_pfeiffer.")
     train_pooler: bool = _option(False, "Also train BERT's pooler (PEFT methods; not peft's "
                                  "default, so it changes the trainable count).")
     standardize_targets: bool = _option(

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Any
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -97,13 +98,31 @@ def _frozen_places_empty(mask: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config: OptimConfig, mask: Any) -> optax.GradientTransformation:
+def _scale_by_leaf(factors: Any) -> optax.GradientTransformation:
+    """Stateless: multiplies each leaf's update by its factor (frozen places stay None)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda f, u: None if u is None else u * f, factors, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: OptimConfig, mask: Any,
+                   lr_multipliers: Any = None) -> optax.GradientTransformation:
     """AdamW with state for the leaves `mask` marks trainable, for trees shaped like `mask`
-    whose frozen places are `None` (the trainable half from `peft.partition`)."""
+    whose frozen places are `None` (the trainable half from `peft.partition`).
+
+    `lr_multipliers` (a tree of floats, e.g. LoRA+'s ratio on `lora_b`) scales each leaf's
+    whole AdamW step, decoupled weight decay included, as a per-parameter-group learning
+    rate does in PyTorch.
+    """
     inner = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm
         else optax.identity(),
         optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
                     weight_decay=config.weight_decay, mask=decay_mask(mask)),
     )
-    return optax.chain(_frozen_places_empty(mask), optax.masked(inner, mask))
+    chain = [_frozen_places_empty(mask), optax.masked(inner, mask)]
+    if lr_multipliers is not None:
+        chain.append(_scale_by_leaf(lr_multipliers))
+    return optax.chain(*chain)

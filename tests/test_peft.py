@@ -101,7 +101,11 @@ def test_counts_match_peft_on_minilm(minilm):
         peft = make_peft(method)
         _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
         got[method] = peft.count(params).trainable
-    assert got == {"lora": 74_498, "bitfit": 26_882, "full": 22_713_986}
+    # lora, dora, vera, ln_tuning and (with peft's target set) ia3 are also checked against
+    # peft itself in test_peft_family.py; the adapters' arithmetic in test_method_interface.py
+    assert got == {"lora": 74_498, "bitfit": 26_882, "full": 22_713_986, "dora": 79_106,
+                   "ia3": 14_594, "vera": 8_450, "ln_tuning": 10_754,
+                   "adapter_houlsby": 605_186, "adapter_pfeiffer": 307_586}
 
 
 def test_counts_match_peft_print_trainable_parameters(minilm_dir):
@@ -427,3 +431,34 @@ def test_regression_target_map_survives_adapter_and_export(tmp_path, mt):
     export_peft(tmp_path / "peft", peft, params, base_model=str(base_dir), target=target)
     np.testing.assert_allclose(_peft_logits(base_dir, tmp_path / "peft", args, num_labels=1),
                                ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_loraplus_scales_the_b_learning_rate(tiny_dirs, method):
+    """LoRA+: from the same start and gradients, --loraplus_lr_ratio=4 makes every lora_b
+    step exactly 4x the plain LoRA step and leaves every other step unchanged."""
+    pre = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+    ids, attn, types = random_batch("bert", batch=8)
+    batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
+             "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
+    moved = {}
+    for ratio in (0.0, 4.0):
+        peft = make_peft(method, LoraConfig(rank=4, loraplus_lr_ratio=ratio))
+        model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+        mask = peft.mask(params)
+        tx = make_optimizer(OptimConfig(learning_rate=1e-3, total_steps=10, max_grad_norm=0.0),
+                            mask, peft.lr_multipliers(params))
+        state, frozen = create_train_state(params, mask, tx)
+        state, _ = make_train_step(model, tx)(state, batch, jax.random.key(0), frozen)
+        after = traverse_util.flatten_dict(jax.device_get(state.trainable))
+        before = traverse_util.flatten_dict(jax.device_get(params))
+        steps = {p: np.abs(after[p] - before[p]) for p in after if after[p] is not None}
+        moved[ratio] = {kind: np.concatenate([s[s > 0] for p, s in steps.items()
+                                              if (p[-1] == "lora_b") == (kind == "b")])
+                        for kind in ("b", "other")}
+    assert len(moved[4.0]["b"]) == len(moved[0.0]["b"]) > 0
+    np.testing.assert_allclose(moved[4.0]["b"], 4 * moved[0.0]["b"], rtol=1e-5)
+    np.testing.assert_allclose(moved[4.0]["other"], moved[0.0]["other"], rtol=1e-6)
+    assert np.median(moved[0.0]["b"]) == pytest.approx(1e-3, rel=0.05)  # Adam: about lr
+    with pytest.raises(JaxpeftError, match="LoRA\\+ learning-rate ratio must be >= 0"):
+        LoraConfig(loraplus_lr_ratio=-1.0)

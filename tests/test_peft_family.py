@@ -1,4 +1,4 @@
-"""DoRA, IA3 and LN-tuning (and LoRA, as the reference) against Hugging Face peft: trainable
+"""DoRA, IA3, VeRA and LN-tuning (and LoRA, as the reference) against Hugging Face peft: trainable
 counts, exported adapters that peft loads with exactly its own keys and the same logits, the
 same gradients, and merged models equal to unmerged ones."""
 
@@ -10,6 +10,7 @@ from flax import traverse_util
 import jaxpeft
 from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
 from jaxpeft.peft.ia3 import Ia3Config
+from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
 torch = pytest.importorskip("torch")
@@ -26,6 +27,9 @@ CASES = {
              lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                         target_modules=["query", "value"], use_dora=True)),
     "ia3": (PEFT_SET, lambda: hf_peft.IA3Config(task_type="SEQ_CLS")),
+    "vera": (VeraConfig(rank=256),
+             lambda: hf_peft.VeraConfig(task_type="SEQ_CLS", r=256,
+                                        target_modules=["query", "value"], save_projection=True)),
     "ln_tuning": (None, lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS",
                                                        target_modules=["LayerNorm"])),
 }
@@ -78,7 +82,8 @@ def _torch_logits(model, args):
 
 
 @pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
-                                             ("ia3", 16_898), ("ln_tuning", 10_754)])
+                                             ("ia3", 16_898), ("vera", 8_450),
+                                             ("ln_tuning", 10_754)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -110,19 +115,19 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "ln_tuning"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "ln_tuning"])
 def test_export_loads_in_peft_with_same_logits_minilm(minilm, minilm_dir, sst2_batch, method,
                                                       tmp_path):
     _check_export(minilm, minilm_dir, method, sst2_batch, tmp_path)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "ln_tuning"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "ln_tuning"])
 def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp_path):
     pre = jaxpeft.load_pretrained(tiny_roberta, tokenizer=False)
     _check_export(pre, tiny_roberta, method, random_batch("roberta"), tmp_path)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "ln_tuning"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "ln_tuning"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.models.checkpoint import hf_key, hf_module_key
@@ -168,12 +173,13 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert checked == set(ref)  # every gradient peft computes was compared
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)
     leaves = {p[-1] for p in traverse_util.flatten_dict(merged)}
-    assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out"}
+    assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out",
+                         "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b"}
     unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
                                                       deterministic=True)),

@@ -81,7 +81,10 @@ def read_adapter_config(directory: os.PathLike) -> dict:
         raise JaxpeftError(f"{directory}: no {ADAPTER_CONFIG}; not a jaxpeft adapter folder")
     meta = json.loads(cfg_file.read_text())
     if meta.get("format") == _OLD_FORMAT and "method" in meta:
-        meta["peft"] = {"method": meta.pop("method"), "options": meta.pop("lora") or {},
+        options = meta.pop("lora")
+        if options is not None:
+            options["loraplus_lr_ratio"] = 0.0  # version 1 had no LoRA+
+        meta["peft"] = {"method": meta.pop("method"), "options": options or {},
                         "train_pooler": meta.pop("train_pooler")}
         meta["format"] = FORMAT
     if meta.get("format") != FORMAT or not isinstance(meta.get("peft"), dict):

@@ -49,6 +49,8 @@ def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
         else:
             key, value = hf_key(path), value.T if path[-1] == "kernel" else value
         tensors["base_model.model." + key] = value
+    extra = peft.method.peft_extra(params, peft.options)
+    tensors.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in extra.items()})
     return tensors
 
 

@@ -48,6 +48,8 @@ class LoraConfig:
     rank: r, the inner dimension of the update. alpha: scale numerator; the update is scaled
     by `alpha / r` (or `alpha / sqrt(r)` with `use_rslora`). dropout: on the LoRA input.
     targets: which Dense layers of every encoder layer get LoRA (see `TARGETS`).
+    loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): `lora_b` learns at this multiple of the
+    learning rate (0: off, plain LoRA). A training option; the forward pass ignores it.
     """
 
     rank: int = 8
@@ -55,8 +57,12 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple = ("query", "value")
     use_rslora: bool = False
+    loraplus_lr_ratio: float = 0.0
 
     def __post_init__(self):
+        if self.loraplus_lr_ratio < 0:
+            raise JaxpeftError(f"LoRA+ learning-rate ratio must be >= 0 (0: off), got "
+                               f"{self.loraplus_lr_ratio}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise JaxpeftError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if self.alpha <= 0:
@@ -159,7 +165,8 @@ class Lora(PeftMethod):
 
     def options_from(self, run):
         return LoraConfig(rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
-                          targets=tuple(run.lora_targets), use_rslora=run.lora_rslora)
+                          targets=tuple(run.lora_targets), use_rslora=run.lora_rslora,
+                          loraplus_lr_ratio=run.loraplus_lr_ratio)
 
     def augment(self, params, options, rng):
         return add_lora(params, options, rng)
@@ -169,6 +176,9 @@ class Lora(PeftMethod):
 
     def hooks(self, options):
         return (LoraHook(scale=options.scale, dropout=options.dropout),)
+
+    def lr_multipliers(self, options):
+        return [(r".*/lora_b", options.loraplus_lr_ratio)] if options.loraplus_lr_ratio else []
 
     def merge(self, params, options):
         return merge_lora(params, options)

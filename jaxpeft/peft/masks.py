@@ -30,7 +30,8 @@ def path_str(path: tuple) -> str:
 
 
 def mask_from_rules(params: Any, rules: Rules) -> Any:
-    """A bool tree: for each leaf, the value of the first rule whose regex fully matches."""
+    """A tree of rule values (bools for masks): for each leaf, the value of the first rule
+    whose regex fully matches."""
     compiled = [(re.compile(pattern), value) for pattern, value in rules]
     flat = traverse_util.flatten_dict(params)
     mask, uncovered = {}, []

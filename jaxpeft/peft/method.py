@@ -7,8 +7,9 @@ A method is one module under `jaxpeft/peft/` defining a `PeftMethod` subclass an
 - `augment`: the leaves it adds to the parameter tree (LoRA's `lora_a`/`lora_b`);
 - `rules`: path rules deciding which leaves train (the head's rules come first, always);
 - `hooks`: what the forward pass needs (`DenseHook`s installed in the model's `Runtime`);
+- `lr_multipliers`: per-leaf learning-rate factors (LoRA+), if any;
 - `merge`: folding its leaves into plain weights, where the method allows it;
-- `peft_config`/`peft_leaf`: its Hugging Face peft export, where peft has the method.
+- `peft_config`/`peft_leaf`/`peft_extra`: its Hugging Face peft export, where peft has it.
 
 Everything else (the run loop, adapter files, the peft export's shared parts, counts, the
 benchmark, the tests) works through `Peft`, never through a method's name. A `Peft` is what
@@ -68,6 +69,10 @@ class PeftMethod:
         """`DenseHook`s the forward pass needs (default: none)."""
         return ()
 
+    def lr_multipliers(self, options: Any) -> Rules:
+        """`(regex, factor)` rules scaling some leaves' learning rate (LoRA+); default none."""
+        return []
+
     def merge(self, params: Any, options: Any) -> Any:
         """The tree with this method's leaves folded into plain weights (default: unchanged,
         for methods that add no leaves)."""
@@ -78,8 +83,13 @@ class PeftMethod:
         raise NotImplementedError
 
     def peft_leaf(self, path: tuple, value: Any) -> Optional[tuple[str, Any]]:
-        """`(peft key below the module, value)` for a leaf this method added; None otherwise."""
+        """`(peft key below the module, value)` for a trainable leaf peft names its own way
+        (a leaf the method added, or a base leaf peft keeps a copy of); None otherwise."""
         return None
+
+    def peft_extra(self, params: Any, options: Any) -> dict:
+        """Frozen tensors peft's file also needs, by full peft key (VeRA's projections)."""
+        return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +124,11 @@ class Peft:
         """Bool tree of trainable leaves: the head (and pooler, if asked), then the method's."""
         return mask_from_rules(params, head_rules(self.train_pooler)
                                + list(self.method.rules(self.options)))
+
+    def lr_multipliers(self, params: Any) -> Optional[Any]:
+        """A tree of per-leaf learning-rate factors, or None when every factor is 1."""
+        rules = list(self.method.lr_multipliers(self.options))
+        return mask_from_rules(params, rules + [(".*", 1.0)]) if rules else None
 
     def count(self, params: Any) -> ParamCounts:
         """Total and trainable parameter counts of `params` under this method."""

@@ -10,11 +10,13 @@ from typing import Any, Mapping, Optional
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft.bitfit import BitFit
+from jaxpeft.peft.bottleneck import AdapterHoulsby, AdapterPfeiffer
 from jaxpeft.peft.dora import Dora
 from jaxpeft.peft.full import Full
 from jaxpeft.peft.ia3 import Ia3
 from jaxpeft.peft.ln_tuning import LnTuning
 from jaxpeft.peft.lora import Lora
+from jaxpeft.peft.vera import Vera
 from jaxpeft.peft.method import Peft, PeftMethod
 
 METHODS: dict[str, PeftMethod] = {m.name: m for m in (
@@ -23,7 +25,10 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     BitFit(),
     Dora(),
     Ia3(),
+    Vera(),
     LnTuning(),
+    AdapterHoulsby(),
+    AdapterPfeiffer(),
 )}
 
 

@@ -1,0 +1,119 @@
+"""Bottleneck adapters: Houlsby et al. (2019) and Pfeiffer et al. (2021).
+
+An adapter maps a sub-layer's output `y` (hidden size d) to `y + relu(y W_down + b_down)
+W_up + b_up`, with a `--adapter_size` (k) bottleneck, before the residual connection and
+LayerNorm. Houlsby puts one after the attention output projection and one after the
+feed-forward output projection of every layer; Pfeiffer only the feed-forward one. `W_down`
+is drawn N(0, 0.02²) and `W_up`, `b_up` are zero, so each adapter starts as the identity and
+the model equals the base model. The adapters and every LayerNorm inside the encoder layers
+train (as in both papers), plus the head. Leaves sit beside the projection's kernel:
+`adapter_down`, `adapter_down_bias`, `adapter_up`, `adapter_up_bias`.
+
+Adapters are nonlinear, so they cannot be merged into the weights, and Hugging Face peft has
+no bottleneck adapters, so there is no peft export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.encoder import DenseHook
+from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.method import PeftMethod
+
+_AFTER_ATTENTION = r".*/layer_\d+/attention/output/dense"
+_AFTER_FFN = r".*/layer_\d+/output/dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck adapter options: `size`, the bottleneck width k."""
+
+    size: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size <= 0:
+            raise JaxpeftError(f"adapter size must be a positive integer, got {self.size!r}")
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, for JSON files."""
+        return {"size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        """Inverse of `to_dict`."""
+        if set(d) != {"size"}:
+            raise JaxpeftError(f"adapter options {sorted(d)} do not match ['size']")
+        return cls(size=int(d["size"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterHook(DenseHook):
+    """Adds the bottleneck adapter to the output of layers holding its leaves."""
+
+    leaves: tuple = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")
+
+    def __call__(self, dense, x, y, kernel, bias, deterministic):
+        if not dense.has_variable("params", "adapter_down"):
+            return y
+        get = lambda name: dense.get_variable("params", name).astype(y.dtype)  # noqa: E731
+        h = jax.nn.relu(y @ get("adapter_down") + get("adapter_down_bias"))
+        return y + h @ get("adapter_up") + get("adapter_up_bias")
+
+
+class _Bottleneck(PeftMethod):
+    """Adapters after the projections matching `placements`."""
+
+    placements: tuple = ()
+    Options = AdapterConfig
+    default_learning_rate = 1e-3
+
+    def options_from(self, run):
+        return AdapterConfig(size=run.adapter_size)
+
+    def augment(self, params, options, rng):
+        rx = re.compile("|".join(f"(?:{p})" for p in self.placements))
+        flat = dict(traverse_util.flatten_dict(params))
+        modules = sorted({p[:-1] for p in flat
+                          if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
+        for i, mod in enumerate(modules):
+            d = flat[mod + ("kernel",)].shape[1]
+            flat[mod + ("adapter_down",)] = 0.02 * jax.random.normal(
+                jax.random.fold_in(rng, i), (d, options.size), jnp.float32)
+            flat[mod + ("adapter_down_bias",)] = jnp.zeros((options.size,), jnp.float32)
+            flat[mod + ("adapter_up",)] = jnp.zeros((options.size, d), jnp.float32)
+            flat[mod + ("adapter_up_bias",)] = jnp.zeros((d,), jnp.float32)
+        return traverse_util.unflatten_dict(flat)
+
+    def rules(self, options):
+        return [(r".*/adapter_(down|up)(_bias)?", True),
+                (r".*/layer_\d+/.*/LayerNorm/(scale|bias)", True), (".*", False)]
+
+    def hooks(self, options):
+        return (AdapterHook(),)
+
+    def merge(self, params, options):
+        raise JaxpeftError(f"{self.name}: bottleneck adapters are nonlinear and cannot be "
+                           "merged into the weights")
+
+
+class AdapterHoulsby(_Bottleneck):
+    """Two adapters per layer: after attention and after the feed-forward block."""
+
+    name = "adapter_houlsby"
+    summary = "bottleneck adapters after attention and FFN (Houlsby et al., 2019; no peft export)"
+    placements = (_AFTER_ATTENTION, _AFTER_FFN)
+
+
+class AdapterPfeiffer(_Bottleneck):
+    """One adapter per layer, after the feed-forward block."""
+
+    name = "adapter_pfeiffer"
+    summary = "a bottleneck adapter after each FFN (Pfeiffer et al., 2021; no peft export)"
+    placements = (_AFTER_FFN,)

@@ -1,0 +1,147 @@
+"""VeRA (Kopiczko et al., 2024): one pair of frozen random matrices shared by all targeted
+layers, and two trained vectors per layer.
+
+The tree gets, once at its root, `vera_A` (r, in_max) and `vera_B` (out_max, r), Kaiming-
+uniform from `projection_seed` (peft's layout and init; regenerated from the seed, so adapter
+files need not hold them), and beside each `--lora_targets` kernel `vera_lambda_d` (r,),
+initialised to 0.1, and `vera_lambda_b` (out,), zeros, so training starts at the base model.
+A layer adds `lambda_b ⊙ ((lambda_d ⊙ (dropout(x) A[:, :in]ᵀ)) B[:out]ᵀ)`. `--vera_rank`
+(default 256) sets r; the dropout is `--lora_dropout`. The peft export writes the projections
+too (`save_projection=True`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.encoder import DenseHook, Dropout
+from jaxpeft.peft.lora import TARGET_ALIASES, TARGETS, peft_target_modules
+from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.method import PeftMethod
+
+D_INITIAL = 0.1  # peft's and the paper's initial lambda_d
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraConfig:
+    """VeRA options: rank r of the shared projections, targets, dropout, projection seed."""
+
+    rank: int = 256
+    targets: tuple = ("query", "value")
+    dropout: float = 0.0
+    projection_seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise JaxpeftError(f"VeRA rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise JaxpeftError(f"VeRA dropout must be in [0, 1), got {self.dropout}")
+        targets = tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in self.targets))
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown or not targets:
+            raise JaxpeftError(
+                f"unknown VeRA target module(s) {', '.join(map(repr, unknown)) or '(none)'}; "
+                f"valid targets: {', '.join(TARGETS)}")
+        object.__setattr__(self, "targets", targets)
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, for JSON files."""
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VeraConfig":
+        """Inverse of `to_dict`; every field must be present."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise JaxpeftError(f"VeRA options {sorted(d)} do not match {sorted(names)}")
+        return cls(**{**d, "targets": tuple(d["targets"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraHook(DenseHook):
+    """VeRA's low-rank update in layers holding `vera_lambda_d`."""
+
+    dropout: float
+    leaves: tuple = ("vera_lambda_d", "vera_lambda_b")
+
+    def __call__(self, dense, x, y, kernel, bias, deterministic):
+        if not dense.has_variable("params", "vera_lambda_d"):
+            return y
+        root = dense.scope.root  # the shared projections live once, at the tree's root
+        a = root.get_variable("params", "vera_A")[:, :x.shape[-1]].astype(y.dtype)
+        b = root.get_variable("params", "vera_B")[:y.shape[-1]].astype(y.dtype)
+        get = lambda name: dense.get_variable("params", name).astype(y.dtype)  # noqa: E731
+        h = Dropout(self.dropout)(x, deterministic=deterministic)
+        return y + get("vera_lambda_b") * ((get("vera_lambda_d") * (h @ a.T)) @ b.T)
+
+
+def _kaiming_uniform(key, shape):
+    # torch's kaiming_uniform_(fan_in, gain sqrt(2)) on a (rows, fan_in) matrix, as peft
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class Vera(PeftMethod):
+    """Shared frozen projections; per-layer `vera_lambda_d`/`vera_lambda_b` (and the head)
+    train."""
+
+    name = "vera"
+    summary = "shared frozen random projections, trained scaling vectors (Kopiczko et al., 2024)"
+    Options = VeraConfig
+    default_learning_rate = 4e-3
+    peft_type = "VERA"
+
+    def options_from(self, run):
+        return VeraConfig(rank=run.vera_rank, targets=tuple(run.lora_targets),
+                          dropout=run.lora_dropout)
+
+    def augment(self, params, options, rng):
+        rx = re.compile("|".join(f"(?:{TARGETS[t]})" for t in options.targets))
+        flat = dict(traverse_util.flatten_dict(params))
+        modules = [p[:-1] for p in flat if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))]
+        if not modules:
+            raise JaxpeftError(f"no Dense layer matches the VeRA targets {list(options.targets)}")
+        shapes = [flat[m + ("kernel",)].shape for m in modules]
+        key_a, key_b = jax.random.split(jax.random.key(options.projection_seed))
+        flat[("vera_A",)] = _kaiming_uniform(key_a, (options.rank, max(s[0] for s in shapes)))
+        flat[("vera_B",)] = _kaiming_uniform(key_b, (max(s[1] for s in shapes), options.rank))
+        for mod, (_, fan_out) in zip(modules, shapes):
+            flat[mod + ("vera_lambda_d",)] = jnp.full((options.rank,), D_INITIAL, jnp.float32)
+            flat[mod + ("vera_lambda_b",)] = jnp.zeros((fan_out,), jnp.float32)
+        return traverse_util.unflatten_dict(flat)
+
+    def rules(self, options):
+        return [(r".*/vera_lambda_(b|d)", True), (".*", False)]
+
+    def hooks(self, options):
+        return (VeraHook(dropout=options.dropout),)
+
+    def merge(self, params, options):
+        flat = dict(traverse_util.flatten_dict(params))
+        a, b = flat.pop(("vera_A",)), flat.pop(("vera_B",))
+        for path in [p for p in flat if p[-1] == "vera_lambda_d"]:
+            mod = path[:-1]
+            d, lb = flat.pop(path), flat.pop(mod + ("vera_lambda_b",))
+            kernel = flat[mod + ("kernel",)]
+            delta = (a[:, :kernel.shape[0]].T * d) @ b[:kernel.shape[1]].T * lb
+            flat[mod + ("kernel",)] = kernel + delta
+        return traverse_util.unflatten_dict(flat)
+
+    def peft_config(self, options):
+        return {"r": options.rank, "target_modules": peft_target_modules(options),
+                "projection_prng_key": options.projection_seed, "save_projection": True,
+                "vera_dropout": options.dropout, "d_initial": D_INITIAL,
+                "fan_in_fan_out": False, "bias": "none"}
+
+    def peft_leaf(self, path, value):
+        return (path[-1], value) if path[-1] in ("vera_lambda_d", "vera_lambda_b") else None
+
+    def peft_extra(self, params, options):
+        return {"base_model.vera_A": params["vera_A"], "base_model.vera_B": params["vera_B"]}
