@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-runs every experiment behind docs/RESULTS.md, copies the run files into docs/runs/ and
 # rewrites the reports in docs/results/. From the repository root, with the GLUE TSVs in
-# ../shared/glue_data (or pass another folder as $1). About 3 hours on a 2-core CPU; finished
+# ../shared/glue_data (or pass another folder as $1). About 3.5 hours on a 2-core CPU; finished
 # runs are skipped, so it can be stopped and restarted. Run one block to answer one question.
 set -euo pipefail
 data=${1:-../shared/glue_data}
@@ -40,8 +40,17 @@ l="--model=minilm --data_dir=$data --num_epochs=3 --eval_every=180 --progress=fa
 $py -m experiments.sweep --root=runs/long-stsb --task=stsb $l --grid="method=lora;learning_rate=4e-3"
 $py -m experiments.sweep --root=runs/long-stsb --task=stsb $l --grid="method=bitfit;learning_rate=3e-3"
 
+# 5. The PEFT family on SST-2, a first look (one seed, three learning rates per method).
+f() { $py -m experiments.sweep --root=runs/family-sst2 --task=sst2 $c "$@"; }
+f --grid="method=dora;learning_rate=1e-3,2e-3,4e-3"
+f --grid="method=ia3;learning_rate=3e-3,1e-2,3e-2"
+f --grid="method=vera;learning_rate=4e-3,1e-2,3e-2"
+f --grid="method=ln_tuning;learning_rate=1e-3,3e-3,1e-2"
+f --grid="method=adapter_houlsby,adapter_pfeiffer;learning_rate=3e-4,1e-3,3e-3"
+f --grid="method=lora;loraplus_lr_ratio=16;learning_rate=2.5e-4,5e-4,1e-3"
+
 # Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
-(cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb \
+(cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb family-sst2 \
     -maxdepth 2 \( -name config.json -o -name metrics.jsonl -o -name results.json \) \
     -exec cp --parents {} ../docs/runs/ \;)
 
@@ -59,3 +68,4 @@ r --root=$d/pooler-sst2 --root="$d/methods-sst2/method=lora,learning_rate=0.0005
   --out=docs/results/pooler-sst2.md --plots_dir=docs/results/plots-pooler-sst2
 r --root=$d/rank-sst2 --out=docs/results/rank-sst2.md --plots_dir=docs/results/plots-rank-sst2
 r --root=$d/long-stsb --out=docs/results/long-stsb.md --plots_dir=docs/results/plots-long-stsb
+r --root=$d/family-sst2 --root=$d/methods-sst2 --out=docs/results/family-sst2.md --plots_dir=docs/results/plots-family-sst2
