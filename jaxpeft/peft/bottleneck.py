@@ -16,7 +16,6 @@ no bottleneck adapters, so there is no peft export.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +23,8 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
-from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.lora import target_modules
 from jaxpeft.peft.method import PeftMethod
-
-_AFTER_ATTENTION = r".*/layer_\d+/attention/output/dense"
-_AFTER_FFN = r".*/layer_\d+/output/dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +64,7 @@ class AdapterHook(DenseHook):
 
 
 class _Bottleneck(PeftMethod):
-    """Adapters after the projections matching `placements`."""
+    """Adapters after the projections named by `placements` (LoRA's target names)."""
 
     placements: tuple = ()
     Options = AdapterConfig
@@ -78,11 +74,8 @@ class _Bottleneck(PeftMethod):
         return AdapterConfig(size=run.adapter_size)
 
     def augment(self, params, options, rng):
-        rx = re.compile("|".join(f"(?:{p})" for p in self.placements))
         flat = dict(traverse_util.flatten_dict(params))
-        modules = sorted({p[:-1] for p in flat
-                          if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
-        for i, mod in enumerate(modules):
+        for i, mod in enumerate(target_modules(flat, self.placements, self.name)):
             d = flat[mod + ("kernel",)].shape[1]
             flat[mod + ("adapter_down",)] = 0.02 * jax.random.normal(
                 jax.random.fold_in(rng, i), (d, options.size), jnp.float32)
@@ -108,7 +101,7 @@ class AdapterHoulsby(_Bottleneck):
 
     name = "adapter_houlsby"
     summary = "bottleneck adapters after attention and FFN (Houlsby et al., 2019; no peft export)"
-    placements = (_AFTER_ATTENTION, _AFTER_FFN)
+    placements = ("attention_output", "output")
 
 
 class AdapterPfeiffer(_Bottleneck):
@@ -116,4 +109,4 @@ class AdapterPfeiffer(_Bottleneck):
 
     name = "adapter_pfeiffer"
     summary = "a bottleneck adapter after each FFN (Pfeiffer et al., 2021; no peft export)"
-    placements = (_AFTER_FFN,)
+    placements = ("output",)

@@ -13,15 +13,13 @@ labels); `--ia3_targets=key,value,output,attention_output` is peft's default set
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
-from jaxpeft.peft.lora import PEFT_MODULE, TARGET_ALIASES, TARGETS
-from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules
 from jaxpeft.peft.method import PeftMethod
 
 # Targets whose input is scaled (transformers' `output.dense` modules).
@@ -35,13 +33,7 @@ class Ia3Config:
     targets: tuple = ("key", "value", "output")
 
     def __post_init__(self):
-        targets = tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in self.targets))
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown or not targets:
-            raise JaxpeftError(
-                f"unknown IA3 target module(s) {', '.join(map(repr, unknown)) or '(none given)'}"
-                f"; valid targets: {', '.join(TARGETS)}")
-        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "targets", check_targets(self.targets, "IA3"))
 
     def to_dict(self) -> dict:
         """Plain-dict view, for JSON files."""
@@ -89,11 +81,10 @@ class Ia3(PeftMethod):
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
         for target in options.targets:
-            rx = re.compile(TARGETS[target])
             leaf = "ia3_in" if target in INPUT_SCALED else "ia3_out"
-            for path in [p for p in flat if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))]:
-                size = flat[path].shape[0 if leaf == "ia3_in" else 1]
-                flat[path[:-1] + (leaf,)] = jnp.ones((size,), jnp.float32)
+            for mod in target_modules(flat, (target,), "IA3"):
+                size = flat[mod + ("kernel",)].shape[0 if leaf == "ia3_in" else 1]
+                flat[mod + (leaf,)] = jnp.ones((size,), jnp.float32)
         return traverse_util.unflatten_dict(flat)
 
     def rules(self, options):

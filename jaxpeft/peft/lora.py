@@ -41,6 +41,28 @@ PEFT_MODULE = {"query": r"attention\.self\.query", "key": r"attention\.self\.key
                "intermediate": r"intermediate\.dense", "output": r"output\.dense"}
 
 
+def check_targets(targets, method: str) -> tuple:
+    """Target names with transformers-style aliases resolved and duplicates dropped; an
+    unknown or empty list is a `JaxpeftError` naming the valid targets."""
+    resolved = tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in targets))
+    unknown = [t for t in resolved if t not in TARGETS]
+    if unknown or not resolved:
+        raise JaxpeftError(
+            f"unknown {method} target module(s) {', '.join(map(repr, unknown)) or '(none given)'}"
+            f"; valid targets: {', '.join(TARGETS)}")
+    return resolved
+
+
+def target_modules(flat: dict, targets, method: str) -> list:
+    """Sorted module paths (of a flattened tree) whose Dense kernel matches `targets`."""
+    rx = re.compile("|".join(f"(?:{TARGETS[t]})" for t in targets))
+    modules = sorted({p[:-1] for p in flat
+                      if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
+    if not modules:
+        raise JaxpeftError(f"no Dense layer matches the {method} targets {list(targets)}")
+    return modules
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA options.
@@ -69,13 +91,7 @@ class LoraConfig:
             raise JaxpeftError(f"LoRA alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise JaxpeftError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        targets = tuple(TARGET_ALIASES.get(t, t) for t in self.targets)
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown or not targets:
-            raise JaxpeftError(
-                f"unknown LoRA target module(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                f"valid targets: {', '.join(TARGETS)}")
-        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+        object.__setattr__(self, "targets", check_targets(self.targets, "LoRA"))
 
     @property
     def scale(self) -> float:
@@ -97,21 +113,14 @@ class LoraConfig:
         return cls(**{**d, "targets": tuple(d["targets"])})
 
 
-def _target_regex(config: LoraConfig) -> re.Pattern:
-    return re.compile("|".join(f"(?:{TARGETS[t]})" for t in config.targets))
-
-
 def add_lora(params: Any, config: LoraConfig, rng: jax.Array) -> Any:
     """Returns a new tree with `lora_a` / `lora_b` beside every targeted kernel.
 
     `lora_a` is drawn uniform in `±1/sqrt(in)` (peft's `kaiming_uniform_(a=sqrt(5))`) and
     `lora_b` is zero, so the adapted model starts equal to the base model.
     """
-    rx = _target_regex(config)
     flat = dict(traverse_util.flatten_dict(params))
-    modules = sorted({p[:-1] for p in flat if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
-    if not modules:
-        raise JaxpeftError(f"no Dense layer matches the LoRA targets {list(config.targets)}")
+    modules = target_modules(flat, config.targets, "LoRA")
     if any(p[-1] in ("lora_a", "lora_b") for p in flat):
         raise JaxpeftError("these params already have LoRA leaves")
     for i, mod in enumerate(modules):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +21,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout
-from jaxpeft.peft.lora import TARGET_ALIASES, TARGETS, peft_target_modules
-from jaxpeft.peft.masks import path_str
+from jaxpeft.peft.lora import check_targets, peft_target_modules, target_modules
 from jaxpeft.peft.method import PeftMethod
 
 D_INITIAL = 0.1  # peft's and the paper's initial lambda_d
@@ -43,13 +41,7 @@ class VeraConfig:
             raise JaxpeftError(f"VeRA rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise JaxpeftError(f"VeRA dropout must be in [0, 1), got {self.dropout}")
-        targets = tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in self.targets))
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown or not targets:
-            raise JaxpeftError(
-                f"unknown VeRA target module(s) {', '.join(map(repr, unknown)) or '(none)'}; "
-                f"valid targets: {', '.join(TARGETS)}")
-        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "targets", check_targets(self.targets, "VeRA"))
 
     def to_dict(self) -> dict:
         """Plain-dict view, for JSON files."""
@@ -103,11 +95,8 @@ class Vera(PeftMethod):
                           dropout=run.lora_dropout)
 
     def augment(self, params, options, rng):
-        rx = re.compile("|".join(f"(?:{TARGETS[t]})" for t in options.targets))
         flat = dict(traverse_util.flatten_dict(params))
-        modules = [p[:-1] for p in flat if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))]
-        if not modules:
-            raise JaxpeftError(f"no Dense layer matches the VeRA targets {list(options.targets)}")
+        modules = target_modules(flat, options.targets, "VeRA")
         shapes = [flat[m + ("kernel",)].shape for m in modules]
         key_a, key_b = jax.random.split(jax.random.key(options.projection_seed))
         flat[("vera_A",)] = _kaiming_uniform(key_a, (options.rank, max(s[0] for s in shapes)))
