@@ -106,8 +106,8 @@ class RunConfig:
                                      check=_NON_NEGATIVE)
     max_eval_samples: int = _option(0, "Use the first N validation examples (0: all).",
                                     check=_NON_NEGATIVE)
-    output_dir: str = _option("runs/sst2-lora", "Where the run's files go.",
-                              check=(bool, "non-empty"), sweepable=False, **_IO)
+    output_dir: str = _option("", "Where the run's files go (empty: runs/<task>-<method>).",
+                              sweepable=False, **_IO)
     overwrite: bool = _option(False, "Replace an existing run in --output_dir.",
                               resumable=True, sweepable=False, **_IO)
     resume: bool = _option(False, "Continue the run in --output_dir from its last checkpoint.",
@@ -125,6 +125,13 @@ class RunConfig:
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
     progress: bool = _option(True, "Show tqdm progress bars.", resumable=True, **_IO)
+
+    def with_output_dir(self) -> "RunConfig":
+        """The same config with an empty `output_dir` made `runs/<task>-<method>`."""
+        if self.output_dir:
+            return self
+        task = self.task.lower().replace("-", "")
+        return dataclasses.replace(self, output_dir=f"runs/{task}-{self.method}")
 
     def resolved_learning_rate(self) -> float:
         """The learning rate in force (the method's default when none was given)."""

@@ -374,6 +374,7 @@ def train_and_evaluate(cfg: RunConfig,
 
     `on_step(step)` is called after every optimizer step (for tests and tooling).
     """
+    cfg = cfg.with_output_dir()
     distributed.initialize(cfg.multihost)
     task = validate(cfg, jax.device_count())
     setup = build(cfg, task)
@@ -398,6 +399,7 @@ def cli_main(cfg: RunConfig) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # orbax and jax log every checkpoint step at INFO through absl: keep the console readable.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    cfg = cfg.with_output_dir()
     try:
         train_and_evaluate(cfg)
     except JaxpeftError as e:

@@ -41,7 +41,6 @@ def test_parse_value_types():
     ({"warmup_ratio": 1.0}, "--warmup_ratio must be in [0, 1)"),
     ({"max_steps": 0, "num_epochs": 0.0}, "give --num_epochs > 0 or --max_steps > 0"),
     ({"resume": True, "overwrite": True}, "give --resume or --overwrite, not both"),
-    ({"output_dir": ""}, "--output_dir must be non-empty"),
     ({"lora_alpha": 0.0}, "LoRA alpha must be > 0"),
     ({"batch_size": 6}, "--batch_size=6 must be a multiple of the 4 devices"),
 ])
@@ -49,6 +48,12 @@ def test_validate_names_the_option(overrides, message):
     with pytest.raises(JaxpeftError) as e:
         validate(RunConfig(**overrides), device_count=4)
     assert message in str(e.value)
+
+
+def test_default_output_dir_names_task_and_method():
+    assert RunConfig(task="CoLA", method="bitfit").with_output_dir().output_dir == \
+        "runs/cola-bitfit"
+    assert RunConfig(output_dir="x").with_output_dir().output_dir == "x"
 
 
 def test_default_learning_rate_comes_from_the_method():
@@ -73,3 +78,22 @@ def test_metrics_reader_reads_new_and_old_rows(tmp_path):
                       "train_grad_norm": 1.5, "train_examples_per_s": 10.0}]
     assert evals == [new[1]]
     assert read_metrics(tmp_path / "missing") == ([], [])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    """Run files are as readable as a plain open() would make them (not mkstemp's 0600)."""
+    import os
+
+    from jaxpeft.fileio import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "results.json", {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == mode
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
