@@ -40,7 +40,7 @@ l="--model=minilm --data_dir=$data --num_epochs=3 --eval_every=180 --progress=fa
 $py -m experiments.sweep --root=runs/long-stsb --task=stsb $l --grid="method=lora;learning_rate=4e-3"
 $py -m experiments.sweep --root=runs/long-stsb --task=stsb $l --grid="method=bitfit;learning_rate=3e-3"
 
-# 5. The PEFT family on SST-2, a first look (one seed, three learning rates per method).
+# 5. The PEFT family on SST-2, a first look (three learning rates per method, seed 1 at the best).
 f() { $py -m experiments.sweep --root=runs/family-sst2 --task=sst2 $c "$@"; }
 f --grid="method=dora;learning_rate=1e-3,2e-3,4e-3"
 f --grid="method=ia3;learning_rate=3e-3,1e-2,3e-2"
@@ -48,6 +48,13 @@ f --grid="method=vera;learning_rate=4e-3,1e-2,3e-2"
 f --grid="method=ln_tuning;learning_rate=1e-3,3e-3,1e-2"
 f --grid="method=adapter_houlsby,adapter_pfeiffer;learning_rate=3e-4,1e-3,3e-3"
 f --grid="method=lora;loraplus_lr_ratio=16;learning_rate=2.5e-4,5e-4,1e-3"
+f --seeds=1 --grid="method=dora;learning_rate=4e-3"
+f --seeds=1 --grid="method=ia3;learning_rate=3e-2"
+f --seeds=1 --grid="method=vera;learning_rate=3e-2"
+f --seeds=1 --grid="method=ln_tuning;learning_rate=1e-2"
+f --seeds=1 --grid="method=adapter_houlsby;learning_rate=1e-3"
+f --seeds=1 --grid="method=adapter_pfeiffer;learning_rate=3e-3"
+f --seeds=1 --grid="method=lora;loraplus_lr_ratio=16;learning_rate=1e-3"
 
 # Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
 (cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb family-sst2 \
