@@ -36,7 +36,7 @@ from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns
 from jaxpeft.models import Pretrained, load_pretrained
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import prepare_output_dir
-from jaxpeft.peft import Peft, combine, export_peft, load_adapter, peft_from_run, save_adapter
+from jaxpeft.peft import ParamCounts, Peft, combine, export_peft, load_adapter, peft_from_run, save_adapter
 from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
                            make_train_step)
 from jaxpeft.writer import RESULTS, RunWriter
@@ -62,6 +62,8 @@ class Setup:
     optim: OptimConfig
     steps_per_epoch: int
     target: Optional[tuple]
+    counts: ParamCounts
+    cache_dir: Optional[str]
 
     @property
     def buckets(self) -> tuple:
@@ -84,7 +86,7 @@ class Setup:
                          "peft": self.peft.to_dict(), "target_mean_std": self.target,
                          "main_metric": main_metric_key(self.task)},
             "model_config": pre.config.to_dict(),
-            "params": self.peft.count(self.params).to_dict(),
+            "params": self.counts.to_dict(),
             "versions": {"jaxpeft": jaxpeft.__version__, "jax": jax.__version__,
                          "python": sys.version.split()[0]},
             "devices": {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
@@ -92,8 +94,8 @@ class Setup:
         }
 
 
-def _encode_data(cfg: RunConfig, task: Task, tokenizer) -> tuple[Encoded, dict]:
-    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+def _encode_data(cfg: RunConfig, task: Task, tokenizer,
+                 cache_dir: Optional[str]) -> tuple[Encoded, dict]:
     train = load_split(task, "train", cfg.data_dir or None, cfg.hub_dataset)
     evals = {name: load_split(task, name, cfg.data_dir or None, cfg.hub_dataset)
              for name in task.eval_splits}
@@ -111,7 +113,8 @@ def build(cfg: RunConfig, task: Task) -> Setup:
     # RoBERTa's positions start after its padding index (as transformers counts them).
     position_offset = pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0
     check_fits_model(cfg, pre.config.max_position_embeddings - position_offset)
-    train_enc, eval_encs = _encode_data(cfg, task, pre.tokenizer)
+    cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
+    train_enc, eval_encs = _encode_data(cfg, task, pre.tokenizer, cache_dir)
     # Row counts are a multiple of the device count, so packed rows shard evenly.
     packing = Packing(cfg.max_seq_length, position_offset=position_offset,
                       row_multiple=math.lcm(2, jax.device_count())) if cfg.packing else None
@@ -131,7 +134,7 @@ def build(cfg: RunConfig, task: Task) -> Setup:
                         warmup_steps=min(warmup, total_steps), weight_decay=cfg.weight_decay,
                         max_grad_norm=cfg.max_grad_norm)
     return Setup(cfg, task, pre, peft, model, params, train_enc, eval_encs, packing, optim,
-                 steps_per_epoch, target)
+                 steps_per_epoch, target, peft.count(params), cache_dir)
 
 
 class Stopwatch:
@@ -328,11 +331,10 @@ def _predict_and_export(loop: TrainLoop, writer: RunWriter) -> dict:
     if cfg.do_predict:
         evaluator = dataclasses.replace(loop.evaluator, eval_step=make_eval_step(model),
                                         progress=False)
-        cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
         extra["predictions"] = []
         for split, filename in setup.task.submission.items():
             data = load_split(setup.task, split, cfg.data_dir or None, cfg.hub_dataset)
-            enc = tokenize(data, pre.tokenizer, cfg.max_seq_length, cache_dir)
+            enc = tokenize(data, pre.tokenizer, cfg.max_seq_length, setup.cache_dir)
             path = out / "predict" / filename
             writer.write_predictions(path, data.idx, evaluator.predict(params, enc,
                                                                         f"predict {split}"))
@@ -349,7 +351,7 @@ def finish(loop: TrainLoop, writer: RunWriter) -> dict:
     wall = loop.clock.elapsed
     results = {
         "task": setup.task.name, "method": cfg.method, "model": cfg.model,
-        "params": setup.peft.count(loop.params).to_dict(),
+        "params": setup.counts.to_dict(),
         "final": {k: v for k, v in (loop.last_eval or {}).items()
                   if k.startswith("eval_") or k == "step"},
         "best": loop.best, "main_metric": loop.main_key,
@@ -384,7 +386,7 @@ def train_and_evaluate(cfg: RunConfig,
     if not resuming:
         writer.write_config(config_dict)
     if writer.enabled:
-        tqdm.write(f"{task.name} / {cfg.method} / {cfg.model}: {setup.peft.count(setup.params)}")
+        tqdm.write(f"{task.name} / {cfg.method} / {cfg.model}: {setup.counts}")
     loop = TrainLoop(setup, writer, on_step)
     if resuming:
         loop.restore()

@@ -12,7 +12,7 @@ import itertools
 import logging
 import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from tqdm.auto import tqdm
 

@@ -17,24 +17,18 @@ import jaxpeft
 from jaxpeft.config import RunConfig
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
-from jaxpeft.peft import METHODS, PeftMethod, load_adapter, make_peft, peft_from_dict
+from jaxpeft.peft import (METHODS, MethodOptions, PeftMethod, load_adapter, make_peft,
+                          peft_from_dict)
 from jaxpeft.run import train_and_evaluate
 from tests.helpers import random_batch
 from tests.test_run import tiny_model  # noqa: F401  (fixture)
 
 
 @dataclasses.dataclass(frozen=True)
-class ScaleOptions:
+class ScaleOptions(MethodOptions):
     """The toy's one option: the initial value of its scaling vectors."""
 
     init: float = 1.0
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

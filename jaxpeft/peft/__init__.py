@@ -6,10 +6,10 @@ from jaxpeft.peft.hf_export import export_peft
 from jaxpeft.peft.lora import LoraConfig, add_lora, merge_lora
 from jaxpeft.peft.masks import (ParamCounts, combine, count_params, mask_from_rules, partition,
                                 path_str)
-from jaxpeft.peft.method import NoOptions, Peft, PeftMethod
+from jaxpeft.peft.method import MethodOptions, NoOptions, Peft, PeftMethod
 from jaxpeft.peft.registry import METHODS, get_method, make_peft, peft_from_dict, peft_from_run
 
-__all__ = ["METHODS", "LoraConfig", "NoOptions", "ParamCounts", "Peft", "PeftMethod",
+__all__ = ["METHODS", "LoraConfig", "MethodOptions", "NoOptions", "ParamCounts", "Peft", "PeftMethod",
            "add_lora", "combine", "count_params", "export_peft", "get_method", "load_adapter",
            "make_peft", "mask_from_rules", "merge_lora", "partition", "path_str",
            "peft_from_dict", "peft_from_run", "read_adapter_config", "save_adapter"]

@@ -57,10 +57,7 @@ def save_adapter(directory: os.PathLike, peft: Peft, params: Any, *, base_model:
     `target_std`), stored so the adapter predicts the same values when loaded.
     """
     directory = Path(directory)
-    flat = traverse_util.flatten_dict(params)
-    flat_mask = traverse_util.flatten_dict(peft.mask(params))
-    tensors = jax.device_get({path_str(p): v for p, v in flat.items() if flat_mask[p]})
-    tensors = {k: np.asarray(v) for k, v in tensors.items()}
+    tensors = {path_str(p): v for p, v in peft.trainable_leaves(params).items()}
     meta = {
         "format": FORMAT, "peft": peft.to_dict(), "base_model": base_model,
         "target": None if target is None else {"mean": float(target[0]), "std": float(target[1])},

@@ -16,6 +16,7 @@ no bottleneck adapters, so there is no peft export.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,29 +25,19 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
 from jaxpeft.peft.lora import target_modules
-from jaxpeft.peft.method import PeftMethod
+from jaxpeft.peft.method import MethodOptions, PeftMethod
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(MethodOptions):
     """Bottleneck adapter options: `size`, the bottleneck width k."""
 
     size: int = 64
+    label: ClassVar[str] = "adapter"
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size <= 0:
             raise JaxpeftError(f"adapter size must be a positive integer, got {self.size!r}")
-
-    def to_dict(self) -> dict:
-        """Plain-dict view, for JSON files."""
-        return {"size": self.size}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AdapterConfig":
-        """Inverse of `to_dict`."""
-        if set(d) != {"size"}:
-            raise JaxpeftError(f"adapter options {sorted(d)} do not match ['size']")
-        return cls(size=int(d["size"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,13 +36,9 @@ def fold_target(params: Any, mean: float, std: float) -> Any:
 
 def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
     """The trainable leaves under peft's state-dict keys, in PyTorch layout."""
-    flat = traverse_util.flatten_dict(jax.device_get(params))
-    flat_mask = traverse_util.flatten_dict(peft.mask(params))
     tensors = {}
-    for path, value in flat.items():
-        if not flat_mask[path]:
-            continue
-        value = np.asarray(value, np.float32)
+    for path, value in peft.trainable_leaves(params).items():
+        value = value.astype(np.float32)
         own = peft.method.peft_leaf(path, value)
         if own is not None:
             key, value = hf_module_key(path[:-1]) + "." + own[0], own[1]

@@ -13,38 +13,28 @@ labels); `--ia3_targets=key,value,output,attention_output` is peft's default set
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
 from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules
-from jaxpeft.peft.method import PeftMethod
+from jaxpeft.peft.method import MethodOptions, PeftMethod
 
 # Targets whose input is scaled (transformers' `output.dense` modules).
 INPUT_SCALED = ("output", "attention_output")
 
 
 @dataclasses.dataclass(frozen=True)
-class Ia3Config:
+class Ia3Config(MethodOptions):
     """IA3 options: `targets`, any of LoRA's target names."""
 
     targets: tuple = ("key", "value", "output")
+    label: ClassVar[str] = "IA3"
 
     def __post_init__(self):
         object.__setattr__(self, "targets", check_targets(self.targets, "IA3"))
-
-    def to_dict(self) -> dict:
-        """Plain-dict view, for JSON files."""
-        return {"targets": list(self.targets)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Ia3Config":
-        """Inverse of `to_dict`."""
-        if set(d) != {"targets"}:
-            raise JaxpeftError(f"IA3 options {sorted(d)} do not match ['targets']")
-        return cls(targets=tuple(d["targets"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout
 from jaxpeft.peft.masks import path_str
-from jaxpeft.peft.method import PeftMethod
+from jaxpeft.peft.method import MethodOptions, PeftMethod
 
 # Target name -> regex over the path of the Dense module (inside an encoder layer).
 TARGETS = {
@@ -64,7 +64,7 @@ def target_modules(flat: dict, targets, method: str) -> list:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(MethodOptions):
     """LoRA options.
 
     rank: r, the inner dimension of the update. alpha: scale numerator; the update is scaled
@@ -80,6 +80,7 @@ class LoraConfig:
     targets: tuple = ("query", "value")
     use_rslora: bool = False
     loraplus_lr_ratio: float = 0.0
+    label: ClassVar[str] = "LoRA"
 
     def __post_init__(self):
         if self.loraplus_lr_ratio < 0:
@@ -97,20 +98,6 @@ class LoraConfig:
     def scale(self) -> float:
         """The multiplier of `x @ a @ b`."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def to_dict(self) -> dict:
-        """Plain-dict view, for JSON files."""
-        d = dataclasses.asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraConfig":
-        """Inverse of `to_dict`; every field must be present (no silent defaults)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise JaxpeftError(f"LoRA options {sorted(d)} do not match {sorted(names)}")
-        return cls(**{**d, "targets": tuple(d["targets"])})
 
 
 def add_lora(params: Any, config: LoraConfig, rng: jax.Array) -> Any:

@@ -23,24 +23,37 @@ import dataclasses
 from typing import Any, ClassVar, Mapping, Optional
 
 import jax
+import numpy as np
+from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.heads import SequenceClassifier
 from jaxpeft.peft.masks import ParamCounts, Rules, count_params, head_rules, mask_from_rules
 
 
-@dataclasses.dataclass(frozen=True)
-class NoOptions:
-    """The options of a method that has none."""
+class MethodOptions:
+    """Base of every method's frozen options dataclass: the JSON round trip for
+    `adapter.json`. `label` names the method in errors."""
+
+    label: ClassVar[str] = "method"
 
     def to_dict(self) -> dict:
-        """Plain-dict view, for JSON files."""
-        return {}
+        """Plain-dict view, for JSON files (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "NoOptions":
-        """Inverse of `to_dict`."""
-        return cls()
+    def from_dict(cls, d: Mapping) -> "MethodOptions":
+        """Inverse of `to_dict`; every field must be present (no silent defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise JaxpeftError(f"{cls.label} options {sorted(d)} do not match {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """The options of a method that has none."""
 
 
 class PeftMethod:
@@ -129,6 +142,14 @@ class Peft:
         """A tree of per-leaf learning-rate factors, or None when every factor is 1."""
         rules = list(self.method.lr_multipliers(self.options))
         return mask_from_rules(params, rules + [(".*", 1.0)]) if rules else None
+
+    def trainable_leaves(self, params: Any) -> dict:
+        """`{path: numpy array}` of the leaves this method trains; only those leave the
+        device."""
+        flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(
+            self.mask(params))
+        fetched = jax.device_get({p: v for p, v in flat.items() if mask[p]})
+        return {p: np.asarray(v) for p, v in fetched.items()}
 
     def count(self, params: Any) -> ParamCounts:
         """Total and trainable parameter counts of `params` under this method."""

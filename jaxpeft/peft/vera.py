@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,19 +23,20 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout
 from jaxpeft.peft.lora import check_targets, peft_target_modules, target_modules
-from jaxpeft.peft.method import PeftMethod
+from jaxpeft.peft.method import MethodOptions, PeftMethod
 
 D_INITIAL = 0.1  # peft's and the paper's initial lambda_d
 
 
 @dataclasses.dataclass(frozen=True)
-class VeraConfig:
+class VeraConfig(MethodOptions):
     """VeRA options: rank r of the shared projections, targets, dropout, projection seed."""
 
     rank: int = 256
     targets: tuple = ("query", "value")
     dropout: float = 0.0
     projection_seed: int = 0
+    label: ClassVar[str] = "VeRA"
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -42,18 +44,6 @@ class VeraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise JaxpeftError(f"VeRA dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "targets", check_targets(self.targets, "VeRA"))
-
-    def to_dict(self) -> dict:
-        """Plain-dict view, for JSON files."""
-        return {**dataclasses.asdict(self), "targets": list(self.targets)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VeraConfig":
-        """Inverse of `to_dict`; every field must be present."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise JaxpeftError(f"VeRA options {sorted(d)} do not match {sorted(names)}")
-        return cls(**{**d, "targets": tuple(d["targets"])})
 
 
 @dataclasses.dataclass(frozen=True)
