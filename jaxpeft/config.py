@@ -62,6 +62,12 @@ class RunConfig:
                                  "input, the others their output. Add attention_output for "
                                  "peft's default set and count.")
     adapter_size: int = _option(64, "Bottleneck width of adapter_houlsby / adapter_pfeiffer.")
+    num_virtual_tokens: int = _option(20, "Soft-prompt length of --method=prompt (slots before "
+                                      "each example, beyond --max_seq_length).")
+    prompt_head: str = _option(
+        "real", "Where the head reads with --method=prompt: real (the example's own first "
+        "token) or virtual (the first prompt token, as peft does; needed for --export_peft).",
+        choices=lambda: ("real", "virtual"))
     train_pooler: bool = _option(False, "Also train BERT's pooler (PEFT methods; not peft's "
                                  "default, so it changes the trainable count).")
     standardize_targets: bool = _option(
@@ -120,7 +126,8 @@ class RunConfig:
                                "checkpoint.", **_IO)
     export_peft: bool = _option(False, "Export the best adapter in Hugging Face peft format "
                                 "(methods peft has: " + ", ".join(
-                                    m.name for m in METHODS.values() if m.peft_type) + ").",
+                                    m.name for m in METHODS.values() if m.peft_type) +
+                                "; prompt with --prompt_head=virtual).",
                                 **_IO)
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
@@ -214,11 +221,13 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
     return task
 
 
-def check_fits_model(cfg: RunConfig, max_length: int) -> None:
-    """--max_seq_length against what the loaded model's position table allows."""
-    if cfg.max_seq_length > max_length:
-        raise JaxpeftError(f"--max_seq_length={cfg.max_seq_length} exceeds what {cfg.model} "
-                           f"supports ({max_length})")
+def check_fits_model(cfg: RunConfig, max_length: int, virtual_tokens: int = 0) -> None:
+    """--max_seq_length (plus a method's virtual tokens) against what the loaded model's
+    position table allows."""
+    if cfg.max_seq_length + virtual_tokens > max_length:
+        extra = f" + {virtual_tokens} virtual tokens" if virtual_tokens else ""
+        raise JaxpeftError(f"--max_seq_length={cfg.max_seq_length}{extra} exceeds what "
+                           f"{cfg.model} supports ({max_length})")
 
 
 # ---- absl flags, generated from the fields ---------------------------------------------------

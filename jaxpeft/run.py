@@ -29,8 +29,8 @@ from jaxpeft import distributed
 from jaxpeft.checkpointing import Checkpointer
 from jaxpeft.config import RunConfig, check_fits_model, validate
 from jaxpeft.data import Task, load_split
-from jaxpeft.data.batching import (Encoded, Packing, bucket_lengths, num_train_batches, tokenize,
-                                   train_batches)
+from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_lengths,
+                                   num_train_batches, tokenize, train_batches)
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns
 from jaxpeft.models import Pretrained, load_pretrained
@@ -112,12 +112,20 @@ def build(cfg: RunConfig, task: Task) -> Setup:
     pre = load_pretrained(cfg.model, num_labels=task.num_labels, dtype=cfg.dtype, seed=cfg.seed)
     # RoBERTa's positions start after its padding index (as transformers counts them).
     position_offset = pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0
-    check_fits_model(cfg, pre.config.max_position_embeddings - position_offset)
+    peft = peft_from_run(cfg)
+    check_fits_model(cfg, pre.config.max_position_embeddings - position_offset,
+                     peft.virtual_tokens)
     cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
     train_enc, eval_encs = _encode_data(cfg, task, pre.tokenizer, cache_dir)
-    # Row counts are a multiple of the device count, so packed rows shard evenly.
-    packing = Packing(cfg.max_seq_length, position_offset=position_offset,
-                      row_multiple=math.lcm(2, jax.device_count())) if cfg.packing else None
+    packing = None
+    if cfg.packing:
+        # Row counts are a multiple of the device count, so packed rows shard evenly. The
+        # model prepends a soft prompt to unpacked rows itself; packed rows reserve its slots
+        # before each example.
+        packing = Packing(cfg.max_seq_length + peft.virtual_tokens,
+                          position_offset=position_offset,
+                          row_multiple=math.lcm(2, jax.device_count()))
+        train_enc = add_virtual_slots(train_enc, peft.virtual_tokens)
     model, target = pre.model, None
     if task.is_regression and cfg.standardize_targets:
         # A fixed map to the label scale: the head starts at the mean instead of near 0.
@@ -125,7 +133,6 @@ def build(cfg: RunConfig, task: Task) -> Setup:
         target = (float(labels.mean()), float(labels.std()) or 1.0)
         model = model.clone(runtime=dataclasses.replace(
             model.runtime, target_mean=target[0], target_std=target[1]))
-    peft = peft_from_run(cfg)
     model, params = peft.init(model, pre.params, jax.random.key(cfg.seed + 1))
     steps_per_epoch = num_train_batches(len(train_enc), cfg.batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)

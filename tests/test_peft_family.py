@@ -1,6 +1,6 @@
-"""DoRA, IA3, VeRA and LN-tuning (and LoRA, as the reference) against Hugging Face peft: trainable
-counts, exported adapters that peft loads with exactly its own keys and the same logits, the
-same gradients, and merged models equal to unmerged ones."""
+"""DoRA, IA3, VeRA, LN-tuning and prompt tuning (and LoRA, as the reference) against Hugging
+Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
+the same logits, the same gradients, and merged models equal to unmerged ones."""
 
 import jax
 import numpy as np
@@ -9,7 +9,9 @@ from flax import traverse_util
 
 import jaxpeft
 from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
+from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.ia3 import Ia3Config
+from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
@@ -32,6 +34,10 @@ CASES = {
                                         target_modules=["query", "value"], save_projection=True)),
     "ln_tuning": (None, lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS",
                                                        target_modules=["LayerNorm"])),
+    # peft's head reads the first virtual token: --prompt_head=virtual
+    "prompt": (PromptConfig(num_virtual_tokens=20, head="virtual"),
+               lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
+                                                  prompt_tuning_init="SAMPLE_VOCAB")),
 }
 
 
@@ -70,7 +76,7 @@ def _torch_logits(model, args):
 
 @pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
                                              ("ia3", 16_898), ("vera", 8_450),
-                                             ("ln_tuning", 10_754)])
+                                             ("ln_tuning", 10_754), ("prompt", 8_450)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -102,22 +108,24 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "ln_tuning"])
+EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt"]
+
+
+@pytest.mark.parametrize("method", EXPORTED)
 def test_export_loads_in_peft_with_same_logits_minilm(minilm, minilm_dir, sst2_batch, method,
                                                       tmp_path):
     _check_export(minilm, minilm_dir, method, sst2_batch, tmp_path)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "ln_tuning"])
+@pytest.mark.parametrize("method", EXPORTED)
 def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp_path):
     pre = jaxpeft.load_pretrained(tiny_roberta, tokenizer=False)
     _check_export(pre, tiny_roberta, method, random_batch("roberta"), tmp_path)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
-    from jaxpeft.models.checkpoint import hf_key, hf_module_key
     from jaxpeft.train import per_example_loss
 
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
@@ -136,28 +144,29 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
         return per_example_loss(logits, y, True).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    # peft refuses is_trainable for prompt learning: the same parameters are set by hand.
+    prompt = method == "prompt"
     tm = hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir, 1), tmp_path,
-                                           is_trainable=True).eval()
+                                           is_trainable=not prompt).eval()
+    if prompt:
+        for n, p in tm.named_parameters():
+            p.requires_grad_("prompt_encoder" in n or "modules_to_save" in n)
     out = tm(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask",
                                                   "token_type_ids")}, labels=torch.tensor(y))
     out.loss.backward()
     ref = {n.replace(".modules_to_save.default", "").replace(".default", "")
-           .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad.numpy()
+           .replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+           .replace("prompt_encoder.embedding.weight", "prompt_embeddings"): p.grad.numpy()
            for n, p in tm.named_parameters() if p.requires_grad}
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-6)
-    checked = set()
-    for path, g in traverse_util.flatten_dict(grads).items():
-        if g is None:  # frozen: no gradient was computed
-            continue
-        own = peft.method.peft_leaf(path, np.asarray(g))  # peft's name and layout
-        if own is not None:
-            name, g = hf_module_key(path[:-1]) + "." + own[0], own[1]
-        else:
-            name, g = hf_key(path), np.asarray(g).T if path[-1] == "kernel" else np.asarray(g)
-        r = ref["base_model.model." + name]
-        np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), rtol=0, err_msg=name)
-        checked.add("base_model.model." + name)
-    assert checked == set(ref)  # every gradient peft computes was compared
+    # Our gradients under peft's names and layouts: the export's own mapping, applied to the
+    # gradient tree (frozen places hold the frozen values, which are not compared).
+    ours = peft_tensors(peft, combine(grads, frozen))
+    for name, r in ref.items():
+        np.testing.assert_allclose(ours[name], r, atol=1e-5 * np.abs(r).max(), rtol=0,
+                                   err_msg=name)
+    trainable_leaves = sum(traverse_util.flatten_dict(peft.mask(params)).values())
+    assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "vera"])

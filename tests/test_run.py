@@ -170,6 +170,11 @@ def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
     ({"method": "bitfit", "export_peft": True}, "peft has no 'bitfit' method"),
     ({"method": "qlora"}, "--method='qlora' is not one of: full, lora, bitfit"),
     ({"num_epochs": float("inf")}, "--num_epochs must be >= 0 and finite"),
+    ({"method": "prompt", "export_peft": True}, "train with --prompt_head=virtual to export"),
+    ({"method": "prompt", "prompt_head": "cls"}, "--prompt_head='cls' is not one of"),
+    ({"method": "prompt", "num_virtual_tokens": 0}, "--num_virtual_tokens must be a positive"),
+    ({"method": "prompt", "max_seq_length": 120}, "--max_seq_length=120 + 20 virtual tokens "
+                                                  "exceeds"),
 ])
 def test_user_errors_one_line(tiny_model, glue_dir, tmp_path, capsys, overrides, message):
     code = cli_main(_cfg(tiny_model, glue_dir, tmp_path, **overrides))

@@ -112,6 +112,29 @@ def tokenize(split: Split, tokenizer, max_seq_length: int,
     return encoded
 
 
+def add_virtual_slots(enc: Encoded, n: int) -> Encoded:
+    """`enc` with `n` virtual-token slots before every example (ids `-1, ..., -n`, token
+    type 0), for methods that prepend learned vectors (soft prompts).
+
+    Slots are ordinary tokens to bucketing and packing (they attend and are attended to,
+    take positions 0..n-1 and restart with each packed example), so every batch layout
+    handles them; the model's `EmbeddingHook` fills them in.
+    """
+    if n <= 0:
+        return enc
+    count = len(enc)
+    offsets = enc.offsets + n * np.arange(count + 1)
+    ids = np.empty(int(offsets[-1]), np.int32)
+    types = np.zeros(int(offsets[-1]), np.int8)
+    # Example i's tokens move past the n slots of examples 0..i.
+    example = np.repeat(np.arange(count), enc.lengths)
+    real = np.arange(len(enc.ids)) + n * (example + 1)
+    ids[real], types[real] = enc.ids, enc.type_ids
+    slots = (offsets[:-1, None] + np.arange(n)).reshape(-1)
+    ids[slots] = np.tile(-1 - np.arange(n, dtype=np.int32), count)
+    return dataclasses.replace(enc, ids=ids, type_ids=types, offsets=offsets)
+
+
 def bucket_lengths(max_seq_length: int, min_length: int = 16) -> tuple:
     """Powers of two from `min_length` below `max_seq_length`, then `max_seq_length`."""
     buckets, b = [], min_length

@@ -5,9 +5,10 @@ kernel` for `encoder.layer.0.attention.self.query.weight`), so checkpoint conver
 target names and peft export each need a single naming rule.
 
 Every projection is a `Dense` whose output PEFT methods may change through `Runtime.hooks`
-(`DenseHook`), reading extra leaves they put beside its kernel (LoRA's `lora_a`/`lora_b`):
-methods are added by augmenting the tree and installing hooks (see `jaxpeft.peft`), never by
-swapping modules.
+(`DenseHook`), reading extra leaves they put beside its kernel (LoRA's `lora_a`/`lora_b`);
+the token embeddings may be changed the same way (`EmbeddingHook`: soft prompts fill the
+virtual-token slots, marked by negative input ids). Methods are added by augmenting the tree
+and installing hooks (see `jaxpeft.peft`), never by swapping modules.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Runtime:
     """Settings that change how the model computes, not what its weights are.
 
     dtype: compute dtype ("float32" or "bfloat16"); parameters always stay float32.
-    hooks: `DenseHook`s of the PEFT method in force (installed by `jaxpeft.peft.Peft.attach`).
+    hooks: `DenseHook`s and `EmbeddingHook`s of the PEFT method in force (installed by
+      `jaxpeft.peft.Peft.attach`).
     target_mean, target_std: a regression head outputs `target_std * raw + target_mean`, so
       training starts at the label mean and scale (fixed values, not trained; the
       default is the identity).
@@ -54,6 +56,25 @@ class Runtime:
     def jnp_dtype(self):
         """The compute dtype as a JAX dtype."""
         return DTYPES[self.dtype]
+
+    def hooks_of(self, kind: type) -> tuple:
+        """The installed hooks of one kind (`DenseHook` or `EmbeddingHook`)."""
+        return tuple(h for h in self.hooks if isinstance(h, kind))
+
+    @property
+    def root_leaves(self) -> frozenset:
+        """Leaves the installed hooks keep at the root of the tree (VeRA's projections)."""
+        return frozenset().union(*(h.root_leaves for h in self.hooks))
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Virtual-token slots the installed hooks need before each example."""
+        return sum(h.virtual_tokens for h in self.hooks_of(EmbeddingHook))
+
+    @property
+    def first_token_offset(self) -> int:
+        """How far after an example's first slot the head reads (past a soft prompt)."""
+        return sum(h.first_token_offset for h in self.hooks_of(EmbeddingHook))
 
 
 def keep_mask(rng: jax.Array, shape: tuple, rate: float) -> tuple[jax.Array, float]:
@@ -99,8 +120,29 @@ class DenseHook:
     """
 
     leaves: tuple = ()
+    root_leaves: tuple = ()  # leaves it reads at the tree's root (`dense.scope.root`)
 
     def __call__(self, dense: "Dense", x, y, kernel, bias, deterministic: bool):
+        raise NotImplementedError
+
+
+class EmbeddingHook:
+    """How a PEFT method changes the token embeddings: subclass as a frozen dataclass.
+
+    Input ids below zero mark virtual-token slots (`-1 - k` for virtual token k): the
+    `Backbone` prepends `virtual_tokens` of them to every unpacked row, and packed rows hold
+    them before each example (`jaxpeft.data.batching.add_virtual_slots`). `__call__` gets
+    the `Embeddings` module, the input ids and the word vectors (virtual slots hold word 0)
+    and returns the vectors to which positions and token types are added. `root_leaves`
+    names the leaves it reads at the tree's root; `first_token_offset` moves where the head
+    reads each example (0: its first slot).
+    """
+
+    virtual_tokens: int = 0
+    root_leaves: tuple = ()
+    first_token_offset: int = 0
+
+    def __call__(self, embeddings: "Embeddings", input_ids, x):
         raise NotImplementedError
 
 
@@ -126,12 +168,12 @@ class Dense(nn.Module):
         x = x.astype(dtype)
         y = x @ kernel + bias
         self._check_leaves()
-        for hook in self.runtime.hooks:
+        for hook in self.runtime.hooks_of(DenseHook):
             y = hook(self, x, y, kernel, bias, deterministic)
         return y
 
     def _check_leaves(self):
-        known = {"kernel", "bias"}.union(*(h.leaves for h in self.runtime.hooks))
+        known = {"kernel", "bias"}.union(*(h.leaves for h in self.runtime.hooks_of(DenseHook)))
         unknown = sorted(set(self.variables.get("params", {})) - known)
         if unknown:
             raise JaxpeftError(
@@ -254,7 +296,13 @@ class Embeddings(nn.Module):
             return nn.Embed(num, cfg.hidden_size, embedding_init=_normal(cfg), dtype=dtype,
                             param_dtype=jnp.float32, name=name)
 
-        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+        hooks = self.runtime.hooks_of(EmbeddingHook)
+        # Virtual slots (negative ids) look up word 0; their hook replaces it.
+        words = embed(cfg.vocab_size, "word_embeddings")(
+            jnp.maximum(input_ids, 0) if hooks else input_ids)
+        for hook in hooks:
+            words = hook(self, input_ids, words)
+        x = (words
              + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
              + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
         x = _layer_norm(cfg, self.runtime)(x)
@@ -283,6 +331,11 @@ class Backbone(nn.Module):
     Packed input: `segment_ids` (1, 2, ... per example within a row, 0 for padding) make the
     attention block-diagonal, and example `e` starts at `(example_row[e], example_pos[e])`.
     Without them each row is one example starting at position 0.
+
+    With a soft prompt installed (`Runtime.virtual_tokens` > 0), unpacked rows are plain
+    tokenizer output: the prompt's slots are prepended here (attended to, token type 0,
+    positions first), as peft does; the hidden states then include them. Packed rows
+    already hold the slots before each example.
     """
 
     config: EncoderConfig
@@ -296,6 +349,10 @@ class Backbone(nn.Module):
         cfg = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        if self.runtime.virtual_tokens and segment_ids is None:
+            input_ids, attention_mask, token_type_ids, position_ids = _prepend_slots(
+                self.runtime.virtual_tokens, input_ids, attention_mask, token_type_ids,
+                position_ids)
         if position_ids is None:
             position_ids = default_position_ids(cfg, input_ids)
         if segment_ids is not None:
@@ -308,11 +365,31 @@ class Backbone(nn.Module):
             input_ids, token_type_ids, position_ids, deterministic)
         mask = expand_attention_mask(attention_mask)
         x = EncoderLayers(cfg, self.runtime, name="encoder")(x, mask, deterministic)
-        first = x[:, 0] if example_row is None else x[example_row, example_pos]
+        skip = self.runtime.first_token_offset
+        first = x[:, skip] if example_row is None else x[example_row, example_pos + skip]
         pooled = None
         if self.add_pooling_layer:
             pooled = Pooler(cfg, self.runtime, name="pooler")(first, deterministic)
         return x, first, pooled
+
+
+def _prepend_slots(n, input_ids, attention_mask, token_type_ids, position_ids):
+    """Unpacked inputs with `n` virtual-token slots (ids -1, ..., -n) before each row."""
+    rows = input_ids.shape[0]
+    slots = jnp.broadcast_to(-1 - jnp.arange(n, dtype=jnp.int32), (rows, n))
+    input_ids = jnp.concatenate([slots, input_ids], axis=1)
+    token_type_ids = jnp.concatenate([jnp.zeros_like(slots), token_type_ids], axis=1)
+    if attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise JaxpeftError("a soft prompt needs a [batch, key] attention mask on unpacked "
+                               "rows (packed rows: pass segment_ids)")
+        attention_mask = jnp.concatenate([jnp.ones_like(slots), attention_mask], axis=1)
+    if position_ids is not None:
+        # Given positions keep their start (0 for BERT, pad + 1 for RoBERTa) for the slots.
+        start = position_ids[:, :1]
+        position_ids = jnp.concatenate([start + jnp.arange(n, dtype=jnp.int32),
+                                        position_ids + n], axis=1)
+    return input_ids, attention_mask, token_type_ids, position_ids
 
 
 class EncoderLayers(nn.Module):

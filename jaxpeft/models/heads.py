@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import Backbone, Dense, Dropout, Runtime
 
@@ -63,9 +64,21 @@ class SequenceClassifier(nn.Module):
         else:
             logits = RobertaClassificationHead(cfg, self.runtime, name="classifier")(
                 first, deterministic)
+        self._check_root_leaves()
         logits = logits.astype(jnp.float32)
         if cfg.is_regression:
             logits = logits * self.runtime.target_std + self.runtime.target_mean
         if output_hidden_states:
             return logits, hidden.astype(jnp.float32)
         return logits
+
+    def _check_root_leaves(self):
+        # As `Dense` does for its own leaves: a method's root leaves (a soft prompt, VeRA's
+        # projections) applied without its hooks is an error, not a base-model forward pass.
+        known = {self.config.model_type, "classifier"} | self.runtime.root_leaves
+        unknown = sorted(set(self.variables.get("params", {})) - known)
+        if unknown:
+            raise JaxpeftError(
+                f"parameters {unknown} at the root of the tree belong to a PEFT method that is "
+                "not configured on this model; apply the tree with its method (Peft.attach, or "
+                "load_adapter, which restores it from the adapter files)")

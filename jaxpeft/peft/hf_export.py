@@ -2,9 +2,10 @@
 
 The folder `PeftModel.from_pretrained(base_model, folder)` loads:
   adapter_config.json        the method's peft config (task SEQ_CLS, head in `modules_to_save`)
-  adapter_model.safetensors  `base_model.model.<transformers key>`; the method names its own
-                             leaves (`PeftMethod.peft_leaf`), every other trainable leaf is a
-                             plain transformers tensor (the head, BERT's pooler if trained)
+  adapter_model.safetensors  `base_model.model.<transformers key>` (prompt learning:
+                             `base_model.<key>`); the method names its own leaves
+                             (`PeftMethod.peft_leaf`), every other trainable leaf is a plain
+                             transformers tensor (the head, BERT's pooler if trained)
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ def fold_target(params: Any, mean: float, std: float) -> Any:
 
 def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
     """The trainable leaves under peft's state-dict keys, in PyTorch layout."""
-    tensors = {}
+    tensors, prefix = {}, peft.method.peft_prefix
     for path, value in peft.trainable_leaves(params).items():
         value = value.astype(np.float32)
         own = peft.method.peft_leaf(path, value)
-        if own is not None:
-            key, value = hf_module_key(path[:-1]) + "." + own[0], own[1]
+        if own is not None and len(path) == 1:
+            key, value = own  # one of peft's own top-level tensors
+        elif own is not None:
+            key, value = prefix + hf_module_key(path[:-1]) + "." + own[0], own[1]
         else:
-            key, value = hf_key(path), value.T if path[-1] == "kernel" else value
-        tensors["base_model.model." + key] = value
+            key, value = prefix + hf_key(path), value.T if path[-1] == "kernel" else value
+        tensors[key] = value
     extra = peft.method.peft_extra(params, peft.options)
     tensors.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in extra.items()})
     return tensors

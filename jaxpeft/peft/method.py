@@ -6,10 +6,13 @@ A method is one module under `jaxpeft/peft/` defining a `PeftMethod` subclass an
   flags by `options_from`;
 - `augment`: the leaves it adds to the parameter tree (LoRA's `lora_a`/`lora_b`);
 - `rules`: path rules deciding which leaves train (the head's rules come first, always);
-- `hooks`: what the forward pass needs (`DenseHook`s installed in the model's `Runtime`);
+- `hooks`: what the forward pass needs (`DenseHook`s / `EmbeddingHook`s installed in the
+  model's `Runtime`), and `virtual_tokens`: input slots it needs before each example (soft
+  prompts);
 - `lr_multipliers`: per-leaf learning-rate factors (LoRA+), if any;
 - `merge`: folding its leaves into plain weights, where the method allows it;
-- `peft_config`/`peft_leaf`/`peft_extra`: its Hugging Face peft export, where peft has it.
+- `peft_config`/`peft_leaf`/`peft_extra`/`peft_prefix`: its Hugging Face peft export, where
+  peft has it (`peft_unsupported` says when options rule it out).
 
 Everything else (the run loop, adapter files, the peft export's shared parts, counts, the
 benchmark, the tests) works through `Peft`, never through a method's name. A `Peft` is what
@@ -65,6 +68,8 @@ class PeftMethod:
     default_learning_rate: ClassVar[float] = 1e-3
     # Hugging Face peft's `peft_type` for this method; None where peft does not have it.
     peft_type: ClassVar[Optional[str]] = None
+    # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
+    peft_prefix: ClassVar[str] = "base_model.model."
 
     def options_from(self, run: Any) -> Any:
         """The method's options from a run configuration (an object with the flag fields)."""
@@ -79,8 +84,12 @@ class PeftMethod:
         raise NotImplementedError
 
     def hooks(self, options: Any) -> tuple:
-        """`DenseHook`s the forward pass needs (default: none)."""
+        """`DenseHook`s / `EmbeddingHook`s the forward pass needs (default: none)."""
         return ()
+
+    def virtual_tokens(self, options: Any) -> int:
+        """Virtual-token slots the data pipeline reserves before each example (default 0)."""
+        return 0
 
     def lr_multipliers(self, options: Any) -> Rules:
         """`(regex, factor)` rules scaling some leaves' learning rate (LoRA+); default none."""
@@ -91,13 +100,21 @@ class PeftMethod:
         for methods that add no leaves)."""
         return params
 
+    def peft_unsupported(self, options: Any) -> Optional[str]:
+        """Why these options have no peft export, or None when they have one."""
+        if self.peft_type is None:
+            return f"Hugging Face peft has no {self.name!r} method; export works for methods " \
+                "peft implements"
+        return None
+
     def peft_config(self, options: Any) -> dict:
         """The method's fields of peft's `adapter_config.json` (beside task and head)."""
         raise NotImplementedError
 
     def peft_leaf(self, path: tuple, value: Any) -> Optional[tuple[str, Any]]:
         """`(peft key below the module, value)` for a trainable leaf peft names its own way
-        (a leaf the method added, or a base leaf peft keeps a copy of); None otherwise."""
+        (a leaf the method added, or a base leaf peft keeps a copy of); None otherwise. A
+        leaf at the tree's root maps to one of peft's top-level keys (a soft prompt)."""
         return None
 
     def peft_extra(self, params: Any, options: Any) -> dict:
@@ -138,6 +155,11 @@ class Peft:
         return mask_from_rules(params, head_rules(self.train_pooler)
                                + list(self.method.rules(self.options)))
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Virtual-token slots this method needs before each example."""
+        return self.method.virtual_tokens(self.options)
+
     def lr_multipliers(self, params: Any) -> Optional[Any]:
         """A tree of per-leaf learning-rate factors, or None when every factor is 1."""
         rules = list(self.method.lr_multipliers(self.options))
@@ -166,7 +188,8 @@ class Peft:
                 "train_pooler": self.train_pooler}
 
     def require_peft_export(self) -> None:
-        """Raises a clear error if Hugging Face peft has no format for this method."""
-        if self.method.peft_type is None:
-            raise JaxpeftError(f"--export_peft: Hugging Face peft has no {self.name!r} method; "
-                               "export works for methods peft implements")
+        """Raises a clear error if Hugging Face peft has no format for this method and
+        options."""
+        why = self.method.peft_unsupported(self.options)
+        if why:
+            raise JaxpeftError(f"--export_peft: {why}")

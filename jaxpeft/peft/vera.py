@@ -52,6 +52,7 @@ class VeraHook(DenseHook):
 
     dropout: float
     leaves: tuple = ("vera_lambda_d", "vera_lambda_b")
+    root_leaves: tuple = ("vera_A", "vera_B")
 
     def __call__(self, dense, x, y, kernel, bias, deterministic):
         if not dense.has_variable("params", "vera_lambda_d"):
