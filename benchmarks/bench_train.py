@@ -28,7 +28,8 @@ import numpy as np
 from absl import app, flags
 
 flags.DEFINE_string("model", "minilm", "model name or folder")
-flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time")
+flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time; "
+                  "'name:flag=value:...' sets run_glue options (prompt:prompt_head=virtual)")
 flags.DEFINE_list("shapes", ["32x128"], "batch x sequence shapes")
 flags.DEFINE_integer("steps", 8, "timed steps (median reported)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
@@ -104,19 +105,28 @@ def _load(f):
     return pre.model, pre.params, pre.config
 
 
+def _peft(spec: str):
+    """The `Peft` of a --methods entry: a method name, then optional `:flag=value` parts."""
+    from jaxpeft.config import RunConfig, parse_value
+    from jaxpeft.peft import peft_from_run
+
+    name, *options = spec.split(":")
+    settings = dict(o.split("=", 1) for o in options)
+    return peft_from_run(RunConfig(method=name, **{k: parse_value(k, v)
+                                                   for k, v in settings.items()}))
+
+
 def jax_worker(f, method, batch, seq):
     """Times the jaxpeft train step for one method and shape; returns a dict."""
     import jax
 
     from flax import traverse_util
 
-    from jaxpeft.config import RunConfig
     from jaxpeft.optim import OptimConfig, make_optimizer
-    from jaxpeft.peft import peft_from_run
     from jaxpeft.train import create_train_state, make_train_step
 
     model, params, cfg = _load(f)
-    peft = peft_from_run(RunConfig(method=method))
+    peft = _peft(method)
     model, params = peft.init(model, params, jax.random.key(0))
     mask = peft.mask(params)
     counts = peft.count(params)
@@ -141,7 +151,9 @@ def jax_worker(f, method, batch, seq):
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
+    # The model's own sequence: a soft prompt adds its virtual tokens to every row.
     return {"impl": "jaxpeft", "method": method, "batch": batch, "seq": seq,
+            "model_seq": seq + peft.virtual_tokens,
             "step_s": float(np.median(times)), "compile_s": compile_s,
             "trainable": counts.trainable, "kernel_grads": kernel_grads,
             "trainable_bytes": nbytes(state.trainable), "opt_state_bytes": nbytes(state.opt_state),
@@ -156,9 +168,7 @@ def torch_worker(f, method, batch, seq):
     import transformers
 
     from benchmarks.torch_peer import torch_model_for
-    from jaxpeft.config import RunConfig
     from jaxpeft.models.checkpoint import resolve_model_dir
-    from jaxpeft.peft import peft_from_run
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -172,7 +182,7 @@ def torch_worker(f, method, batch, seq):
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             resolve_model_dir(f.model), num_labels=2)
     try:
-        model = torch_model_for(model, peft_from_run(RunConfig(method=method)))
+        model = torch_model_for(model, _peft(method))
     except NotImplementedError as e:
         return {"impl": "torch+peft", "method": method, "skipped": str(e)}
     model.to(dev).train()
@@ -260,7 +270,7 @@ def main(_):
                 else:
                     rows.append(peer)
             for r in rows:
-                flops = model_flops(cfg, batch, seq, rows[0]["kernel_grads"])
+                flops = model_flops(cfg, batch, rows[0]["model_seq"], rows[0]["kernel_grads"])
                 r.update(examples_per_s=batch / r["step_s"], tokens_per_s=batch * seq / r["step_s"],
                          model_flops_per_s=flops / r["step_s"],
                          fraction_of_matmul_peak=flops / r["step_s"] / peak,

@@ -17,6 +17,7 @@ import math
 from typing import Any, Callable, Optional
 
 from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
+from jaxpeft.data.glue import split_path
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DTYPES
 from jaxpeft.peft import METHODS, get_method, peft_from_run
@@ -214,6 +215,13 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
             raise JaxpeftError(message)
     if cfg.export_peft:
         peft.require_peft_export()
+    if cfg.data_dir:
+        # Every file the run will read, before the model loads (test files with --do_predict).
+        splits = [(task, s) for s in ("train",) + task.eval_splits]
+        if cfg.do_predict:
+            splits += [(t, s) for t, s, _ in task.prediction_files()]
+        for t, split in splits:
+            split_path(t, split, cfg.data_dir)
     for name in ("batch_size", "eval_batch_size"):
         if getattr(cfg, name) % device_count:
             raise JaxpeftError(f"--{name}={getattr(cfg, name)} must be a multiple of the "

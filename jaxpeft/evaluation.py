@@ -37,6 +37,28 @@ def metric_columns(task: Task) -> list:
                             for s in task.eval_splits for m in task.metrics]
 
 
+def trivial_baseline(task: Task, encs: dict) -> dict:
+    """What a model that ignores its input scores on each dev split: the majority class of
+    that split (classification: the best constant prediction there, so a run that does not
+    beat it has learned nothing measurable) or a constant (regression: correlations 0).
+
+    Keys as an evaluation row (`eval_<metric><suffix>`), plus `kind` and, for classification,
+    `prediction` (the constant label name per split).
+    """
+    out = {"kind": "constant prediction" if task.is_regression else "majority class"}
+    for split, enc in encs.items():
+        suffix = eval_suffix(task, split)
+        if task.is_regression:
+            preds = np.full(len(enc), float(np.mean(enc.labels)), np.float32)
+        else:
+            majority = int(np.argmax(np.bincount(enc.labels, minlength=task.num_labels)))
+            preds = np.full(len(enc), majority, np.int64)
+            out.setdefault("prediction", {})[split] = task.label_names[majority]
+        for name, value in compute_metrics(task, preds, enc.labels).items():
+            out[f"eval_{name}{suffix}"] = value
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
     """Scores examples with a jitted `eval_step(params, batch)` (see `jaxpeft.train`)."""

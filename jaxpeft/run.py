@@ -32,7 +32,7 @@ from jaxpeft.data import Task, load_split
 from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_lengths,
                                    num_train_batches, tokenize, train_batches)
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns
+from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns, trivial_baseline
 from jaxpeft.models import Pretrained, load_pretrained
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import prepare_output_dir
@@ -339,12 +339,13 @@ def _predict_and_export(loop: TrainLoop, writer: RunWriter) -> dict:
         evaluator = dataclasses.replace(loop.evaluator, eval_step=make_eval_step(model),
                                         progress=False)
         extra["predictions"] = []
-        for split, filename in setup.task.submission.items():
-            data = load_split(setup.task, split, cfg.data_dir or None, cfg.hub_dataset)
+        for task, split, filename in setup.task.prediction_files():
+            data = load_split(task, split, cfg.data_dir or None, cfg.hub_dataset)
             enc = tokenize(data, pre.tokenizer, cfg.max_seq_length, setup.cache_dir)
             path = out / "predict" / filename
-            writer.write_predictions(path, data.idx, evaluator.predict(params, enc,
-                                                                        f"predict {split}"))
+            # AX shares MNLI's labels: the same evaluator names its predictions.
+            predict = dataclasses.replace(evaluator, task=task).predict
+            writer.write_predictions(path, data.idx, predict(params, enc, f"predict {split}"))
             extra["predictions"].append(str(path))
     if cfg.export_peft and writer.enabled:
         export_peft(out / "peft", peft, params, base_model=cfg.model, target=setup.target)
@@ -367,6 +368,7 @@ def finish(loop: TrainLoop, writer: RunWriter) -> dict:
                   "examples_per_s": loop.examples / wall if wall else 0.0,
                   "compilations": loop.compilations},
         "learning_rate": setup.optim.learning_rate,
+        "baseline": trivial_baseline(setup.task, setup.eval_encs),
     }
     if cfg.do_predict or cfg.export_peft:
         results.update(_predict_and_export(loop, writer))
@@ -374,7 +376,21 @@ def finish(loop: TrainLoop, writer: RunWriter) -> dict:
     tqdm.write(f"best {loop.main_key} {loop.best[loop.main_key]:.4f} at step "
                f"{loop.best['step']}; {results['train']['examples_per_s']:.1f} train "
                f"examples/s; results in {loop.out / RESULTS}")
+    warning = baseline_warning(results)
+    if warning:
+        tqdm.write(warning)
     return results
+
+
+def baseline_warning(results: dict) -> Optional[str]:
+    """A warning line when a run's best main metric does not beat its trivial baseline."""
+    key, base = results["main_metric"], results.get("baseline") or {}
+    if results.get("best") is None or key not in base or results["best"][key] > base[key]:
+        return None
+    what = ("predicting " + " / ".join(repr(p) for p in dict.fromkeys(base["prediction"].values()))
+            + " for every example") if "prediction" in base else "a constant prediction"
+    return (f"warning: best {key} {results['best'][key]:.4f} does not beat the trivial baseline "
+            f"{base[key]:.4f} ({what}): the model has learned nothing measurable yet")
 
 
 def train_and_evaluate(cfg: RunConfig,
@@ -401,21 +417,23 @@ def train_and_evaluate(cfg: RunConfig,
     return finish(loop, writer)
 
 
-def cli_main(cfg: RunConfig) -> int:
-    """Runs `train_and_evaluate` for the command line: user errors print one line, exit 1."""
+def cli_main(cfg: RunConfig, work: Optional[Callable[[RunConfig], Any]] = None,
+             resume_hint: str = "continue with --resume") -> int:
+    """Runs `work` (default `train_and_evaluate`) for the command line: user errors print
+    one line and return 1."""
     from absl import logging as absl_logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # orbax and jax log every checkpoint step at INFO through absl: keep the console readable.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    cfg = cfg.with_output_dir()
+    if work is None:
+        cfg, work = cfg.with_output_dir(), train_and_evaluate
     try:
-        train_and_evaluate(cfg)
+        work(cfg)
     except JaxpeftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; continue with --resume (output in {cfg.output_dir})",
-              file=sys.stderr)
+        print(f"interrupted; {resume_hint} (output in {cfg.output_dir})", file=sys.stderr)
         return 130
     return 0

@@ -86,17 +86,24 @@ def _parse_label(task: Task, raw: str, where: str):
     return names.index(raw)
 
 
-def read_tsv_split(task: Task, split: str, data_dir: Union[str, os.PathLike]) -> Split:
-    """Reads one split of `task` from a folder in the GLUE distribution layout."""
-    folder = Path(data_dir) / task.glue_dir
+def split_path(task: Task, split: str, data_dir: Union[str, os.PathLike]) -> Path:
+    """The TSV file of one split in a local GLUE folder; a clear error if it is missing."""
+    if not Path(data_dir).is_dir():
+        raise JaxpeftError(f"{data_dir}: GLUE data folder not found")
     if split not in task.files:
         raise JaxpeftError(f"task {task.name} has no split {split!r}; splits: "
                            f"{', '.join(task.files)}")
-    path = folder / task.files[split]
+    path = Path(data_dir) / task.glue_dir / task.files[split]
     if not path.is_file():
         expected = ", ".join(f"{task.glue_dir}/{f}" for f in task.files.values())
         raise JaxpeftError(f"{path}: file not found; a GLUE folder for {task.name} holds "
                            f"{expected}")
+    return path
+
+
+def read_tsv_split(task: Task, split: str, data_dir: Union[str, os.PathLike]) -> Split:
+    """Reads one split of `task` from a folder in the GLUE distribution layout."""
+    path = split_path(task, split, data_dir)
     layout: TsvLayout = task.unlabeled if split.startswith("test") else task.labeled
     # utf-8-sig drops MRPC's byte-order mark; GLUE files use no quoting at all.
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -196,7 +203,5 @@ def load_split(task: Union[str, Task], split: str,
     """One split from a local GLUE folder (`data_dir`) or, when none is given, the hub."""
     task = get_task(task) if isinstance(task, str) else task
     if data_dir:
-        if not Path(data_dir).is_dir():
-            raise JaxpeftError(f"{data_dir}: GLUE data folder not found")
         return read_tsv_split(task, split, data_dir)
     return load_hub_split(task, split, hub_dataset)

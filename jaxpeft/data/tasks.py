@@ -52,6 +52,7 @@ class Task:
     submission: dict
     skip_malformed: bool = False  # QQP's train file has a few broken rows, skipped and counted
     has_train: bool = True
+    also_predicts: tuple = ()  # test-only tasks predicted with this task's model (MNLI: AX)
 
     @property
     def num_labels(self) -> int:
@@ -67,6 +68,12 @@ class Task:
     def is_pair(self) -> bool:
         """True for sentence-pair tasks."""
         return len(self.hub_fields) == 2
+
+    def prediction_files(self) -> list:
+        """`(task, test split, submission file name)` for every file a model trained on this
+        task predicts (its own test splits, then the tasks in `also_predicts`)."""
+        tasks = [self] + [TASKS[name] for name in self.also_predicts]
+        return [(t, split, name) for t in tasks for split, name in t.submission.items()]
 
     @property
     def splits(self) -> tuple:
@@ -116,7 +123,8 @@ TASKS = {t.name: t for t in [
           test_splits=("test_matched", "test_mismatched"),
           files={"train": "train.tsv", "validation_matched": "dev_matched.tsv",
                  "validation_mismatched": "dev_mismatched.tsv",
-                 "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"}),
+                 "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"},
+          also_predicts=("ax",)),
     _task("qnli", "QNLI", ("question", "sentence"), _NLI2, ("accuracy",),
           TsvLayout(texts=("question", "sentence"), label="label", index="index"),
           TsvLayout(texts=("question", "sentence"), index="index"), {"test": "QNLI.tsv"}),
