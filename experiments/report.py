@@ -10,6 +10,7 @@ import sys
 
 from absl import app, flags
 
+from jaxpeft import config
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.plots import write_report
 
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.parse_flags)

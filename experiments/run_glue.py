@@ -1,4 +1,4 @@
-"""Fine-tune BERT/RoBERTa on a GLUE task with a PEFT method (LoRA, BitFit, ...) or fully.
+r"""Fine-tune BERT/RoBERTa on a GLUE task with a PEFT method (LoRA, BitFit, ...) or fully.
 
   python -m experiments.run_glue --task=sst2 --method=lora --model=minilm \
       --data_dir=../shared/glue_data --max_steps=300 --output_dir=runs/sst2-lora
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.parse_flags)

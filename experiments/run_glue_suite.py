@@ -1,4 +1,4 @@
-"""Run the GLUE benchmark in one command: every task (or --tasks), one run folder each, then
+r"""Run the GLUE benchmark in one command: every task (or --tasks), one run folder each, then
 glue.md / glue.json (and, with --do_predict, glue_submission.zip) in --output_dir.
 
   python -m experiments.run_glue_suite --model=minilm --method=lora \
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.parse_flags)

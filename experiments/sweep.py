@@ -1,4 +1,4 @@
-"""Run a grid of run_glue configurations, each into its own folder under --root.
+r"""Run a grid of run_glue configurations, each into its own folder under --root.
 
   python -m experiments.sweep --root=runs/lr --task=sst2 --model=minilm \
       --data_dir=../shared/glue_data --max_steps=300 \
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.parse_flags)

@@ -114,7 +114,7 @@ class RunConfig:
     max_eval_samples: int = _option(0, "Use the first N validation examples (0: all).",
                                     check=_NON_NEGATIVE)
     output_dir: str = _option("", "Where the run's files go (empty: runs/<task>-<method>).",
-                              sweepable=False, **_IO)
+                              resumable=True, sweepable=False, **_IO)
     overwrite: bool = _option(False, "Replace an existing run in --output_dir.",
                               resumable=True, sweepable=False, **_IO)
     resume: bool = _option(False, "Continue the run in --output_dir from its last checkpoint.",
@@ -124,12 +124,13 @@ class RunConfig:
     dtype: str = _option("float32", "Compute dtype (parameters stay float32).",
                          choices=lambda: tuple(DTYPES))
     do_predict: bool = _option(False, "Write GLUE test-set submission files with the best "
-                               "checkpoint.", **_IO)
+                               "checkpoint (--resume on a finished run just writes them).",
+                               resumable=True, **_IO)
     export_peft: bool = _option(False, "Export the best adapter in Hugging Face peft format "
                                 "(methods peft has: " + ", ".join(
                                     m.name for m in METHODS.values() if m.peft_type) +
-                                "; prompt with --prompt_head=virtual).",
-                                **_IO)
+                                "; prompt with --prompt_head=virtual). --resume on a "
+                                "finished run just exports.", resumable=True, **_IO)
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
     progress: bool = _option(True, "Show tqdm progress bars.", resumable=True, **_IO)
@@ -249,6 +250,28 @@ def define_flags() -> None:
     for name, field in FIELDS.items():
         default = list(field.default) if field_kind(name) is tuple else field.default
         define[field_kind(name)](name, default, help_text(name))
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "--helpxml")
+
+
+def parse_flags(argv: list) -> list:
+    """absl's flag parsing for the experiment scripts (`app.run(main, flags_parser=...)`):
+    a bad flag or value is one `error:` line and exit status 1, as every other user error;
+    `--help` prints the script's help and exits 0."""
+    import sys
+
+    from absl import app, flags
+
+    asked = [a for a in argv[1:] if a.split("=", 1)[0] in HELP_FLAGS]
+    if asked:
+        app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True)
+        sys.exit(0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def from_flags() -> RunConfig:

@@ -370,9 +370,12 @@ def finish(loop: TrainLoop, writer: RunWriter) -> dict:
         "learning_rate": setup.optim.learning_rate,
         "baseline": trivial_baseline(setup.task, setup.eval_encs),
     }
+    # results.json first: if a step after training fails, the run's results stay, and
+    # --resume redoes only that step.
+    writer.write_results(results)
     if cfg.do_predict or cfg.export_peft:
         results.update(_predict_and_export(loop, writer))
-    writer.write_results(results)
+        writer.write_results(results)
     tqdm.write(f"best {loop.main_key} {loop.best[loop.main_key]:.4f} at step "
                f"{loop.best['step']}; {results['train']['examples_per_s']:.1f} train "
                f"examples/s; results in {loop.out / RESULTS}")
@@ -413,8 +416,27 @@ def train_and_evaluate(cfg: RunConfig,
     loop = TrainLoop(setup, writer, on_step)
     if resuming:
         loop.restore()
+        done = writer.read_results()
+        if done is not None and loop.step >= setup.optim.total_steps:
+            return _after_finished(loop, writer, done)
     loop.run()
     return finish(loop, writer)
+
+
+def _after_finished(loop: TrainLoop, writer: RunWriter, results: dict) -> dict:
+    """`--resume` on a finished run: nothing is retrained or rewritten except what was asked
+    after training (predictions, peft export), done from `best/`."""
+    cfg = loop.cfg
+    loop.ckpt.close()
+    if cfg.do_predict or cfg.export_peft:
+        results = {**results, **_predict_and_export(loop, writer)}
+        writer.write_results(results)
+        tqdm.write(f"{loop.out}: finished earlier; wrote " + ", ".join(
+            w for w, on in (("predictions", cfg.do_predict), ("the peft export", cfg.export_peft))
+            if on))
+    else:
+        tqdm.write(f"{loop.out}: finished earlier at step {loop.step}; nothing to do")
+    return results
 
 
 def cli_main(cfg: RunConfig, work: Optional[Callable[[RunConfig], Any]] = None,

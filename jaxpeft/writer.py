@@ -14,14 +14,18 @@ rows written before the prefixes (unprefixed training stats, `train_loss` on eva
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("jaxpeft")
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -50,7 +54,18 @@ def read_metrics(folder: os.PathLike) -> tuple[list, list]:
     path = Path(folder) / METRICS
     if not path.is_file():
         return [], []
-    rows = [_upgrade(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(_upgrade(json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise JaxpeftError(f"{path}:{number}: not a JSON row; the file is damaged "
+                                   "(only a torn last line, from a crash while writing, is "
+                                   "dropped)") from None
+            # What a crash during the append leaves: the row it was writing, half done.
+            log.warning("%s:%d: dropping a half-written last line", path, number)
     return ([r for r in rows if not is_eval_row(r)], [r for r in rows if is_eval_row(r)])
 
 
@@ -104,6 +119,11 @@ class RunWriter:
             atomic_write_bytes(self.dir / METRICS,
                                "".join(json.dumps(r) + "\n" for r in keep).encode())
         return train, evals
+
+    def read_results(self) -> Optional[dict]:
+        """The run's `results.json`, or None before the run has finished."""
+        path = self.dir / RESULTS
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def write_results(self, results: dict) -> None:
         """`results.json`: final and best metrics, counts, timings."""

@@ -122,7 +122,37 @@ def read_config(path: Path, num_labels: Optional[int] = None) -> EncoderConfig:
         d = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
-    return EncoderConfig.from_hf_dict(d, num_labels=num_labels, source=str(cfg_file))
+    config = EncoderConfig.from_hf_dict(d, num_labels=num_labels, source=str(cfg_file))
+    # A model_type edited over another family's weights would load with shifted positions.
+    others = [a for a in d.get("architectures") or []
+              if not a.lower().startswith(config.model_type)]
+    if others:
+        raise JaxpeftError(f"{cfg_file}: model_type {config.model_type!r} but architectures "
+                           f"{others}; the config does not describe these weights")
+    return config
+
+
+def _check_weights_family(state_dict: dict, model_type: str, source: str) -> None:
+    """Refuses weights saved by the other model family (prefixed `bert.` vs `roberta.`)."""
+    prefixes = {k.split(".", 1)[0] for k in state_dict}
+    other = {"bert": "roberta", "roberta": "bert"}.get(model_type)
+    if other in prefixes and model_type not in prefixes:
+        raise JaxpeftError(f"{source}: config.json says {model_type!r} but the weights are "
+                           f"{other!r} ({other}.* tensors); fix model_type in config.json")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def _check_tokenizer(tok, config: EncoderConfig, where: str) -> None:
+    """Refuses a tokenizer that cannot belong to the model: ids beyond the embedding table
+    would be silently clamped, and a near-empty vocabulary maps every word to [UNK]."""
+    n = len(tok)
+    if n > config.vocab_size or n < config.vocab_size // 2:
+        raise JaxpeftError(f"{where}: the tokenizer has {n:,} tokens but the model's "
+                           f"vocabulary has {config.vocab_size:,}; the tokenizer files are "
+                           "missing or belong to another model")
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -240,16 +270,22 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
     path = resolve_model_dir(name_or_path)
     config = read_config(path, num_labels)
     model = SequenceClassifier(config, Runtime(dtype=dtype))
+    state_dict = read_safetensors(path)
+    _check_weights_family(state_dict, config.model_type, str(path))
     params, fresh, unused = params_from_state_dict(
-        read_safetensors(path), model, jax.random.key(seed), source=str(path))
+        state_dict, model, jax.random.key(seed), source=str(path))
+    del state_dict
     if fresh:
         log.warning("Some parameters of %s were not in the checkpoint (or had another shape) "
                     "and are newly initialized: %s. Train them before using the model.",
                     name_or_path, ", ".join(fresh))
     if unused:
         log.info("Checkpoint tensors not used by the model: %s", ", ".join(unused))
-    tok = None if tokenizer is False else load_tokenizer(
-        path if tokenizer in (None, True) else tokenizer)
+    tok = None
+    if tokenizer is not False:
+        source = path if tokenizer in (None, True) else tokenizer
+        tok = load_tokenizer(source)
+        _check_tokenizer(tok, config, os.fspath(source))
     return Pretrained(model=model, params=params, tokenizer=tok, config=config,
                       name_or_path=os.fspath(name_or_path), path=path,
                       newly_initialized=fresh)
@@ -262,6 +298,12 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]):
     name = os.fspath(name_or_path)
     if name == MINILM_ALIAS:
         name = str(minilm_path())
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers would build a tiny placeholder vocabulary and train on [UNK]s.
+        raise JaxpeftError(f"{name}: no tokenizer files in this folder (looked for "
+                           f"{', '.join(_TOKENIZER_FILES)}); tokenizer.save_pretrained(folder) "
+                           "writes them")
     try:
         return AutoTokenizer.from_pretrained(name, use_fast=True)
     except (OSError, ValueError) as e:
