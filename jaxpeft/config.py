@@ -133,7 +133,8 @@ class RunConfig:
                                 "finished run just exports.", resumable=True, **_IO)
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
-    progress: bool = _option(True, "Show tqdm progress bars.", resumable=True, **_IO)
+    progress: bool = _option(True, "Show tqdm progress bars (only when stderr is a "
+                             "terminal, so logs keep a clean table).", resumable=True, **_IO)
 
     def with_output_dir(self) -> "RunConfig":
         """The same config with an empty `output_dir` made `runs/<task>-<method>`."""

@@ -79,7 +79,7 @@ class Evaluator:
         indices, pending = [], []
         for batch in tqdm(eval_batches(enc, self.batch_size, self.buckets, self.pad_id),
                           total=num_train_batches(len(enc), self.batch_size), desc=desc,
-                          leave=False, disable=not self.progress):
+                          leave=False, disable=None if self.progress else True):
             pending.append(self.eval_step(params, self.sharder.batch(batch)))
             indices.append(batch["index"])  # host-side: never gathered across processes
         for index, result in zip(indices, self.sharder.gather(pending)):

@@ -34,6 +34,7 @@ from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_l
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns, trivial_baseline
 from jaxpeft.models import Pretrained, load_pretrained
+from jaxpeft.models.checkpoint import portable_name
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import prepare_output_dir
 from jaxpeft.peft import ParamCounts, Peft, combine, export_peft, load_adapter, peft_from_run, save_adapter
@@ -247,7 +248,9 @@ class TrainLoop:
     def run(self) -> None:
         """Trains to the last step, evaluating and checkpointing on the way."""
         cfg, total = self.cfg, self.setup.optim.total_steps
-        bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, disable=not cfg.progress,
+        # disable=None: tqdm turns itself off when stderr is not a terminal (log files).
+        bar = tqdm(total=total, initial=self.step, dynamic_ncols=True,
+                   disable=None if cfg.progress else True,
                    desc=f"train {self.setup.task.name} {cfg.method}")
         self.window_t0 = time.perf_counter()
         try:
@@ -326,7 +329,9 @@ class TrainLoop:
             if self.writer.enabled:
                 save_adapter(self.out / "best", self.setup.peft, self.params,
                              base_model=self.cfg.model, config=self.setup.pre.config,
-                             target=self.setup.target)
+                             target=self.setup.target,
+                             run={"task": self.setup.task.name,
+                                  "max_seq_length": self.cfg.max_seq_length})
 
 
 def _predict_and_export(loop: TrainLoop, writer: RunWriter) -> dict:
@@ -348,7 +353,9 @@ def _predict_and_export(loop: TrainLoop, writer: RunWriter) -> dict:
             writer.write_predictions(path, data.idx, predict(params, enc, f"predict {split}"))
             extra["predictions"].append(str(path))
     if cfg.export_peft and writer.enabled:
-        export_peft(out / "peft", peft, params, base_model=cfg.model, target=setup.target)
+        # peft's base_model_name_or_path must be something PyTorch resolves (not an alias).
+        export_peft(out / "peft", peft, params, base_model=portable_name(cfg.model),
+                    target=setup.target)
         extra["peft_export"] = str(out / "peft")
     return extra
 
@@ -439,15 +446,20 @@ def _after_finished(loop: TrainLoop, writer: RunWriter, results: dict) -> dict:
     return results
 
 
-def cli_main(cfg: RunConfig, work: Optional[Callable[[RunConfig], Any]] = None,
-             resume_hint: str = "continue with --resume") -> int:
-    """Runs `work` (default `train_and_evaluate`) for the command line: user errors print
-    one line and return 1."""
+def cli_logging() -> None:
+    """Console logging for the scripts: warnings as plain lines, absl's INFO chatter off."""
     from absl import logging as absl_logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # orbax and jax log every checkpoint step at INFO through absl: keep the console readable.
     absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def cli_main(cfg: RunConfig, work: Optional[Callable[[RunConfig], Any]] = None,
+             resume_hint: str = "continue with --resume") -> int:
+    """Runs `work` (default `train_and_evaluate`) for the command line: user errors print
+    one line and return 1."""
+    cli_logging()
     if work is None:
         cfg, work = cfg.with_output_dir(), train_and_evaluate
     try:

@@ -81,7 +81,7 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
         atomic_write_json(root_path / "sweep.json", {"grid": grid, "seeds": list(seeds),
                                                      "runs": status})
 
-    bar = tqdm(runs, desc="sweep", disable=not progress)
+    bar = tqdm(runs, desc="sweep", disable=None if progress else True)
     for cfg in bar:
         name = Path(cfg.output_dir).name
         bar.set_postfix_str(name[:60])

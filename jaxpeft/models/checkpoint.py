@@ -93,6 +93,16 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
     return _download(name)
 
 
+def portable_name(name_or_path: Union[str, os.PathLike]) -> str:
+    """A name other tools (transformers, peft) resolve to the same model: a hub id as given,
+    a local folder as its absolute path, the `minilm` alias as the folder it points to."""
+    name = os.fspath(name_or_path)
+    if name == MINILM_ALIAS:
+        return str(minilm_path())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError

