@@ -7,6 +7,7 @@ Writes `index`, `label` (the label name; STS-B: the score) and one probability c
 class. Flags only; the work is `jaxpeft.predict.predict_file`.
 """
 
+import functools
 import sys
 
 from absl import app, flags
@@ -33,5 +34,10 @@ def main(argv):
                          tuple(f.text_columns) or None, f.batch_size))
 
 
+def cli():
+    """Console-script entry point (`pip install` makes one per experiment script)."""
+    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=config.parse_flags)
+    cli()

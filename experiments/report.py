@@ -6,6 +6,7 @@
 Flags only; the work is `jaxpeft.plots.write_report`.
 """
 
+import functools
 import sys
 
 from absl import app, flags
@@ -30,5 +31,10 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def cli():
+    """Console-script entry point (`pip install` makes one per experiment script)."""
+    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=config.parse_flags)
+    cli()

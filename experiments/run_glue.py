@@ -7,6 +7,7 @@ Flags only, generated from `jaxpeft.config.RunConfig`; the work is
 `jaxpeft.run.train_and_evaluate`.
 """
 
+import functools
 import sys
 
 from absl import app, flags
@@ -24,5 +25,10 @@ def main(argv):
     sys.exit(cli_main(config.from_flags()))
 
 
+def cli():
+    """Console-script entry point (`pip install` makes one per experiment script)."""
+    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=config.parse_flags)
+    cli()

@@ -9,6 +9,7 @@ size, sequence length and learning rate unless the flag is given. Flags only; th
 `jaxpeft.suite.run_suite`.
 """
 
+import functools
 import sys
 
 from absl import app, flags
@@ -34,5 +35,10 @@ def main(argv):
                        f.recipe, explicit))
 
 
+def cli():
+    """Console-script entry point (`pip install` makes one per experiment script)."""
+    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=config.parse_flags)
+    cli()

@@ -8,6 +8,7 @@ Every run_glue flag sets the base configuration; --grid varies some of them. Fin
 are skipped, failed ones reported. Flags only; the work is `jaxpeft.sweep.run_sweep`.
 """
 
+import functools
 import sys
 
 from absl import app, flags
@@ -32,5 +33,10 @@ def main(argv):
                        f.progress))
 
 
+def cli():
+    """Console-script entry point (`pip install` makes one per experiment script)."""
+    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=config.parse_flags)
+    cli()

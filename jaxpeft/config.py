@@ -107,7 +107,12 @@ class RunConfig:
     data_dir: str = _option("", "Folder in the GLUE layout (SST-2/train.tsv, ...); empty: load "
                             "from the Hugging Face hub.", **_IO)
     hub_dataset: str = _option(HUB_DATASET, "Hub dataset used when --data_dir is empty.", **_IO)
-    cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data cache (empty: no cache).",
+    compilation_cache: bool = _option(
+        True, "Keep XLA compilations in <cache_dir>/xla (JAX's persistent compilation cache), "
+        "so the next run of the same shapes, e.g. in a sweep, skips compiling.",
+        resumable=True, **_IO)
+    cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
+                             "(empty: no cache).",
                              **_IO)
     max_train_samples: int = _option(0, "Use the first N training examples (0: all).",
                                      check=_NON_NEGATIVE)
@@ -133,6 +138,9 @@ class RunConfig:
                                 "finished run just exports.", resumable=True, **_IO)
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
+    tensorboard: bool = _option(True, "Also write TensorBoard event files to "
+                                "<output_dir>/tensorboard (tensorboard --logdir runs).",
+                                resumable=True, **_IO)
     progress: bool = _option(True, "Show tqdm progress bars (only when stderr is a "
                              "terminal, so logs keep a clean table).", resumable=True, **_IO)
 
@@ -256,17 +264,21 @@ def define_flags() -> None:
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "--helpxml")
 
 
-def parse_flags(argv: list) -> list:
+def parse_flags(argv: list, module: str = "__main__") -> list:
     """absl's flag parsing for the experiment scripts (`app.run(main, flags_parser=...)`):
     a bad flag or value is one `error:` line and exit status 1, as every other user error;
-    `--help` prints the script's help and exits 0."""
+    `--help` prints the script's docstring and the key flags of `module` (the script, run
+    with `python -m` or as a console script) and exits 0."""
     import sys
 
-    from absl import app, flags
+    from absl import flags
 
     asked = [a for a in argv[1:] if a.split("=", 1)[0] in HELP_FLAGS]
     if asked:
-        app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True)
+        doc = (sys.modules[module].__doc__ or "").strip()
+        full = asked[0].split("=", 1)[0] == "--helpfull"
+        print(doc + "\n\nflags:\n" + (flags.FLAGS.get_help() if full
+                                      else flags.FLAGS.module_help(module)))
         sys.exit(0)
     try:
         return flags.FLAGS(argv)

@@ -39,7 +39,7 @@ from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import prepare_output_dir
 from jaxpeft.peft import ParamCounts, Peft, combine, export_peft, load_adapter, peft_from_run, save_adapter
 from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
-                           make_train_step)
+                           make_train_step, use_compilation_cache)
 from jaxpeft.writer import RESULTS, RunWriter
 
 
@@ -412,6 +412,8 @@ def train_and_evaluate(cfg: RunConfig,
     cfg = cfg.with_output_dir()
     distributed.initialize(cfg.multihost)
     task = validate(cfg, jax.device_count())
+    if cfg.compilation_cache and cfg.cache_dir:
+        use_compilation_cache(Path(cfg.cache_dir).expanduser() / "xla")
     setup = build(cfg, task)
     config_dict = setup.config_dict()
     writer = RunWriter(cfg.output_dir, enabled=distributed.is_writer())
@@ -426,8 +428,13 @@ def train_and_evaluate(cfg: RunConfig,
         done = writer.read_results()
         if done is not None and loop.step >= setup.optim.total_steps:
             return _after_finished(loop, writer, done)
-    loop.run()
-    return finish(loop, writer)
+    if cfg.tensorboard:
+        writer.start_tensorboard(config_dict, loop.step)
+    try:
+        loop.run()
+        return finish(loop, writer)
+    finally:
+        writer.close()
 
 
 def _after_finished(loop: TrainLoop, writer: RunWriter, results: dict) -> dict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -131,6 +131,19 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation)
     """`train_step` with the model and optimizer bound, jitted once, donating the state
     (never the frozen weights, which every step reads)."""
     return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+
+
+def use_compilation_cache(directory: Optional[str]) -> None:
+    """Turns JAX's persistent compilation cache on in `directory` (None: leaves it off).
+
+    Every compilation is kept (no minimum compile time), since even the small eval shapes
+    take seconds to compile on CPU; the cache key covers the program, shapes, devices and
+    versions, so a stale entry is never used.
+    """
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def make_eval_step(model: SequenceClassifier):

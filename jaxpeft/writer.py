@@ -84,12 +84,40 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+TENSORBOARD = "tensorboard"
+
+
 class RunWriter:
-    """Writes one run's files into `output_dir` (only on the process that should write)."""
+    """Writes one run's files into `output_dir` (only on the process that should write).
+
+    With `start_tensorboard`, every logged row also goes to TensorBoard event files in
+    `output_dir/tensorboard` (scalars `train/loss`, `eval/accuracy`, ...; the run config as
+    text), written by tensorboardX, which needs neither TensorFlow nor torch.
+    """
 
     def __init__(self, output_dir: os.PathLike, enabled: bool = True):
         self.dir = Path(output_dir)
         self.enabled = enabled
+        self._tensorboard = None
+
+    def start_tensorboard(self, config: dict, step: int = 0) -> None:
+        """Opens the event files; when resuming from `step`, events written after it (by the
+        interrupted run) are purged, as metrics.jsonl rows are."""
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(self.dir / TENSORBOARD),
+                                          purge_step=step + 1 if step else None)
+        if not step:
+            self._tensorboard.add_text("config", "```\n" + json.dumps(_clean(config), indent=1)
+                                       + "\n```", 0)
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard files (metrics.jsonl is flushed per row)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def write_config(self, config: dict) -> None:
         """`config.json`: every flag and resolved value."""
@@ -107,6 +135,12 @@ class RunWriter:
         with open(self.dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(row), allow_nan=False) + "\n")
             f.flush()
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if key.startswith(("train_", "eval_")) and isinstance(value, (int, float)) \
+                        and math.isfinite(value):
+                    self._tensorboard.add_scalar(key.replace("_", "/", 1), value, row["step"])
+            self._tensorboard.flush()
 
     def truncate_after(self, step: int) -> tuple[list, list]:
         """Drops rows past `step` (written after the checkpoint a run resumes from); returns

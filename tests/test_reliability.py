@@ -123,3 +123,38 @@ def test_help_exits_zero():
     proc = subprocess.run([sys.executable, "-m", "experiments.run_glue_suite", "--help"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "--tasks" in proc.stdout and "--method" in proc.stdout
+
+
+def _events(folder):
+    """Scalars and texts of TensorBoard event files, read with tensorboardX's protobufs."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars, texts = {}, []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+                elif v.tag.startswith("config"):
+                    texts.append(v.tag)
+    return scalars, texts
+
+
+def test_tensorboard_events_match_metrics(tiny_model, glue_dir, tmp_path):  # noqa: F811
+    pytest.importorskip("tensorboardX")
+    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, max_steps=4, log_every=2,
+                            eval_every=2, max_eval_samples=32))
+    scalars, texts = _events(tmp_path / "run" / "tensorboard")
+    train, evals = read_metrics(tmp_path / "run")
+    assert {s: v for s, v in scalars["train/loss"].items()} == pytest.approx(
+        {r["step"]: r["train_loss"] for r in train}, rel=1e-6)
+    assert scalars["eval/accuracy"] == pytest.approx(
+        {r["step"]: r["eval_accuracy"] for r in evals}, rel=1e-6)
+    assert texts  # the run config, as text
