@@ -136,6 +136,10 @@ class RunConfig:
                                     m.name for m in METHODS.values() if m.peft_type) +
                                 "; prompt with --prompt_head=virtual). --resume on a "
                                 "finished run just exports.", resumable=True, **_IO)
+    export_merged: bool = _option(False, "Also write the best model with the method merged "
+                                  "into the weights as a plain Hugging Face folder (no peft "
+                                  "needed to load it; methods that merge).",
+                                  resumable=True, **_IO)
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
     tensorboard: bool = _option(True, "Also write TensorBoard event files to "
@@ -225,6 +229,9 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
             raise JaxpeftError(message)
     if cfg.export_peft:
         peft.require_peft_export()
+    if cfg.export_merged and not peft.method.mergeable:
+        raise JaxpeftError(f"--export_merged: {cfg.method} cannot be merged into the weights "
+                           "(its function is not a change of weights)")
     if cfg.data_dir:
         # Every file the run will read, before the model loads (test files with --do_predict).
         splits = [(task, s) for s in ("train",) + task.eval_splits]

@@ -37,7 +37,8 @@ from jaxpeft.models import Pretrained, load_pretrained
 from jaxpeft.models.checkpoint import portable_name
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import prepare_output_dir
-from jaxpeft.peft import ParamCounts, Peft, combine, export_peft, load_adapter, peft_from_run, save_adapter
+from jaxpeft.peft import (ParamCounts, Peft, combine, export_merged, export_peft, load_adapter,
+                          peft_from_run, save_adapter)
 from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
                            make_train_step, use_compilation_cache)
 from jaxpeft.writer import RESULTS, RunWriter
@@ -352,6 +353,10 @@ def _predict_and_export(loop: TrainLoop, writer: RunWriter) -> dict:
             predict = dataclasses.replace(evaluator, task=task).predict
             writer.write_predictions(path, data.idx, predict(params, enc, f"predict {split}"))
             extra["predictions"].append(str(path))
+    if cfg.export_merged and writer.enabled:
+        export_merged(out / "merged", peft, params, base_dir=pre.path, tokenizer=pre.tokenizer,
+                      label_names=setup.task.label_names, target=setup.target)
+        extra["merged_export"] = str(out / "merged")
     if cfg.export_peft and writer.enabled:
         # peft's base_model_name_or_path must be something PyTorch resolves (not an alias).
         export_peft(out / "peft", peft, params, base_model=portable_name(cfg.model),
@@ -380,7 +385,7 @@ def finish(loop: TrainLoop, writer: RunWriter) -> dict:
     # results.json first: if a step after training fails, the run's results stay, and
     # --resume redoes only that step.
     writer.write_results(results)
-    if cfg.do_predict or cfg.export_peft:
+    if cfg.do_predict or cfg.export_peft or cfg.export_merged:
         results.update(_predict_and_export(loop, writer))
         writer.write_results(results)
     tqdm.write(f"best {loop.main_key} {loop.best[loop.main_key]:.4f} at step "
@@ -442,12 +447,12 @@ def _after_finished(loop: TrainLoop, writer: RunWriter, results: dict) -> dict:
     after training (predictions, peft export), done from `best/`."""
     cfg = loop.cfg
     loop.ckpt.close()
-    if cfg.do_predict or cfg.export_peft:
+    asked = [w for w, on in (("predictions", cfg.do_predict), ("the peft export", cfg.export_peft),
+                             ("the merged model", cfg.export_merged)) if on]
+    if asked:
         results = {**results, **_predict_and_export(loop, writer)}
         writer.write_results(results)
-        tqdm.write(f"{loop.out}: finished earlier; wrote " + ", ".join(
-            w for w, on in (("predictions", cfg.do_predict), ("the peft export", cfg.export_peft))
-            if on))
+        tqdm.write(f"{loop.out}: finished earlier; wrote " + ", ".join(asked))
     else:
         tqdm.write(f"{loop.out}: finished earlier at step {loop.step}; nothing to do")
     return results

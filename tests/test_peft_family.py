@@ -189,3 +189,41 @@ def test_dora_starts_equal_to_the_base_model(minilm, sst2_batch):
         np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True)),
         np.asarray(minilm.model.apply({"params": minilm.params}, *sst2_batch,
                                       deterministic=True)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning"])
+@pytest.mark.parametrize("base", ["minilm", "roberta"])
+def test_merged_export_loads_in_plain_transformers(minilm, minilm_dir, sst2_batch, tiny_roberta,
+                                                   method, base, tmp_path):
+    """--export_merged: a plain *ForSequenceClassification folder, no missing keys, same
+    logits (regression target map folded into the head on the RoBERTa case)."""
+    from jaxpeft.peft import export_merged
+
+    if base == "minilm":
+        pre, base_dir, args, target = minilm, minilm_dir, sst2_batch, None
+    else:
+        pre = jaxpeft.load_pretrained(tiny_roberta, tokenizer=False, num_labels=1)
+        base_dir, args, target = tiny_roberta, random_batch("roberta"), (2.5, 1.5)
+    peft, model, params = _trained(pre, method)
+    if target is not None:
+        model = model.clone(runtime=model.runtime.__class__(
+            hooks=model.runtime.hooks, target_mean=target[0], target_std=target[1]))
+    export_merged(tmp_path, peft, params, base_dir=base_dir, tokenizer=pre.tokenizer,
+                  target=target)
+    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(loaded).__name__.endswith("ForSequenceClassification")
+    ours = np.asarray(model.apply({"params": params}, *args, deterministic=True))
+    np.testing.assert_allclose(_torch_logits(loaded.eval(), args), ours, atol=1e-4, rtol=0)
+
+
+def test_methods_that_do_not_merge_refuse_the_merged_export(minilm, tmp_path):
+    from jaxpeft.errors import JaxpeftError
+    from jaxpeft.peft import export_merged
+
+    for method in ("prompt", "adapter_houlsby"):
+        peft = make_peft(method)
+        _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+        with pytest.raises(JaxpeftError, match="cannot be merged"):
+            export_merged(tmp_path, peft, params, base_dir=".", tokenizer=None)

@@ -36,8 +36,9 @@ def test_resume_on_finished_run_only_predicts_and_exports(tiny_model, glue_dir, 
     metrics = (run / "metrics.jsonl").read_bytes()
     again = train_and_evaluate(_cfg(tiny_model, data, tmp_path, max_steps=3, eval_every=0,
                                     max_eval_samples=64, resume=True, do_predict=True,
-                                    export_peft=True))
+                                    export_peft=True, export_merged=True))
     assert (run / "predict" / "SST-2.tsv").is_file() and (run / "peft").is_dir()
+    assert (run / "merged" / "config.json").is_file() and again["merged_export"]
     assert (run / "metrics.jsonl").read_bytes() == metrics  # nothing retrained
     for key in ("best", "final", "train", "params", "baseline"):
         assert again[key] == first[key], key

@@ -60,6 +60,7 @@ class _Bottleneck(PeftMethod):
     placements: tuple = ()
     Options = AdapterConfig
     default_learning_rate = 1e-3
+    mergeable = False
 
     def options_from(self, run):
         return AdapterConfig(size=run.adapter_size)

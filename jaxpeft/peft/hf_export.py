@@ -1,4 +1,5 @@
-"""Export to Hugging Face peft's format, for methods peft implements.
+"""Export to Hugging Face peft's format, for methods peft implements, and of merged weights
+as a plain transformers model folder (`export_merged`), for any method that merges.
 
 The folder `PeftModel.from_pretrained(base_model, folder)` loads:
   adapter_config.json        the method's peft config (task SEQ_CLS, head in `modules_to_save`)
@@ -10,6 +11,7 @@ The folder `PeftModel.from_pretrained(base_model, folder)` loads:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -18,18 +20,24 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 from jaxpeft.models.checkpoint import hf_key, hf_module_key
 from jaxpeft.peft.adapters import serialize
 from jaxpeft.peft.method import Peft
 
 
+def _output_layer(flat: dict) -> tuple:
+    """The head's last layer: RoBERTa's `classifier/out_proj`, BERT's `classifier`."""
+    return ("classifier", "out_proj") if ("classifier", "out_proj", "kernel") in flat \
+        else ("classifier",)
+
+
 def fold_target(params: Any, mean: float, std: float) -> Any:
     """Folds a regression output map `std * y + mean` into the head's last layer (BERT
     `classifier`, RoBERTa `classifier/out_proj`), for models that do not apply it."""
     flat = dict(traverse_util.flatten_dict(params))
-    last = ("classifier", "out_proj") if ("classifier", "out_proj", "kernel") in flat \
-        else ("classifier",)
+    last = _output_layer(flat)
     flat[last + ("kernel",)] = flat[last + ("kernel",)] * std
     flat[last + ("bias",)] = flat[last + ("bias",)] * std + mean
     return traverse_util.unflatten_dict(flat)
@@ -77,4 +85,41 @@ def export_peft(directory: os.PathLike, peft: Peft, params: Any, *, base_model: 
     atomic_write_bytes(directory / "adapter_model.safetensors",
                        serialize(peft_tensors(peft, params)))
     atomic_write_json(directory / "adapter_config.json", config)
+    return directory
+
+
+def export_merged(directory: os.PathLike, peft: Peft, params: Any, *, base_dir: os.PathLike,
+                  tokenizer, label_names: Optional[tuple] = None,
+                  target: Optional[tuple] = None) -> Path:
+    """Writes `params` with the method merged into the weights as a plain Hugging Face
+    `*ForSequenceClassification` folder (config.json, model.safetensors, tokenizer files),
+    which `AutoModelForSequenceClassification.from_pretrained` loads without peft.
+
+    The base folder's config.json is kept, with the classification architecture, the label
+    names (`id2label`) and, for regression, `problem_type`; a regression `target` map is
+    folded into the head.
+    """
+    if not peft.method.mergeable:
+        raise JaxpeftError(f"--export_merged: {peft.name} cannot be merged into the weights")
+    directory = Path(directory)
+    merged = peft.method.merge(params, peft.options)
+    if target is not None:
+        merged = fold_target(merged, *target)
+    flat = traverse_util.flatten_dict(jax.device_get(merged))
+    state = {hf_key(p): np.asarray(v.T if p[-1] == "kernel" else v, np.float32)
+             for p, v in flat.items()}
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    model_type = config["model_type"]
+    config["architectures"] = [{"bert": "BertForSequenceClassification",
+                                "roberta": "RobertaForSequenceClassification"}[model_type]]
+    num_labels = flat[_output_layer(flat) + ("bias",)].shape[0]
+    names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    config["problem_type"] = ("regression" if num_labels == 1
+                              else "single_label_classification")
+    atomic_write_bytes(directory / "model.safetensors", serialize(state))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    atomic_write_json(directory / "config.json", config)  # last: the folder is complete
     return directory

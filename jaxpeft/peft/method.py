@@ -68,6 +68,8 @@ class PeftMethod:
     default_learning_rate: ClassVar[float] = 1e-3
     # Hugging Face peft's `peft_type` for this method; None where peft does not have it.
     peft_type: ClassVar[Optional[str]] = None
+    # Whether `merge` can fold the method into plain weights (not: adapters, prompts).
+    mergeable: ClassVar[bool] = True
     # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
     peft_prefix: ClassVar[str] = "base_model.model."
 

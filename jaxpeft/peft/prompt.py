@@ -81,6 +81,7 @@ class Prompt(PeftMethod):
     Options = PromptConfig
     default_learning_rate = 3e-2
     peft_type = "PROMPT_TUNING"
+    mergeable = False
     peft_prefix = "base_model."  # peft keys prompt-learning models' head one level higher
 
     def options_from(self, run):
