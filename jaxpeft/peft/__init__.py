@@ -3,6 +3,7 @@ options as a `Peft` (init, mask, count, merge), adapter files and the peft expor
 
 from jaxpeft.peft.adapters import load_adapter, read_adapter_config, save_adapter
 from jaxpeft.peft.hf_export import export_merged, export_peft
+from jaxpeft.peft.hf_import import import_peft
 from jaxpeft.peft.lora import LoraConfig, add_lora, merge_lora
 from jaxpeft.peft.masks import (ParamCounts, combine, count_params, mask_from_rules, partition,
                                 path_str)
@@ -10,6 +11,6 @@ from jaxpeft.peft.method import MethodOptions, NoOptions, Peft, PeftMethod
 from jaxpeft.peft.registry import METHODS, get_method, make_peft, peft_from_dict, peft_from_run
 
 __all__ = ["METHODS", "LoraConfig", "MethodOptions", "NoOptions", "ParamCounts", "Peft", "PeftMethod",
-           "add_lora", "combine", "count_params", "export_merged", "export_peft", "get_method", "load_adapter",
+           "add_lora", "combine", "count_params", "export_merged", "export_peft", "get_method", "import_peft", "load_adapter",
            "make_peft", "mask_from_rules", "merge_lora", "partition", "path_str",
            "peft_from_dict", "peft_from_run", "read_adapter_config", "save_adapter"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.models.encoder import DenseHook, Dropout
-from jaxpeft.peft.lora import Lora, add_lora
+from jaxpeft.peft.lora import lora_options_from_peft, Lora, add_lora
 
 
 def _column_norm(kernel, a, b, scale):
@@ -80,6 +80,12 @@ class Dora(Lora):
 
     def peft_config(self, options):
         return {**super().peft_config(options), "use_dora": True}
+
+    def matches_peft(self, config):
+        return config.get("peft_type") == "LORA" and bool(config.get("use_dora"))
+
+    def options_from_peft(self, config, modules):
+        return lora_options_from_peft(config, modules, "DoRA")
 
     def peft_leaf(self, path, value):
         if path[-1] == "lora_magnitude":

@@ -43,11 +43,10 @@ def fold_target(params: Any, mean: float, std: float) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
-def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
-    """The trainable leaves under peft's state-dict keys, in PyTorch layout."""
-    tensors, prefix = {}, peft.method.peft_prefix
-    for path, value in peft.trainable_leaves(params).items():
-        value = value.astype(np.float32)
+def peft_items(peft: Peft, leaves: dict) -> dict[str, tuple]:
+    """`{peft key: (our path, value in peft's layout)}` for `{path: value}` leaves."""
+    items, prefix = {}, peft.method.peft_prefix
+    for path, value in leaves.items():
         own = peft.method.peft_leaf(path, value)
         if own is not None and len(path) == 1:
             key, value = own  # one of peft's own top-level tensors
@@ -55,7 +54,14 @@ def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
             key, value = prefix + hf_module_key(path[:-1]) + "." + own[0], own[1]
         else:
             key, value = prefix + hf_key(path), value.T if path[-1] == "kernel" else value
-        tensors[key] = value
+        items[key] = (path, value)
+    return items
+
+
+def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
+    """The trainable leaves under peft's state-dict keys, in PyTorch layout."""
+    leaves = {p: v.astype(np.float32) for p, v in peft.trainable_leaves(params).items()}
+    tensors = {key: value for key, (_, value) in peft_items(peft, leaves).items()}
     extra = peft.method.peft_extra(params, peft.options)
     tensors.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in extra.items()})
     return tensors

@@ -13,13 +13,15 @@ labels); `--ia3_targets=key,value,output,attention_output` is peft's default set
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
-from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules
+from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules, targets_of_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
 # Targets whose input is scaled (transformers' `output.dense` modules).
@@ -99,6 +101,21 @@ class Ia3(PeftMethod):
                 "feedforward_modules": _regex([t for t in options.targets
                                                if t in INPUT_SCALED] or ["output"]),
                 "fan_in_fan_out": False, "init_ia3_weights": True}
+
+    def options_from_peft(self, config, modules):
+        targets = targets_of_modules(modules, "IA3")
+        # peft scales the input of its feedforward modules (a regex, or name suffixes); ours
+        # are output and attention_output.
+        ff = config.get("feedforward_modules") or []
+        for t in targets:
+            name = "bert.encoder.layer.0." + PEFT_MODULE[t].replace("\\", "")
+            is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(
+                name == f or name.endswith("." + f) for f in ff)
+            if is_ff != (t in INPUT_SCALED):
+                raise JaxpeftError(f"IA3 adapter scales the {'input' if is_ff else 'output'} of "
+                                   f"{t}; jaxpeft scales the input of output/attention_output "
+                                   "and the output of the others")
+        return Ia3Config(targets=targets)
 
     def peft_leaf(self, path, value):
         # peft: ia3_l (1, in) on feed-forward layers, (out, 1) on the others

@@ -20,6 +20,9 @@ class LnTuning(PeftMethod):
     def rules(self, options):
         return [(r".*/LayerNorm/(scale|bias)", True), (".*", False)]
 
+    def options_from_peft(self, config, modules):
+        return self.Options()
+
     def peft_config(self, options):
         return {"target_modules": ["LayerNorm"]}
 

@@ -184,10 +184,42 @@ class Lora(PeftMethod):
                 "use_rslora": options.use_rslora, "target_modules": peft_target_modules(options),
                 "fan_in_fan_out": False, "init_lora_weights": True, "bias": "none"}
 
+    def matches_peft(self, config):
+        return config.get("peft_type") == "LORA" and not config.get("use_dora")
+
+    def options_from_peft(self, config, modules):
+        return lora_options_from_peft(config, modules, "LoRA")
+
     def peft_leaf(self, path, value):
         # ours: a (in, r), b (r, out); peft: lora_A.weight (r, in), lora_B.weight (out, r)
         names = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
         return (names[path[-1]], value.T) if path[-1] in names else None
+
+
+def targets_of_modules(modules: set, method: str) -> tuple:
+    """Our target names of module paths (`("bert", "encoder", "layer_0", ...)`)."""
+    found = [t for t, rx in TARGETS.items()
+             if any(re.fullmatch(rx, path_str(m)) for m in modules)]
+    unknown = [m for m in modules
+               if not any(re.fullmatch(rx, path_str(m)) for rx in TARGETS.values())]
+    if unknown or not found:
+        raise JaxpeftError(f"{method} adapter on modules jaxpeft does not adapt: "
+                           f"{sorted(path_str(m) for m in unknown)[:3] or '(none)'}")
+    return tuple(found)
+
+
+def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
+    """`LoraConfig` of a peft LoRA/DoRA `adapter_config.json`; refuses what differs from a
+    plain per-module LoRA (rank or alpha patterns, trained biases, fan_in_fan_out)."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise JaxpeftError(f"{method}: per-module rank/alpha patterns are not supported")
+    if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
+        raise JaxpeftError(f"{method}: bias={config.get('bias')!r} / fan_in_fan_out adapters "
+                           "are not supported")
+    return LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                      dropout=float(config.get("lora_dropout") or 0.0),
+                      targets=targets_of_modules(modules, method),
+                      use_rslora=bool(config.get("use_rslora")))
 
 
 def peft_target_modules(config: LoraConfig) -> Any:

@@ -119,6 +119,15 @@ class PeftMethod:
         leaf at the tree's root maps to one of peft's top-level keys (a soft prompt)."""
         return None
 
+    def matches_peft(self, config: Mapping) -> bool:
+        """Whether a peft `adapter_config.json` describes this method (import)."""
+        return self.peft_type is not None and config.get("peft_type") == self.peft_type
+
+    def options_from_peft(self, config: Mapping, modules: set) -> Any:
+        """The options of a peft adapter (`modules`: our paths of the modules its tensors
+        sit in); a clear error for what jaxpeft cannot reproduce."""
+        raise JaxpeftError(f"importing peft {self.peft_type} adapters is not supported")
+
     def peft_extra(self, params: Any, options: Any) -> dict:
         """Frozen tensors peft's file also needs, by full peft key (VeRA's projections)."""
         return {}

@@ -117,5 +117,9 @@ class Prompt(PeftMethod):
         return {"num_virtual_tokens": options.num_virtual_tokens, "num_transformer_submodules": 1,
                 "prompt_tuning_init": "SAMPLE_VOCAB"}
 
+    def options_from_peft(self, config, modules):
+        # peft's classifier reads the first virtual token.
+        return PromptConfig(num_virtual_tokens=int(config["num_virtual_tokens"]), head="virtual")
+
     def peft_leaf(self, path, value):
         return (LEAF, value) if path == (LEAF,) else None

@@ -123,5 +123,9 @@ class Vera(PeftMethod):
     def peft_leaf(self, path, value):
         return (path[-1], value) if path[-1] in ("vera_lambda_d", "vera_lambda_b") else None
 
+    def options_from_peft(self, config, modules):
+        raise JaxpeftError("importing peft VeRA adapters is not supported: their shared "
+                           "projections come from torch's random generator, ours from JAX's")
+
     def peft_extra(self, params, options):
         return {"base_model.vera_A": params["vera_A"], "base_model.vera_B": params["vera_B"]}

@@ -1,0 +1,123 @@
+"""Import of adapters saved by Hugging Face peft (PyTorch) for BERT/RoBERTa sequence
+classification: `adapter_config.json` + `adapter_model.safetensors`, head in
+`modules_to_save`.
+
+The method comes from the config (`PeftMethod.matches_peft`; LoRA, DoRA, IA3, LN-tuning and
+prompt tuning import), its options from the config and from the modules the tensors sit in
+(`options_from_peft`). The tensors are placed by running the export's own naming
+(`hf_export.peft_items`) on index arrays: each element of each of our trainable leaves learns
+its peft key and position, so import is the exact inverse of export, with no second naming
+rule to keep in step. Every key peft saved must be used and every trainable leaf filled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models import Pretrained, SequenceClassifier
+from jaxpeft.peft.hf_export import peft_items
+from jaxpeft.peft.method import Peft
+from jaxpeft.peft.registry import METHODS
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _module_paths(keys, model_type: str) -> set:
+    """Our module paths of the peft keys that sit in encoder layers."""
+    modules = set()
+    for key in keys:
+        m = re.match(r"base_model\.model\.(.*\.layer\.\d+\.[^.]+(?:\.[^.]+)*?)\."
+                     r"(lora_|ia3_l|ln_tuning_layers)", key)
+        if m:
+            parts = re.sub(r"layer\.(\d+)", r"layer_\1", m.group(1)).split(".")
+            if parts[0] != model_type:
+                raise JaxpeftError(f"adapter tensor {key} is for a {parts[0]} model, the base "
+                                   f"is {model_type}")
+            modules.add(tuple(parts))
+    return modules
+
+
+def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassifier, Any, Peft]:
+    """`(model, params, peft)` of a peft adapter folder on the loaded base `pre` (loaded with
+    the adapter's number of labels), as `load_adapter` returns for jaxpeft's own files."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise JaxpeftError(f"{directory}: not a peft adapter folder ({CONFIG} and {WEIGHTS})")
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise JaxpeftError(f"{directory / CONFIG}: not valid JSON ({e})") from None
+    if config.get("task_type") != "SEQ_CLS":
+        raise JaxpeftError(f"{directory / CONFIG}: task_type {config.get('task_type')!r}; "
+                           "jaxpeft imports sequence-classification adapters (SEQ_CLS)")
+    method = next((m for m in METHODS.values() if m.matches_peft(config)), None)
+    if method is None:
+        supported = sorted({m.peft_type for m in METHODS.values() if m.peft_type})
+        raise JaxpeftError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} has no "
+                           f"jaxpeft method (peft types here: {', '.join(supported)})")
+    saved = load_file(str(directory / WEIGHTS))
+    model_type = pre.config.model_type
+    options = method.options_from_peft(config, _module_paths(saved, model_type))
+    train_pooler = any(".pooler." in k for k in saved)
+    peft = Peft(method, options, train_pooler)
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    flat = dict(traverse_util.flatten_dict(params))
+    mask = traverse_util.flatten_dict(peft.mask(params))
+    trainable = {p: np.arange(flat[p].size).reshape(flat[p].shape) for p, m in mask.items() if m}
+    placed = peft_items(peft, trainable)
+    missing, unexpected = sorted(set(placed) - set(saved)), sorted(set(saved) - set(placed))
+    if missing or unexpected:
+        raise JaxpeftError(f"{directory}: the {method.name} adapter's tensors do not fit this "
+                           f"base; was it made for another base model? (missing: {missing[:3]}, "
+                           f"unexpected: {unexpected[:3]})")
+    for key, (path, where) in placed.items():
+        value = saved[key]
+        if value.shape != where.shape:
+            raise JaxpeftError(f"{directory}: {key} has shape {tuple(value.shape)}, this base "
+                               f"needs {tuple(where.shape)}; the adapter was made for another "
+                               "base model")
+        leaf = np.empty(flat[path].size, np.float32)
+        leaf[where.reshape(-1)] = value.reshape(-1)
+        flat[path] = jax.numpy.asarray(leaf.reshape(flat[path].shape))
+    return model, traverse_util.unflatten_dict(flat), peft
+
+
+def convert_peft_adapter(peft_dir: os.PathLike, model: str, task: str, output: os.PathLike,
+                         max_seq_length: int = 128) -> Path:
+    """Imports a peft adapter for `task` on base `model` and writes it as a jaxpeft adapter
+    folder (`adapter.json` + `adapter.safetensors`), usable by `load_adapter` and
+    `experiments/predict.py`."""
+    from jaxpeft.data import get_task
+    from jaxpeft.models import load_pretrained
+    from jaxpeft.peft.adapters import save_adapter
+
+    spec = get_task(task)
+    pre = load_pretrained(model, num_labels=spec.num_labels, tokenizer=False)
+    _, params, peft = import_peft(peft_dir, pre)
+    return save_adapter(output, peft, params, base_model=model, config=pre.config,
+                        run={"task": spec.name, "max_seq_length": max_seq_length})
+
+
+def convert_cli(peft_dir: str, model: str, task: str, output: str, max_seq_length: int) -> int:
+    """`convert_peft_adapter` for the command line: user errors are one `error:` line."""
+    import sys
+
+    try:
+        out = convert_peft_adapter(peft_dir, model, task, output, max_seq_length)
+    except JaxpeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote the jaxpeft adapter {out} (predict with: python -m experiments.predict "
+          f"--run={out} --input=...)")
+    return 0

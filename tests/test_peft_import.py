@@ -1,0 +1,108 @@
+"""Adapters trained with PyTorch peft, imported into jaxpeft: same dev-set logits, clear
+errors for what does not fit."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jaxpeft
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.peft.hf_import import import_peft
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+
+CONFIGS = {
+    "lora": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                       target_modules=["query", "value", "intermediate.dense"]),
+    "dora": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True,
+                                       target_modules=["key", "value"]),
+    "ia3": lambda: hf_peft.IA3Config(task_type="SEQ_CLS"),
+    "ln_tuning": lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
+    "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
+}
+
+
+def _train_in_torch(base_dir, config, batch, out, steps=3):
+    """A peft model trained a few AdamW steps on one real batch, saved with save_pretrained."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir,
+                                                                            num_labels=2)
+    model = hf_peft.get_peft_model(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask, types = (torch.tensor(x) for x in batch)
+    labels = torch.tensor([i % 2 for i in range(ids.shape[0])])
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                     labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    model.eval()
+    with torch.no_grad():
+        return model
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_peft_trained_adapter_scores_as_in_pytorch(minilm_dir, glue_dir, sst2_batch, method,
+                                                   tmp_path):
+    tm = _train_in_torch(minilm_dir, CONFIGS[method](), sst2_batch, tmp_path)
+    lines = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[17:81]
+    pre = jaxpeft.load_pretrained(minilm_dir, num_labels=2)
+    enc = pre.tokenizer([l.split("\t")[0] for l in lines], padding=True, return_tensors="np")
+    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    with torch.no_grad():
+        theirs = tm(**{k: torch.tensor(v) for k, v in zip(
+            ("input_ids", "attention_mask", "token_type_ids"), args)}).logits.numpy()
+    model, params, peft = import_peft(tmp_path, pre)
+    assert peft.name == method
+    ours = np.asarray(model.apply({"params": params}, *args, deterministic=True))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    base = np.asarray(pre.model.apply({"params": pre.params}, *args, deterministic=True))
+    assert np.abs(ours - base).max() > 1e-3  # the adapter was really applied
+    assert peft.count(params).trainable == tm.get_nb_trainable_parameters()[0]
+
+
+def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_batch, tmp_path):
+    from tests.helpers import save_torch_model, tiny_hf_config
+
+    _train_in_torch(minilm_dir, CONFIGS["lora"](), sst2_batch, tmp_path / "lora", steps=1)
+    tiny = tmp_path / "tiny"
+    save_torch_model(transformers.BertForSequenceClassification, tiny_hf_config("bert"), tiny)
+    with pytest.raises(JaxpeftError, match="for another base model"):
+        import_peft(tmp_path / "lora", jaxpeft.load_pretrained(tiny, tokenizer=False))
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    for change, message in (({"peft_type": "ADALORA"}, "has no jaxpeft method"),
+                            ({"task_type": "CAUSAL_LM"}, "imports sequence-classification"),
+                            ({"bias": "all"}, "bias='all'")):
+        (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(JaxpeftError, match=message):
+            import_peft(tmp_path / "lora", jaxpeft.load_pretrained(minilm_dir, num_labels=2))
+    vera = hf_peft.VeraConfig(task_type="SEQ_CLS", r=16, target_modules=["query", "value"],
+                              save_projection=True)
+    _train_in_torch(minilm_dir, vera, sst2_batch, tmp_path / "vera", steps=1)
+    with pytest.raises(JaxpeftError, match="torch's random generator"):
+        import_peft(tmp_path / "vera", jaxpeft.load_pretrained(minilm_dir, num_labels=2))
+
+
+def test_converted_adapter_predicts_like_pytorch(minilm_dir, glue_dir, sst2_batch, tmp_path):
+    """experiments/import_peft.py's function, then experiments/predict.py's, on real rows."""
+    from jaxpeft.peft.hf_import import convert_peft_adapter
+    from jaxpeft.predict import predict_file
+
+    tm = _train_in_torch(minilm_dir, CONFIGS["dora"](), sst2_batch, tmp_path / "peft")
+    out = convert_peft_adapter(tmp_path / "peft", str(minilm_dir), "sst2", tmp_path / "ours")
+    rows = (glue_dir / "SST-2" / "dev.tsv").read_text().splitlines()[:41]
+    (tmp_path / "in.tsv").write_text("\n".join(rows) + "\n")
+    table = predict_file(out, str(tmp_path / "in.tsv"), str(tmp_path / "preds.tsv"))
+    enc = jaxpeft.load_pretrained(minilm_dir).tokenizer(
+        [r.split("\t")[0] for r in rows[1:]], padding=True, truncation=True, max_length=128,
+        return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(tm(**enc).logits, -1).numpy()
+    ours = np.array([[float(x) for x in r[2:]] for r in table[1:]])
+    np.testing.assert_allclose(ours, probs, atol=1e-5, rtol=0)
