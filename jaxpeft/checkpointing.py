@@ -8,14 +8,19 @@ a flat dict, and restored into the structure of a freshly built state of the sam
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.train import TrainState
+
+log = logging.getLogger("jaxpeft")
 
 
 def _leaves(state: TrainState) -> list:
@@ -55,6 +60,29 @@ class Checkpointer:
         step_arr, trainable, opt_state = jax.tree.unflatten(treedef, leaves)
         return like.replace(step=step_arr, trainable=trainable, opt_state=opt_state), dict(
             out["meta"])
+
+    def restore_intact(self, like: TrainState) -> tuple[TrainState, dict]:
+        """Restores the newest checkpoint that reads back whole. A damaged one (a crash
+        mid-save, a deleted or truncated file) is reported, removed, and the one before it
+        used; with none intact, a `JaxpeftError` says so."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.restore(like, step)
+            except Exception as e:  # orbax raises many types for damaged files
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                log.warning("checkpoint %s/%d is damaged (%s); trying the previous one",
+                            self.directory, step, reason)
+                self._drop(step)
+        raise JaxpeftError(f"{self.directory}: no intact checkpoint to resume from; start "
+                           "again with --overwrite")
+
+    def _drop(self, step: int) -> None:
+        # A later save of the same step must not meet the damaged folder.
+        try:
+            self._manager.delete(step)
+        except Exception:  # noqa: BLE001 - the folder may be too damaged for orbax
+            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        self._manager.reload()
 
     def close(self) -> None:
         """Waits for pending writes and releases the manager."""

@@ -219,6 +219,8 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
             raise JaxpeftError(f"--{name}={value!r} is not one of: {', '.join(allowed)}")
         if check and not check[0](value):
             raise JaxpeftError(f"--{name} must be {check[1]}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise JaxpeftError(f"--{name} must be a finite number, got {value!r}")
     peft = peft_from_run(cfg)  # the method checks its own options
     rules = [
         (cfg.max_steps > 0 or cfg.num_epochs > 0, "give --num_epochs > 0 or --max_steps > 0"),

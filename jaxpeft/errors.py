@@ -1,4 +1,5 @@
-"""The one exception type for user mistakes (bad paths, bad options, bad data).
+"""The exception for user mistakes (bad paths, bad options, bad data), and the one for a run
+stopped by a signal.
 
 Library code raises `JaxpeftError` for anything the user can fix; the command-line scripts
 catch it and print its message on one line without a traceback. Anything else is a bug and
@@ -8,3 +9,14 @@ keeps its traceback.
 
 class JaxpeftError(Exception):
     """A user-facing error: the message alone says what is wrong and how to fix it."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGTERM or SIGINT after saving a checkpoint; `--resume` continues it.
+
+    `signum` is the signal; scripts exit with status 128 + signum, as a killed process would.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,68 @@ def _comparable(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in resumable}
 
 
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the length of a run (`flock` on `<out>/.lock`),
+    so two processes never train into one folder; the second gets a clear error."""
+
+    def __init__(self, output_dir: os.PathLike):
+        self.path = Path(output_dir) / LOCK
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise JaxpeftError(f"{self.path.parent}: another run is using this folder (process "
+                               f"{holder}); wait for it to end or choose another --output_dir"
+                               ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _entries(out: Path) -> list:
+    return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """What can be told about `--output_dir` before anything loads: a file in the way, a
+    place that cannot be written, a folder holding a run without --resume/--overwrite."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise JaxpeftError(f"{out}: --output_dir is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise JaxpeftError(f"{out}: cannot write there ({parent} is not a writable folder)")
+    if _entries(out) and not (cfg.resume or cfg.overwrite):
+        raise _occupied(out)
+
+
+def _occupied(out: Path) -> JaxpeftError:
+    what = "a finished run" if (out / RESULTS).is_file() else "an unfinished or other run"
+    return JaxpeftError(f"{out}: output folder holds {what}; pass --resume to continue it, "
+                        "--overwrite to replace it, or choose another --output_dir")
+
+
 def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
     """Makes `output_dir` ready; returns True when resuming.
 
@@ -23,9 +87,10 @@ def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
     may change on resume) or replaced with `--overwrite`.
     """
     out = Path(cfg.output_dir)
-    existing = out.is_dir() and any(out.iterdir())
+    existing = bool(_entries(out))
     if existing and cfg.overwrite:
-        shutil.rmtree(out)
+        for entry in _entries(out):  # the lock file stays: this process holds it
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         existing = False
     if cfg.resume:
         if not (out / CONFIG).is_file():
@@ -42,7 +107,5 @@ def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
                                f"({changes})")
         return True
     if existing:
-        what = "a finished run" if (out / RESULTS).is_file() else "an unfinished or other run"
-        raise JaxpeftError(f"{out}: output folder holds {what}; pass --resume to continue it, "
-                           "--overwrite to replace it, or choose another --output_dir")
+        raise _occupied(out)
     return False

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,12 +34,12 @@ from jaxpeft.config import RunConfig, check_fits_model, validate
 from jaxpeft.data import Task, load_split
 from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_lengths,
                                    num_train_batches, tokenize, train_batches)
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, RunInterrupted
 from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns, trivial_baseline
 from jaxpeft.models import Pretrained, load_pretrained
 from jaxpeft.models.checkpoint import portable_name
 from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
-from jaxpeft.outputs import prepare_output_dir
+from jaxpeft.outputs import RunLock, check_output_dir, prepare_output_dir
 from jaxpeft.peft import (ParamCounts, Peft, combine, export_merged, export_peft, load_adapter,
                           peft_from_run, save_adapter)
 from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
@@ -194,6 +197,33 @@ def _format_row(row: dict, keys: list) -> str:
     return "  ".join(parts)
 
 
+class StopSignals:
+    """While active, SIGTERM (preemption) and SIGINT only set `received`: the loop then
+    checkpoints after the current step and stops cleanly. A second SIGINT interrupts at once.
+    Installed only in the main thread (where Python delivers signals)."""
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (checkpoint, "
+                   "then exit)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class TrainLoop:
     """The training loop and what it carries between steps: state, best, log window, clock."""
 
@@ -220,6 +250,7 @@ class TrainLoop:
         self.best, self.last_eval, self.recent_loss = None, None, None
         self.window, self.window_examples, self.window_t0 = [], 0, 0.0
         self.header_printed, self.compilations = False, 0
+        self.signals = StopSignals()
 
     @property
     def params(self) -> Any:
@@ -237,11 +268,13 @@ class TrainLoop:
         """Continues from the latest checkpoint (or from scratch if there is none yet)."""
         meta = {}
         if self.ckpt.latest_step() is not None:
-            self.state, meta = self.ckpt.restore(self.state)
+            self.state, meta = self.ckpt.restore_intact(self.state)
             print(f"Resuming {self.out} from step {int(meta['step'])}")
         self.step, self.best = int(meta.get("step", 0)), meta.get("best")
         self.clock, self.examples = Stopwatch(float(meta.get("train_wall_s", 0.0))), \
             int(meta.get("examples", 0))
+        self.window = list(meta.get("window", []))
+        self.window_examples = int(meta.get("window_examples", 0))
         train_rows, eval_rows = self.writer.truncate_after(self.step)
         self.last_eval = eval_rows[-1] if eval_rows else None
         self.recent_loss = train_rows[-1]["train_loss"] if train_rows else None
@@ -255,7 +288,8 @@ class TrainLoop:
                    desc=f"train {self.setup.task.name} {cfg.method}")
         self.window_t0 = time.perf_counter()
         try:
-            with CompileCounter.shared().counting() as compiles, self.clock.running():
+            with CompileCounter.shared().counting() as compiles, self.clock.running(), \
+                    self.signals:
                 while self.step < total:
                     epoch, start = divmod(self.step, self.setup.steps_per_epoch)
                     for batch in train_batches(self.setup.train_enc, cfg.batch_size,
@@ -289,14 +323,30 @@ class TrainLoop:
                 or step % self.setup.steps_per_epoch == 0:
             with self.clock.paused():
                 self._evaluate()
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done:
-            with self.clock.paused():
-                self.ckpt.save(step, self.state, {
-                    "step": step, "best": self.best, "train_wall_s": self.clock.elapsed,
-                    "examples": self.examples})
+        saved = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done
+        if saved:
+            self._save_checkpoint()
         if self.on_step is not None:
             self.on_step(step)
+        if self.signals.received is not None and not done:
+            if not saved:
+                self._save_checkpoint()
+            name = signal.Signals(self.signals.received).name
+            raise RunInterrupted(f"stopped by {name} at step {step} of "
+                                 f"{self.setup.optim.total_steps}; checkpoint saved",
+                                 self.signals.received)
         return done
+
+    def _save_checkpoint(self) -> None:
+        # The log window goes along, so the first train_loss row after resuming averages
+        # the same steps as an uninterrupted run's.
+        with self.clock.paused():
+            self.ckpt.save(self.step, self.state, {
+                "step": self.step, "best": self.best, "train_wall_s": self.clock.elapsed,
+                "examples": self.examples,
+                "window": [{k: float(v) for k, v in m.items()}
+                           for m in jax.device_get(self.window)],
+                "window_examples": self.window_examples})
 
     def _log_window(self, bar) -> None:
         # The loop's only host sync besides evaluation: the whole window is fetched at once.
@@ -309,7 +359,7 @@ class TrainLoop:
             "step": self.step, "epoch": round(self.step / self.setup.steps_per_epoch, 4),
             "train_loss": self.recent_loss,
             "train_learning_rate": learning_rate_at(self.setup.optim, self.step - 1),
-            **{f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in STEP_STATS},
+            **{f"train_{k}": float(np.mean([float(m[k]) for m in fetched])) for k in STEP_STATS},
             "train_examples_per_s": self.window_examples / max(now - self.window_t0, 1e-9)})
         bar.set_postfix(loss=f"{self.recent_loss:.4f}")
         self.window, self.window_examples, self.window_t0 = [], 0, now
@@ -416,13 +466,30 @@ def train_and_evaluate(cfg: RunConfig,
     """
     cfg = cfg.with_output_dir()
     distributed.initialize(cfg.multihost)
-    task = validate(cfg, jax.device_count())
+
+    def check():
+        task = validate(cfg, jax.device_count())
+        check_output_dir(cfg)  # before the model loads: a mistake here costs seconds
+        return task
+
+    # With several processes, a user error on any of them stops all with its message.
+    task = distributed.agree(check)
     if cfg.compilation_cache and cfg.cache_dir:
         use_compilation_cache(Path(cfg.cache_dir).expanduser() / "xla")
-    setup = build(cfg, task)
+    setup = distributed.agree(lambda: build(cfg, task))
     config_dict = setup.config_dict()
     writer = RunWriter(cfg.output_dir, enabled=distributed.is_writer())
-    resuming = prepare_output_dir(cfg, config_dict) if writer.enabled else cfg.resume
+    with RunLock(cfg.output_dir) if writer.enabled else contextlib.nullcontext():
+        return _run_locked(cfg, setup, config_dict, writer, on_step)
+
+
+def _run_locked(cfg: RunConfig, setup: Setup, config_dict: dict, writer: RunWriter,
+                on_step: Optional[Callable[[int], None]]) -> dict:
+    task = setup.task
+    # Process 0 decides (it alone reads and writes the folder); the others follow.
+    resuming = distributed.agree(
+        lambda: prepare_output_dir(cfg, config_dict) if writer.enabled else None)
+    resuming = cfg.resume if resuming is None else resuming
     if not resuming:
         writer.write_config(config_dict)
     if writer.enabled:
@@ -479,7 +546,17 @@ def cli_main(cfg: RunConfig, work: Optional[Callable[[RunConfig], Any]] = None,
     except JaxpeftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        print(f"{e}; {resume_hint} (output in {cfg.output_dir})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"interrupted; {resume_hint} (output in {cfg.output_dir})", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device ({e.filename or cfg.output_dir}); files "
+              "written before are intact; free space and continue with --resume",
+              file=sys.stderr)
+        return 1
     return 0

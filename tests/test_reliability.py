@@ -159,3 +159,142 @@ def test_tensorboard_events_match_metrics(tiny_model, glue_dir, tmp_path):  # no
     assert scalars["eval/accuracy"] == pytest.approx(
         {r["step"]: r["eval_accuracy"] for r in evals}, rel=1e-6)
     assert texts  # the run config, as text
+
+
+# ---- signals, damaged checkpoints, locks, output folders ----------------------------------
+
+def _interrupt_at(step_to_stop, signum=None):
+    import signal
+
+    def on_step(step):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signum or signal.SIGTERM)
+    return on_step
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_ends_as_uninterrupted(tiny_model, glue_dir,  # noqa: F811
+                                                                     tmp_path):
+    """A real SIGTERM mid-run (with --checkpoint_every=0): checkpoint at that step, clean
+    stop; --resume ends with the same metrics rows, the first train_loss row included."""
+    from jaxpeft.errors import RunInterrupted
+    from tests.test_run import _comparable_rows
+
+    kw = dict(max_steps=10, log_every=4, eval_every=5, checkpoint_every=0, max_eval_samples=32,
+              lora_dropout=0.1)
+    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", **kw))
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM at step 3 of 10"):
+        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", **kw),
+                           on_step=_interrupt_at(3))
+    assert (tmp_path / "b" / "run" / "checkpoints" / "3").is_dir()
+    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
+    assert _comparable_rows(tmp_path / "b" / "run") == _comparable_rows(tmp_path / "a" / "run")
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_model, glue_dir, tmp_path,  # noqa: F811
+                                                              caplog):
+    from jaxpeft.errors import RunInterrupted
+    from tests.test_run import _comparable_rows
+
+    kw = dict(max_steps=8, log_every=2, eval_every=4, checkpoint_every=2, max_eval_samples=32)
+    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", **kw))
+    with pytest.raises(RunInterrupted):
+        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", **kw),
+                           on_step=_interrupt_at(5))
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 5]
+    for f in (ckpts / "5").rglob("*"):  # truncate every file of the newest checkpoint
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[:3])
+    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
+    assert "checkpoints/5 is damaged" in caplog.text
+    assert _comparable_rows(tmp_path / "b" / "run") == _comparable_rows(tmp_path / "a" / "run")
+
+
+def test_second_run_on_a_locked_folder_is_refused(tiny_model, glue_dir, tmp_path):  # noqa: F811
+    from jaxpeft.outputs import RunLock
+
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(JaxpeftError, match=f"another run is using this folder \\(process "
+                                               f"{os.getpid()}\\)"):
+            train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, max_steps=1))
+
+
+def test_output_dir_problems_surface_before_the_model_loads(tiny_model, glue_dir, tmp_path,  # noqa: F811
+                                                            monkeypatch):
+    import jaxpeft.run
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(jaxpeft.run, "load_pretrained", no_loading)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JaxpeftError, match="is a file, not a folder"):
+        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, output_dir=str(tmp_path / "file")))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(JaxpeftError, match="holds an unfinished or other run"):
+        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path))
+
+
+def test_interrupt_and_full_disk_are_one_line(tiny_model, glue_dir, tmp_path, capsys):  # noqa: F811
+    import errno
+
+    from jaxpeft.errors import RunInterrupted
+    from jaxpeft.run import cli_main
+
+    def stopped(cfg):
+        raise RunInterrupted("stopped by SIGTERM at step 3 of 10; checkpoint saved", 15)
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    cfg = _cfg(tiny_model, glue_dir, tmp_path)
+    assert cli_main(cfg, stopped) == 143
+    assert cli_main(cfg, full) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("stopped by SIGTERM at step 3 of 10; checkpoint saved; continue "
+                             "with --resume")
+    assert err[1].startswith("error: no space left on device") and len(err) == 2
+
+
+# ---- damaged inputs: one clear line each ---------------------------------------------------
+
+def test_damaged_inputs_are_one_clear_error(tiny_model, glue_dir, tmp_path):  # noqa: F811
+    from jaxpeft.config import RunConfig, validate
+    from jaxpeft.data import load_split
+    from jaxpeft.peft.adapters import load_adapter
+
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(JaxpeftError, match=r"SST-2/train.tsv: no examples \(only a header"):
+        load_split("sst2", "train", tmp_path)
+    (tmp_path / "SST-2" / "train.tsv").write_bytes(b"sentence\tlabel\nfine\t1\nbad \xff byte\t0\n")
+    with pytest.raises(JaxpeftError, match=r"SST-2/train.tsv:3: not UTF-8 text \(byte 0xff\)"):
+        load_split("sst2", "train", tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(JaxpeftError, match="model.safetensors: not a readable safetensors file"):
+        jaxpeft.load_pretrained(model)
+    for name, value in (("learning_rate", float("inf")), ("lora_alpha", float("inf"))):
+        with pytest.raises(JaxpeftError, match=f"--{name} must be a finite number"):
+            validate(RunConfig(**{name: value}))
+    # Adapter folders: truncated weights, invalid JSON, a description without num_labels.
+    run = tmp_path / "run"
+    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, max_steps=1, eval_every=0,
+                            max_eval_samples=16))
+    pre = jaxpeft.load_pretrained(tiny_model, num_labels=2)
+    best = run / "best"
+    weights = (best / "adapter.safetensors").read_bytes()
+    (best / "adapter.safetensors").write_bytes(weights[:40])
+    with pytest.raises(JaxpeftError, match="adapter.safetensors: not a readable safetensors"):
+        load_adapter(best, pre)
+    meta = json.loads((best / "adapter.json").read_text())
+    (best / "adapter.json").write_text("{not json")
+    with pytest.raises(JaxpeftError, match="adapter.json: not valid JSON"):
+        load_adapter(best, pre)
+    del meta["num_labels"]
+    (best / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(JaxpeftError, match="adapter.json: missing num_labels"):
+        load_adapter(best, pre)

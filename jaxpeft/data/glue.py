@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -106,8 +107,15 @@ def read_tsv_split(task: Task, split: str, data_dir: Union[str, os.PathLike]) ->
     path = split_path(task, split, data_dir)
     layout: TsvLayout = task.unlabeled if split.startswith("test") else task.labeled
     # utf-8-sig drops MRPC's byte-order mark; GLUE files use no quoting at all.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise JaxpeftError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); GLUE "
+                           "files are UTF-8") from None
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                           quoting=csv.QUOTE_NONE))
     header = None
     first_line = 1
     if layout.header:
@@ -146,6 +154,8 @@ def read_tsv_split(task: Task, split: str, data_dir: Union[str, os.PathLike]) ->
     if skipped:
         log.warning("%s: skipped %d malformed rows (wrong number of fields), kept %d",
                     path, skipped, len(text_a))
+    if not text_a:
+        raise JaxpeftError(f"{path}: no examples (only a header, or empty)")
     return Split(task=task.name, name=split, text_a=text_a,
                  text_b=text_b if task.is_pair else None, labels=_label_array(task, labels),
                  idx=np.asarray(idx, np.int64), source=str(path), skipped=skipped)

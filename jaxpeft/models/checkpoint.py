@@ -187,9 +187,14 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     tensors = {}
     for f in files:
         # framework="flax" also reads bfloat16 files, which plain numpy cannot.
-        with safe_open(str(f), framework="flax") as st:
-            for key in st.keys():
-                tensors[key] = np.asarray(st.get_tensor(key))
+        try:
+            with safe_open(str(f), framework="flax") as st:
+                for key in st.keys():
+                    tensors[key] = np.asarray(st.get_tensor(key))
+        except Exception as e:  # SafetensorError, OSError: a truncated or damaged file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise JaxpeftError(f"{f}: not a readable safetensors file ({reason}); download or "
+                               "save the model again") from None
     return tensors
 
 

@@ -78,7 +78,12 @@ def read_adapter_config(directory: os.PathLike) -> dict:
     cfg_file = Path(directory) / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise JaxpeftError(f"{directory}: no {ADAPTER_CONFIG}; not a jaxpeft adapter folder")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise JaxpeftError(f"{cfg_file}: not a {FORMAT} adapter description")
     if meta.get("format") == _OLD_FORMAT and "method" in meta:
         options = meta.pop("lora")
         if options is not None:
@@ -88,6 +93,9 @@ def read_adapter_config(directory: os.PathLike) -> dict:
         meta["format"] = FORMAT
     if meta.get("format") != FORMAT or not isinstance(meta.get("peft"), dict):
         raise JaxpeftError(f"{cfg_file}: not a {FORMAT} adapter description")
+    missing = [k for k in ("base_model", "num_labels", "architecture") if k not in meta]
+    if missing:
+        raise JaxpeftError(f"{cfg_file}: missing {', '.join(missing)}; the file is incomplete")
     return meta
 
 
@@ -127,7 +135,12 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
             model.runtime, target_mean=meta["target"]["mean"], target_std=meta["target"]["std"]))
     model, params = peft.init(model, pre.params, jax.random.key(0))  # values overwritten below
     mask = traverse_util.flatten_dict(peft.mask(params))
-    saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    try:
+        saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    except Exception as e:  # SafetensorError, OSError: a truncated, damaged or missing file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise JaxpeftError(f"{Path(directory) / ADAPTER_WEIGHTS}: not a readable safetensors "
+                           f"file ({reason})") from None
     flat = dict(traverse_util.flatten_dict(params))
     expected = {path_str(p) for p, m in mask.items() if m}
     if set(saved) != expected:
