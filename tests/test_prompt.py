@@ -112,5 +112,6 @@ def test_prompt_tree_without_the_method_is_an_error(tiny):
     """A tree with a soft prompt applied to a model without its hook must not silently run
     the base model."""
     _, params = make_peft("prompt").init(tiny.model, tiny.params, jax.random.key(0))
-    with pytest.raises(JaxpeftError, match=r"\['prompt_embeddings'\] at the root"):
+    with pytest.raises(JaxpeftError,
+                       match=r"the root of the tree: parameters \[.prompt_embeddings.\]"):
         tiny.model.apply({"params": params}, *random_batch(tiny.config.model_type))

@@ -173,13 +173,19 @@ class Dense(nn.Module):
         return y
 
     def _check_leaves(self):
-        known = {"kernel", "bias"}.union(*(h.leaves for h in self.runtime.hooks_of(DenseHook)))
-        unknown = sorted(set(self.variables.get("params", {})) - known)
-        if unknown:
-            raise JaxpeftError(
-                f"{'/'.join(self.scope.path)}: parameters {unknown} belong to a PEFT method "
-                "that is not configured on this model; apply the tree with its method "
-                "(Peft.attach, or load_adapter, which restores it from the adapter files)")
+        refuse_foreign_leaves(self, {"kernel", "bias"}.union(
+            *(h.leaves for h in self.runtime.hooks_of(DenseHook))), "/".join(self.scope.path))
+
+
+def refuse_foreign_leaves(module: nn.Module, known: set, where: str) -> None:
+    """Raises if `module` holds parameters no installed hook claims: a tree with a method's
+    leaves applied without that method is an error, never a silent base-model pass."""
+    unknown = sorted(set(module.variables.get("params", {})) - known)
+    if unknown:
+        raise JaxpeftError(
+            f"{where}: parameters {unknown} belong to a PEFT method that is not configured on "
+            "this model; apply the tree with its method (Peft.attach, or load_adapter, which "
+            "restores it from the adapter files)")
 
 
 def _layer_norm(config: EncoderConfig, runtime: Runtime, name: str = "LayerNorm"):

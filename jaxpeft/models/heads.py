@@ -12,9 +12,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.config import EncoderConfig
-from jaxpeft.models.encoder import Backbone, Dense, Dropout, Runtime
+from jaxpeft.models.encoder import Backbone, Dense, Dropout, Runtime, refuse_foreign_leaves
 
 
 class RobertaClassificationHead(nn.Module):
@@ -75,10 +74,5 @@ class SequenceClassifier(nn.Module):
     def _check_root_leaves(self):
         # As `Dense` does for its own leaves: a method's root leaves (a soft prompt, VeRA's
         # projections) applied without its hooks is an error, not a base-model forward pass.
-        known = {self.config.model_type, "classifier"} | self.runtime.root_leaves
-        unknown = sorted(set(self.variables.get("params", {})) - known)
-        if unknown:
-            raise JaxpeftError(
-                f"parameters {unknown} at the root of the tree belong to a PEFT method that is "
-                "not configured on this model; apply the tree with its method (Peft.attach, or "
-                "load_adapter, which restores it from the adapter files)")
+        refuse_foreign_leaves(self, {self.config.model_type, "classifier"}
+                              | self.runtime.root_leaves, "the root of the tree")
