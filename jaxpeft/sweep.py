@@ -17,10 +17,10 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from jaxpeft.config import RunConfig, names_where, parse_value
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, RunInterrupted
 from jaxpeft.fileio import atomic_write_json
 from jaxpeft.peft import peft_from_run
-from jaxpeft.run import train_and_evaluate
+from jaxpeft.run import cli_main, train_and_evaluate
 from jaxpeft.writer import RESULTS
 
 log = logging.getLogger("jaxpeft")
@@ -92,6 +92,9 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
             train_and_evaluate(dataclasses.replace(cfg, progress=False,
                                                    resume=Path(cfg.output_dir).is_dir()))
             record(name, "ok")
+        except RunInterrupted:
+            record(name, "interrupted (checkpoint saved; rerun the sweep to continue)")
+            raise  # a stop signal stops the sweep, not just this run
         except JaxpeftError as e:
             record(name, f"failed: {e}")
             tqdm.write(f"run {name} failed: {e}")
@@ -107,16 +110,15 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
 
 def sweep_cli(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
               progress: bool = True) -> int:
-    """Command-line entry: user errors print one line; exit 1 if any run failed."""
-    import sys
+    """Command-line entry: user errors print one line; exit 1 if any run failed; a stop
+    signal ends the sweep after checkpointing the current run."""
+    status = {}
 
-    from absl import logging as absl_logging
+    def work(cfg):
+        status.update(run_sweep(cfg, grid, seeds, root, progress))
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        status = run_sweep(base, grid, seeds, root, progress)
-    except JaxpeftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    code = cli_main(dataclasses.replace(base, output_dir=root), work,
+                    resume_hint="rerun the same sweep to continue")
+    if code:
+        return code
     return 1 if any(s.startswith("failed") for s in status.values()) else 0
