@@ -5,7 +5,7 @@ batches, write `index`, `label` and one probability column per class.
 from `config.json`) or an adapter folder, and a TSV (header row) or JSON-lines file, or `-`
 for standard input. The text columns are found by the task's field names: the GLUE file
 columns (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `#1 String`/...) or the
-hub names (`premise`/`hypothesis`, ...); `text_columns` names them explicitly. An `index`,
+hub names (`premise`/`hypothesis`, ...); `columns` names them explicitly. An `index`,
 `idx` or `id` column is kept as the index, else the row number.
 """
 
@@ -129,14 +129,14 @@ def rows_to_split(task: Task, rows: list, columns: tuple, source: str) -> Split:
 
 
 def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str] = None, *,
-                 model: Optional[str] = None, text_columns_: Optional[tuple] = None,
+                 model: Optional[str] = None, columns: Optional[tuple] = None,
                  batch_size: int = 64) -> list[list]:
     """Predicts every row of `source` with the adapter of `run`; writes the TSV to `output`
     (stdout if None) and returns its rows (header first)."""
     folder, settings = find_adapter(run)
     task = get_task(settings["task"])
     rows = read_rows(source)
-    columns = text_columns(task, rows, text_columns_, source)
+    columns = text_columns(task, rows, columns, source)
     split = rows_to_split(task, rows, columns, source)
     if batch_size <= 0:
         raise JaxpeftError(f"--batch_size must be > 0, got {batch_size}")
@@ -179,7 +179,7 @@ def predict_cli(run: str, source: str, output: Optional[str], model: Optional[st
     """`predict_file` for the command line: user errors are one `error:` line, exit 1."""
     cli_logging()
     try:
-        predict_file(run, source, output, model=model, text_columns_=columns,
+        predict_file(run, source, output, model=model, columns=columns,
                      batch_size=batch_size)
     except JaxpeftError as e:
         print(f"error: {e}", file=sys.stderr)
