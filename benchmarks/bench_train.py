@@ -234,7 +234,8 @@ def _run_worker(spec):
 def main(_):
     f = flags.FLAGS
     if f._worker:
-        impl, method, shape = f._worker.split(":")
+        impl, rest = f._worker.split(":", 1)
+        method, shape = rest.rsplit(":", 1)
         batch, seq = map(int, shape.split("x"))
         fn = jax_worker if impl == "jax" else torch_worker
         print("RESULT " + json.dumps(fn(f, method, batch, seq)))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-runs every experiment behind docs/RESULTS.md, copies the run files into docs/runs/ and
 # rewrites the reports in docs/results/. From the repository root, with the GLUE TSVs in
-# ../shared/glue_data (or pass another folder as $1). About 3.5 hours on a 2-core CPU; finished
+# ../shared/glue_data (or pass another folder as $1). About 6 hours on a 2-core CPU; finished
 # runs are skipped, so it can be stopped and restarted. Run one block to answer one question.
 set -euo pipefail
 data=${1:-../shared/glue_data}
@@ -56,10 +56,45 @@ f --seeds=1 --grid="method=adapter_houlsby;learning_rate=1e-3"
 f --seeds=1 --grid="method=adapter_pfeiffer;learning_rate=3e-3"
 f --seeds=1 --grid="method=lora;loraplus_lr_ratio=16;learning_rate=1e-3"
 
+# 6. The family, continued: grids extended until each SST-2 peak is interior; prompt tuning;
+#    every method on MRPC (three learning rates, one seed).
+f --grid="method=dora;learning_rate=8e-3"
+f --grid="method=ia3;learning_rate=1e-1"
+f --grid="method=vera;learning_rate=1e-1"
+f --grid="method=ln_tuning;learning_rate=3e-2"
+f --grid="method=adapter_pfeiffer;learning_rate=1e-2"
+f --grid="method=prompt;learning_rate=3e-3,1e-2,3e-2,1e-1"
+f --seeds=1 --grid="method=prompt;learning_rate=3e-2"
+f --grid="method=prompt;prompt_head=virtual;learning_rate=3e-2"
+f --seeds=1 --grid="method=lora;loraplus_lr_ratio=16;learning_rate=5e-4"
+m() { $py -m experiments.sweep --root=runs/family-mrpc --task=mrpc $c "$@"; }
+m --grid="method=lora;learning_rate=1e-3,2e-3,4e-3"
+m --grid="method=full;learning_rate=5e-5,1e-4"
+m --grid="method=bitfit;learning_rate=3e-3,1e-2"
+m --grid="method=dora;learning_rate=2e-3,4e-3,8e-3"
+m --grid="method=ia3;learning_rate=1e-2,3e-2,1e-1"
+m --grid="method=vera;learning_rate=1e-2,3e-2,1e-1"
+m --grid="method=ln_tuning;learning_rate=3e-3,1e-2,3e-2"
+m --grid="method=adapter_pfeiffer;learning_rate=1e-3,3e-3,1e-2"
+m --grid="method=adapter_houlsby;learning_rate=3e-4,1e-3,3e-3"
+m --grid="method=prompt;learning_rate=1e-2,3e-2,1e-1"
+m --grid="method=lora;loraplus_lr_ratio=16;learning_rate=2.5e-4,5e-4,1e-3"
+
+# 7. The GLUE suite on the six offline tasks: full, LoRA, BitFit at 200 steps x 32 per task,
+#    each at its best SST-2 learning rate of block 1.
+g() { $py -m experiments.run_glue_suite --model=minilm --data_dir=$data \
+      --tasks=cola,sst2,mrpc,stsb,rte,wnli --max_steps=200 --eval_every=100 --progress=false "$@"; }
+g --method=lora --learning_rate=2e-3 --output_dir=runs/glue-minilm-lora
+g --method=bitfit --learning_rate=1e-2 --output_dir=runs/glue-minilm-bitfit
+g --method=full --learning_rate=1e-4 --output_dir=runs/glue-minilm-full
+
 # Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
 (cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb family-sst2 \
+    family-mrpc glue-minilm-lora glue-minilm-bitfit glue-minilm-full \
     -maxdepth 2 \( -name config.json -o -name metrics.jsonl -o -name results.json \) \
     -exec cp --parents {} ../docs/runs/ \;)
+(cd runs && for s in glue-minilm-lora glue-minilm-bitfit glue-minilm-full; do
+    cp $s/glue.md $s/glue.json ../docs/runs/$s/; done)
 
 r() { $py -m experiments.report "$@"; }
 d=docs/runs
@@ -76,3 +111,4 @@ r --root=$d/pooler-sst2 --root="$d/methods-sst2/method=lora,learning_rate=0.0005
 r --root=$d/rank-sst2 --out=docs/results/rank-sst2.md --plots_dir=docs/results/plots-rank-sst2
 r --root=$d/long-stsb --out=docs/results/long-stsb.md --plots_dir=docs/results/plots-long-stsb
 r --root=$d/family-sst2 --root=$d/methods-sst2 --out=docs/results/family-sst2.md --plots_dir=docs/results/plots-family-sst2
+r --root=$d/family-mrpc --out=docs/results/family-mrpc.md --plots_dir=docs/results/plots-family-mrpc
