@@ -143,7 +143,8 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
     # The base checkpoint has no head; the adapter brings it, so the usual "newly
     # initialized head" warning would be wrong here.
     quiet = logging.getLogger("jaxpeft")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         pre = load_pretrained(model or settings["model"], num_labels=task.num_labels)
     finally:

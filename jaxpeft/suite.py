@@ -33,7 +33,7 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import eval_suffix
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 from jaxpeft.run import cli_main, train_and_evaluate
-from jaxpeft.writer import RESULTS
+from jaxpeft.writer import RESULTS, RunWriter
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 SUBMISSION = "glue_submission.zip"
@@ -125,7 +125,7 @@ def run_suite(base: RunConfig, tasks: tuple = GLUE_TASKS, recipe: str = "standar
         folder = Path(cfg.output_dir)
         if (folder / RESULTS).is_file():
             tqdm.write(f"[{name}] finished earlier: {folder / RESULTS}")
-            outcomes[name] = {"status": "done", "results": _read(folder / RESULTS)}
+            outcomes[name] = {"status": "done", "results": RunWriter(folder).read_results()}
             continue
         if (folder / "config.json").is_file():
             cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
@@ -145,10 +145,6 @@ def run_suite(base: RunConfig, tasks: tuple = GLUE_TASKS, recipe: str = "standar
     tqdm.write(f"GLUE score {summary['score']:.4f} over {summary['scored_tasks']} of 9 tasks; "
                f"table in {root / 'glue.md'}")
     return summary
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def summarize(base: RunConfig, recipe: str, outcomes: dict) -> dict:
