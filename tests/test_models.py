@@ -187,15 +187,36 @@ def test_wrong_architecture_weights(tmp_path):
         jaxpeft.load_pretrained(tmp_path, tokenizer=False)
 
 
-def test_dropout_keep_mask_rate_and_independence():
+def _z(observed_rate: float, p: float, n: int) -> float:
+    """How many binomial standard deviations an observed rate lies from p."""
+    return abs(observed_rate - p) / np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.01])
+def test_dropout_keep_mask_rate_and_independence(rate):
+    """The hashed keep-mask: exact keep probability, the right rate, and no dependence
+    between neighbours, rows, keys (split and fold_in, as flax's make_rng) or index bits."""
     import jax
+    from scipy import stats
 
     from jaxpeft.models.encoder import keep_mask
 
-    m1, p_keep = keep_mask(jax.random.key(1), (301, 999), 0.1)  # odd size: 16-bit halves
-    m2, _ = keep_mask(jax.random.key(2), (301, 999), 0.1)
-    assert m1.shape == (301, 999) and abs(p_keep - 0.9) < 2 ** -16
-    assert abs(float(m1.mean()) - p_keep) < 3e-3
-    assert abs(float((m1 & m2).mean()) - p_keep ** 2) < 3e-3
-    m3, _ = keep_mask(jax.random.key(1), (301, 999), 0.1)
-    np.testing.assert_array_equal(m1, m3)  # same key, same mask
+    shape = (301, 999)  # odd sizes: no alignment with powers of two
+    n = shape[0] * shape[1]
+    k1, k2 = jax.random.split(jax.random.key(1))
+    m1, p = keep_mask(k1, shape, rate)
+    m1 = np.asarray(m1)
+    assert m1.shape == shape and m1.dtype == bool and abs(p - (1 - rate)) < 2 ** -32 * 2
+    assert _z(m1.mean(), p, n) < 5
+    # neighbours along a row and down a column, and the same position under other keys
+    assert _z((m1[:, 1:] & m1[:, :-1]).mean(), p * p, m1[:, 1:].size) < 5
+    assert _z((m1[1:] & m1[:-1]).mean(), p * p, m1[1:].size) < 5
+    for other in (k2, jax.random.fold_in(k1, 1), jax.random.fold_in(k1, 2)):
+        m2 = np.asarray(keep_mask(other, shape, rate)[0])
+        assert _z((m1 & m2).mean(), p * p, n) < 5
+        assert (m1 != m2).any()
+    # the keep rate does not depend on the low bits of the position (chi-square, 256 classes)
+    kept = np.bincount(np.arange(n)[m1.reshape(-1)] % 256, minlength=256)
+    total = np.bincount(np.arange(n) % 256, minlength=256)
+    assert stats.chisquare(kept, total * kept.sum() / total.sum()).pvalue > 1e-4
+    np.testing.assert_array_equal(m1, keep_mask(k1, shape, rate)[0])  # same key, same mask
