@@ -97,9 +97,9 @@ class RunConfig:
                                    check=_NON_NEGATIVE)
     max_seq_length: int = _option(128, "Tokens per example after truncation.",
                                   check=(lambda v: v >= 8, ">= 8"))
-    packing: bool = _option(True, "Pack several training examples into each row of "
-                            "--max_seq_length tokens (block-diagonal attention); --batch_size "
-                            "still counts examples.")
+    packing: bool = _option(True, "Pack several examples into each row of --max_seq_length "
+                            "tokens (block-diagonal attention), in training and evaluation; "
+                            "--batch_size still counts examples.")
     eval_every: int = _option(0, "Evaluate every N steps (0: only at the end of each epoch "
                               "and of training).", check=_NON_NEGATIVE)
     log_every: int = _option(50, "Write a training row every N steps.", check=_POSITIVE)

@@ -2,18 +2,22 @@
 
 Every example of a split is scored exactly once (padding rows carry index -1 and are dropped
 on the host); all batches are dispatched before any result is fetched, so the host syncs once
-per split. Metrics are computed on the host (`jaxpeft.metrics`).
+per split. With packing (the default of runs that pack their training batches) examples are
+packed into rows of one shape, so almost no padding is scored and each split compiles once;
+otherwise they are padded to length buckets. Metrics are computed on the host
+(`jaxpeft.metrics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpeft.data.batching import Encoded, eval_batches, num_train_batches
+from jaxpeft.data.batching import (Encoded, EvalPacking, Packing, add_virtual_slots,
+                                   eval_batches, num_train_batches, packed_eval_batches)
 from jaxpeft.data.tasks import TSV_LABELS, Task
 from jaxpeft.distributed import Sharder
 from jaxpeft.metrics import compute_metrics
@@ -70,6 +74,18 @@ class Evaluator:
     pad_id: int
     sharder: Sharder
     progress: bool = False
+    packing: Optional[Packing] = None
+    virtual_tokens: int = 0  # with packing: soft-prompt slots to reserve before each example
+
+    def batches(self, enc: Encoded) -> tuple:
+        """`(batches, count)`: the eval batches of `enc`, packed or bucketed; count may be
+        None (packed batches are counted as they are made)."""
+        if self.packing is None:
+            return (eval_batches(enc, self.batch_size, self.buckets, self.pad_id),
+                    num_train_batches(len(enc), self.batch_size))
+        enc = add_virtual_slots(enc, self.virtual_tokens)
+        shape = EvalPacking.for_split(enc, self.packing, self.batch_size)
+        return packed_eval_batches(enc, shape, self.pad_id), None
 
     def score(self, params: Any, enc: Encoded, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Predictions and per-example losses for every example of `enc`, in split order."""
@@ -77,9 +93,9 @@ class Evaluator:
         loss = np.zeros(len(enc), np.float64)
         scored = np.zeros(len(enc), np.int64)
         indices, pending = [], []
-        for batch in tqdm(eval_batches(enc, self.batch_size, self.buckets, self.pad_id),
-                          total=num_train_batches(len(enc), self.batch_size), desc=desc,
-                          leave=False, disable=None if self.progress else True):
+        batches, count = self.batches(enc)
+        for batch in tqdm(batches, total=count, desc=desc, leave=False,
+                          disable=None if self.progress else True):
             pending.append(self.eval_step(params, self.sharder.batch(batch)))
             indices.append(batch["index"])  # host-side: never gathered across processes
         for index, result in zip(indices, self.sharder.gather(pending)):

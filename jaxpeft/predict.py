@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from jaxpeft.data import Task, get_task
-from jaxpeft.data.batching import bucket_lengths, eval_batches, tokenize
+from jaxpeft.data.batching import (EvalPacking, Packing, add_virtual_slots,
+                                   packed_eval_batches, tokenize)
 from jaxpeft.data.glue import Split
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes
@@ -151,10 +152,15 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
         quiet.setLevel(level)
     net, params, _ = load_adapter(folder, pre, check_base_name=model is None)
     length = int(settings.get("max_seq_length", 128))
-    enc = tokenize(split, pre.tokenizer, length)
+    # Packed rows of one shape: no padding scored, one compilation (a soft prompt's slots
+    # are reserved before each example, as in training).
+    virtual = net.runtime.virtual_tokens
+    enc = add_virtual_slots(tokenize(split, pre.tokenizer, length), virtual)
+    shape = EvalPacking.for_split(enc, Packing(length + virtual, pre.config.position_offset,
+                                               row_multiple=jax.device_count()), batch_size)
     step = jax.jit(lambda p, b: forward(net, p, b, deterministic=True))
     logits = np.zeros((len(enc), task.num_labels), np.float32)
-    for batch in eval_batches(enc, batch_size, bucket_lengths(length), pre.tokenizer.pad_token_id):
+    for batch in packed_eval_batches(enc, shape, pre.tokenizer.pad_token_id):
         real = batch["index"] >= 0
         logits[batch["index"][real]] = np.asarray(step(params, batch))[real]
     table = [["index", "label"] + ([] if task.is_regression

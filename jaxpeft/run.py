@@ -116,7 +116,7 @@ def build(cfg: RunConfig, task: Task) -> Setup:
     """Loads model and data and builds method and optimizer (user errors surface here)."""
     pre = load_pretrained(cfg.model, num_labels=task.num_labels, dtype=cfg.dtype, seed=cfg.seed)
     # RoBERTa's positions start after its padding index (as transformers counts them).
-    position_offset = pre.config.pad_token_id + 1 if pre.config.model_type == "roberta" else 0
+    position_offset = pre.config.position_offset
     peft = peft_from_run(cfg)
     check_fits_model(cfg, pre.config.max_position_embeddings - position_offset,
                      peft.virtual_tokens)
@@ -242,7 +242,8 @@ class TrainLoop:
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets,
                                    setup.pre.tokenizer.pad_token_id, self.sharder,
-                                   self.cfg.progress)
+                                   self.cfg.progress, setup.packing,
+                                   setup.peft.virtual_tokens)
         self.ckpt = Checkpointer(self.out / "checkpoints")
         self.main_key = main_metric_key(setup.task)
         self.rng = jax.random.key(self.cfg.seed)

@@ -73,3 +73,80 @@ def test_packed_batch_layout():
         assert len(set(b["segment_ids"][r, p:p + n])) == 1 and b["segment_ids"][r, p] > 0
     assert b["weights"].tolist() == [1] * 5 + [0] * 3
     assert (b["segment_ids"] == 0).sum() == b["input_ids"].size - enc.lengths.sum()
+
+
+def test_packed_eval_batches_score_everyone_once_in_one_shape():
+    from jaxpeft.data.batching import EvalPacking, Packing, packed_eval_batches
+
+    enc = _encoded("roberta", n=200, max_len=50, seed=3)
+    shape = EvalPacking.for_split(enc, Packing(64, position_offset=2, row_multiple=2), 16)
+    assert shape.rows % 2 == 0 and shape.max_examples == 64
+    seen, shapes = [], set()
+    for b in packed_eval_batches(enc, shape, pad_id=1):
+        shapes.add((b["input_ids"].shape, b["index"].shape))
+        real = b["index"] >= 0
+        assert real.sum() <= shape.max_examples
+        assert (b["weights"] > 0).tolist() == real.tolist()
+        for e in np.flatnonzero(real):
+            i, r, p = b["index"][e], b["example_row"][e], b["example_pos"][e]
+            n = enc.lengths[i]
+            np.testing.assert_array_equal(b["input_ids"][r, p:p + n],
+                                          enc.ids[enc.offsets[i]:enc.offsets[i + 1]])
+            np.testing.assert_array_equal(b["position_ids"][r, p:p + n], np.arange(n) + 2)
+        seen.extend(b["index"][real].tolist())
+    assert sorted(seen) == list(range(200))
+    assert shapes == {((shape.rows, 64), (64,))}  # one compilation per split
+
+
+def test_packed_eval_batches_close_at_max_examples():
+    from jaxpeft.data.batching import EvalPacking, Packing, packed_eval_batches
+
+    enc = _encoded("bert", n=50, max_len=5, seed=1)  # short: many fit a row
+    shape = EvalPacking(Packing(64), rows=4, max_examples=8)
+    counts = [int((b["index"] >= 0).sum()) for b in packed_eval_batches(enc, shape, 0)]
+    assert sum(counts) == 50 and max(counts) == 8
+    with pytest.raises(ValueError, match="exceeds rows"):
+        next(packed_eval_batches(_encoded("bert", n=3, max_len=90, seed=0),
+                                 EvalPacking(Packing(64), 2, 8), 0))
+
+
+@pytest.mark.parametrize("model_type,method", [("bert", "lora"), ("roberta", "lora"),
+                                                ("bert", "prompt"), ("roberta", "prompt")])
+def test_packed_evaluation_equals_bucketed(tmp_path, model_type, method):
+    """The Evaluator's packed path gives the bucketed path's predictions and losses
+    (regression and 3-class heads; with a soft prompt's slots reserved per example)."""
+    import jax
+
+    from jaxpeft.data.batching import Packing
+    from jaxpeft.data.tasks import get_task
+    from jaxpeft.distributed import Sharder
+    from jaxpeft.evaluation import Evaluator
+    from jaxpeft.peft import make_peft
+    from jaxpeft.train import make_eval_step
+
+    cls = {"bert": transformers.BertForSequenceClassification,
+           "roberta": transformers.RobertaForSequenceClassification}[model_type]
+    for task_name in ("stsb", "mnli"):
+        task = get_task(task_name)
+        save_torch_model(cls, tiny_hf_config(model_type, num_labels=task.num_labels),
+                         tmp_path / task_name)
+        pre = jaxpeft.load_pretrained(tmp_path / task_name, tokenizer=False)
+        peft = make_peft(method)
+        model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+        enc = _encoded(model_type, n=90, pairs=True, max_len=40, seed=5)
+        rs = np.random.default_rng(0)
+        enc.labels = (rs.uniform(0, 5, 90).astype(np.float32) if task.is_regression
+                      else rs.integers(0, 3, 90).astype(np.int32))
+        pad, offset = pre.config.pad_token_id, pre.config.position_offset
+        # Rows of 48 (+ the prompt's 20 slots) stay within the tiny model's 72 positions.
+        common = (make_eval_step(model), task, 16, bucket_lengths(48), pad, Sharder())
+        bucketed = Evaluator(*common)
+        packed = Evaluator(*common, packing=Packing(48 + peft.virtual_tokens, offset),
+                           virtual_tokens=peft.virtual_tokens)
+        p1, l1 = bucketed.score(params, enc)
+        p2, l2 = packed.score(params, enc)
+        if task.is_regression:
+            np.testing.assert_allclose(p2, p1, atol=1e-5, rtol=0)
+        else:
+            np.testing.assert_array_equal(p2, p1)
+        np.testing.assert_allclose(l2, l1, atol=1e-5, rtol=0)

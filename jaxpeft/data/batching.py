@@ -1,4 +1,5 @@
-"""Tokenization and batching: fast batched tokenization, length buckets, exact evaluation.
+"""Tokenization and batching: fast batched tokenization, length buckets, packing, exact
+evaluation.
 
 Sequences are padded to the smallest of a few bucket lengths (powers of two from 16 up to
 `max_seq_length`) that fits the batch's longest member, so most GLUE batches are short and
@@ -284,9 +285,16 @@ def make_packed_batch(enc: Encoded, rows: np.ndarray, batch_size: int, row_lengt
     count is rounded up to a multiple of `row_multiple`, so few distinct shapes occur.
     Per-example keys (labels, weights, index) keep `batch_size` entries, as unpacked batches.
     """
-    lengths = enc.lengths[rows]
-    packing = pack_rows(lengths, row_length)
+    packing = pack_rows(enc.lengths[rows], row_length)
     n_rows = max(row_multiple, -(-len(packing) // row_multiple) * row_multiple)
+    return _packed_arrays(enc, rows, packing, n_rows, batch_size, row_length, pad_id,
+                          position_offset)
+
+
+def _packed_arrays(enc: Encoded, rows: np.ndarray, packing: list, n_rows: int,
+                   batch_size: int, row_length: int, pad_id: int, position_offset: int) -> dict:
+    """The packed batch of `rows` laid out as `packing` (positions into `rows`, per row)."""
+    lengths = enc.lengths[rows]
     ids = np.full((n_rows, row_length), pad_id, np.int32)
     types = np.zeros((n_rows, row_length), np.int32)
     positions = np.full((n_rows, row_length), position_offset, np.int32)
@@ -307,3 +315,55 @@ def make_packed_batch(enc: Encoded, rows: np.ndarray, batch_size: int, row_lengt
     return {"input_ids": ids, "token_type_ids": types, "position_ids": positions,
             "segment_ids": segments, "example_row": example_row, "example_pos": example_pos,
             **_example_columns(enc, rows, batch_size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPacking:
+    """The one packed shape of a split's evaluation batches: `rows` rows of
+    `packing.row_length` tokens holding at most `max_examples` examples."""
+
+    packing: Packing
+    rows: int
+    max_examples: int
+
+    @classmethod
+    def for_split(cls, enc: Encoded, packing: Packing, batch_size: int) -> "EvalPacking":
+        """Rows enough for `batch_size` examples of the split's mean length (so a batch
+        costs about what `batch_size` unpacked examples would without their padding), and
+        room for four times as many short ones."""
+        tokens = batch_size * float(enc.lengths.mean()) if len(enc) else packing.row_length
+        rows = -(-int(np.ceil(tokens / packing.row_length)) // packing.row_multiple)
+        return cls(packing, max(1, rows) * packing.row_multiple, 4 * batch_size)
+
+
+def packed_eval_batches(enc: Encoded, shape: EvalPacking, pad_id: int) -> Iterator[dict]:
+    """Every example exactly once, packed into batches of one shape (one compilation).
+
+    Examples go longest first into the first row with room (first-fit decreasing within
+    each batch); a batch is closed when the next example fits no row or it holds
+    `max_examples`. Order is restored by each batch's `index` (-1: an unused slot).
+    """
+    length = shape.packing.row_length
+    if len(enc) and int(enc.lengths.max()) > length:
+        raise ValueError(f"an example of {int(enc.lengths.max())} tokens exceeds rows of "
+                         f"{length}")
+    order = np.argsort(-enc.lengths, kind="stable")
+    members, space, taken = [[] for _ in range(shape.rows)], [length] * shape.rows, []
+
+    def emit():  # `members` holds positions into `taken`, as `_packed_arrays` expects
+        rows = np.asarray(taken, np.int64)
+        return _packed_arrays(enc, rows, members, shape.rows, shape.max_examples, length,
+                              pad_id, shape.packing.position_offset)
+
+    for i in order:
+        n = int(enc.lengths[i])
+        row = next((r for r in range(shape.rows) if space[r] >= n), None)
+        if row is None or len(taken) == shape.max_examples:
+            yield emit()
+            members, space, taken = [[] for _ in range(shape.rows)], [length] * shape.rows, []
+            row = 0
+        members[row].append(len(taken))
+        space[row] -= n
+        taken.append(i)
+    if taken:
+        yield emit()

@@ -54,6 +54,11 @@ class EncoderConfig:
         return self.hidden_dropout_prob
 
     @property
+    def position_offset(self) -> int:
+        """The first position id of a sequence: RoBERTa counts from `pad_token_id + 1`."""
+        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+
+    @property
     def is_regression(self) -> bool:
         """True when the head has one output trained with mean squared error."""
         return self.num_labels == 1
