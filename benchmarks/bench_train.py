@@ -34,6 +34,10 @@ flags.DEFINE_list("shapes", ["32x128"], "batch x sequence shapes")
 flags.DEFINE_integer("steps", 8, "timed steps (median reported)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("torch", True, "also time the PyTorch transformers + peft peer")
+flags.DEFINE_integer("threads", 0, "torch threads for the peer (0: one per CPU core, as "
+                     "XLA uses)")
+flags.DEFINE_enum("peer_mask", "ones", ["ones", "none"], "the peer's attention mask: all "
+                  "ones (as jaxpeft gets) or none (lets SDPA skip masking)")
 flags.DEFINE_bool("random_weights", False, "build the model from its config with random "
                   "weights (no checkpoint needed; e.g. a bert-base config on a GPU box)")
 flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
@@ -171,16 +175,20 @@ def torch_worker(f, method, batch, seq):
     from jaxpeft.models.checkpoint import resolve_model_dir
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # Threads and attention kernel set explicitly, so the peer is never handicapped by a
+    # default (XLA uses every core; SDPA is transformers' fused attention).
+    torch.set_num_threads(f.threads or os.cpu_count())
     torch.manual_seed(0)
     if f.random_weights:
         cfg = transformers.AutoConfig.from_pretrained(
             os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
             else resolve_model_dir(f.model))
         cfg.num_labels = 2
-        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+        model = transformers.AutoModelForSequenceClassification.from_config(
+            cfg, attn_implementation="sdpa")
     else:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_dir(f.model), num_labels=2)
+            resolve_model_dir(f.model), num_labels=2, attn_implementation="sdpa")
     try:
         model = torch_model_for(model, _peft(method))
     except NotImplementedError as e:
@@ -189,8 +197,10 @@ def torch_worker(f, method, batch, seq):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     b = _random_batch(batch, seq, model.config.vocab_size)
-    inputs = {k: torch.tensor(v, dtype=torch.long, device=dev)
-              for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    keys = ("input_ids", "token_type_ids") + (("attention_mask",) if f.peer_mask == "ones"
+                                                else ())
+    inputs = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in b.items()
+              if k in keys}
     labels = torch.tensor(b["labels"], dtype=torch.long, device=dev)
     autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=f.dtype == "bfloat16")
 
@@ -217,7 +227,7 @@ def torch_worker(f, method, batch, seq):
             "step_s": float(np.median(times)), "compile_s": 0.0,
             "trainable": sum(p.numel() for p in params), "peak_memory_bytes": int(peak),
             "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}
 
 
 def _run_worker(spec):
@@ -292,7 +302,9 @@ def main(_):
         for m, rows in by_method.items():
             if len(rows) > 1:
                 print(f"{shape} {m}: jaxpeft / torch+peft speed = "
-                      f"{rows[1]['step_s'] / rows[0]['step_s']:.2f}x")
+                      f"{rows[1]['step_s'] / rows[0]['step_s']:.2f}x (peer: "
+                      f"{rows[1]['threads']} threads, {rows[1]['attention']} attention, "
+                      f"mask {f.peer_mask})")
         if "full" in jax_step:
             for m in jax_step:
                 if m != "full":

@@ -50,8 +50,10 @@ def build_model(f, num_labels):
 
     path = resolve_model_dir(f.model)
     torch.manual_seed(f.seed)
+    # SDPA named explicitly (transformers' default today): the fused attention kernel, so
+    # the peer is never timed on the slower eager path.
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels)
+        path, num_labels=num_labels, attn_implementation="sdpa")
     peft = peft_from_run(RunConfig(method=f.method, lora_rank=f.lora_rank,
                                    lora_alpha=f.lora_alpha))
     return transformers.AutoTokenizer.from_pretrained(path), torch_model_for(model, peft)
@@ -116,6 +118,7 @@ def main(_):
     result = {"task": task.name, "method": f.method, "model": f.model, "learning_rate": lr,
               "steps": step, "batch_size": f.batch_size, "train_wall_s": wall,
               "examples_per_s": examples / wall, "threads": torch.get_num_threads(),
+              "attention": model.config._attn_implementation,
               "torch": torch.__version__, "transformers": transformers.__version__,
               **{f"eval_{k}": v for k, v in metrics.items()}}
     print(json.dumps(result, indent=2))
