@@ -88,9 +88,38 @@ g --method=lora --learning_rate=2e-3 --output_dir=runs/glue-minilm-lora
 g --method=bitfit --learning_rate=1e-2 --output_dir=runs/glue-minilm-bitfit
 g --method=full --learning_rate=1e-4 --output_dir=runs/glue-minilm-full
 
+# 8. The family, continued (2026-11-27, second day; run with the code of f8ba707, whose
+#    dropout masks were threefry bits: later commits hash positions, same distribution,
+#    other draws): MRPC grids for BitFit, the adapters and LoRA+, second seeds at each MRPC
+#    best point, prompt's second SST-2 seed and its peft-layout head, and STS-B for the family.
+m --grid="method=bitfit;learning_rate=1e-3,3e-3,1e-2"
+m --grid="method=adapter_houlsby;learning_rate=3e-4,1e-3,3e-3"
+m --grid="method=lora;loraplus_lr_ratio=16;learning_rate=2.5e-4,5e-4,1e-3"
+f --seeds=1 --grid="method=prompt;learning_rate=3e-2"
+f --seeds=1 --grid="method=lora;loraplus_lr_ratio=16;learning_rate=5e-4"
+f --grid="method=prompt;prompt_head=virtual;learning_rate=3e-2"
+m --seeds=1 --grid="method=lora;learning_rate=2e-3"
+m --seeds=1 --grid="method=full;learning_rate=1e-4"
+m --seeds=1 --grid="method=dora;learning_rate=4e-3"
+m --seeds=1 --grid="method=ia3;learning_rate=3e-2"
+m --seeds=1 --grid="method=vera;learning_rate=3e-2"
+m --seeds=1 --grid="method=ln_tuning;learning_rate=1e-2"
+m --seeds=1 --grid="method=prompt;learning_rate=1e-2"
+m --seeds=1 --grid="method=bitfit;learning_rate=3e-3"
+m --seeds=1 --grid="method=adapter_pfeiffer;learning_rate=3e-3"
+s() { $py -m experiments.sweep --root=runs/family-stsb --task=stsb $c "$@"; }
+s --grid="method=dora;learning_rate=2e-3,4e-3,8e-3"
+s --grid="method=ia3;learning_rate=1e-2,3e-2,1e-1"
+s --grid="method=vera;learning_rate=1e-2,3e-2,1e-1"
+s --grid="method=ln_tuning;learning_rate=3e-3,1e-2,3e-2"
+s --grid="method=adapter_pfeiffer;learning_rate=1e-3,3e-3,1e-2"
+s --grid="method=adapter_houlsby;learning_rate=3e-4,1e-3,3e-3"
+s --grid="method=prompt;learning_rate=1e-2,3e-2,1e-1"
+s --grid="method=lora;loraplus_lr_ratio=16;learning_rate=2.5e-4,5e-4,1e-3"
+
 # Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
 (cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb family-sst2 \
-    family-mrpc glue-minilm-lora glue-minilm-bitfit glue-minilm-full \
+    family-mrpc family-stsb glue-minilm-lora glue-minilm-bitfit glue-minilm-full \
     -maxdepth 2 \( -name config.json -o -name metrics.jsonl -o -name results.json \) \
     -exec cp --parents {} ../docs/runs/ \;)
 (cd runs && for s in glue-minilm-lora glue-minilm-bitfit glue-minilm-full; do
@@ -112,3 +141,4 @@ r --root=$d/rank-sst2 --out=docs/results/rank-sst2.md --plots_dir=docs/results/p
 r --root=$d/long-stsb --out=docs/results/long-stsb.md --plots_dir=docs/results/plots-long-stsb
 r --root=$d/family-sst2 --root=$d/methods-sst2 --out=docs/results/family-sst2.md --plots_dir=docs/results/plots-family-sst2
 r --root=$d/family-mrpc --out=docs/results/family-mrpc.md --plots_dir=docs/results/plots-family-mrpc
+r --root=$d/family-stsb --root=$d/methods-stsb --out=docs/results/family-stsb.md --plots_dir=docs/results/plots-family-stsb
