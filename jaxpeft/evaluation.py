@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpeft.data.batching import (Encoded, EvalPacking, Packing, add_virtual_slots,
-                                   eval_batches, num_train_batches, packed_eval_batches)
+from jaxpeft.data.batching import (Encoded, Packing, eval_batches, num_train_batches,
+                                   packed_split_batches)
 from jaxpeft.data.tasks import TSV_LABELS, Task
 from jaxpeft.distributed import Sharder
 from jaxpeft.metrics import compute_metrics
@@ -83,9 +83,8 @@ class Evaluator:
         if self.packing is None:
             return (eval_batches(enc, self.batch_size, self.buckets, self.pad_id),
                     num_train_batches(len(enc), self.batch_size))
-        enc = add_virtual_slots(enc, self.virtual_tokens)
-        shape = EvalPacking.for_split(enc, self.packing, self.batch_size)
-        return packed_eval_batches(enc, shape, self.pad_id), None
+        return packed_split_batches(enc, self.packing, self.batch_size, self.pad_id,
+                                    self.virtual_tokens), None
 
     def score(self, params: Any, enc: Encoded, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Predictions and per-example losses for every example of `enc`, in split order."""

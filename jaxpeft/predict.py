@@ -24,8 +24,7 @@ import jax
 import numpy as np
 
 from jaxpeft.data import Task, get_task
-from jaxpeft.data.batching import (EvalPacking, Packing, add_virtual_slots,
-                                   packed_eval_batches, tokenize)
+from jaxpeft.data.batching import Packing, packed_split_batches, tokenize
 from jaxpeft.data.glue import Split
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes
@@ -155,12 +154,13 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
     # Packed rows of one shape: no padding scored, one compilation (a soft prompt's slots
     # are reserved before each example, as in training).
     virtual = net.runtime.virtual_tokens
-    enc = add_virtual_slots(tokenize(split, pre.tokenizer, length), virtual)
-    shape = EvalPacking.for_split(enc, Packing(length + virtual, pre.config.position_offset,
-                                               row_multiple=jax.device_count()), batch_size)
+    enc = tokenize(split, pre.tokenizer, length)
+    packing = Packing(length + virtual, pre.config.position_offset,
+                      row_multiple=jax.device_count())
     step = jax.jit(lambda p, b: forward(net, p, b, deterministic=True))
     logits = np.zeros((len(enc), task.num_labels), np.float32)
-    for batch in packed_eval_batches(enc, shape, pre.tokenizer.pad_token_id):
+    for batch in packed_split_batches(enc, packing, batch_size, pre.tokenizer.pad_token_id,
+                                      virtual):
         real = batch["index"] >= 0
         logits[batch["index"][real]] = np.asarray(step(params, batch))[real]
     table = [["index", "label"] + ([] if task.is_regression

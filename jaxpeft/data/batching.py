@@ -347,23 +347,32 @@ def packed_eval_batches(enc: Encoded, shape: EvalPacking, pad_id: int) -> Iterat
     if len(enc) and int(enc.lengths.max()) > length:
         raise ValueError(f"an example of {int(enc.lengths.max())} tokens exceeds rows of "
                          f"{length}")
-    order = np.argsort(-enc.lengths, kind="stable")
-    members, space, taken = [[] for _ in range(shape.rows)], [length] * shape.rows, []
+    members, space, taken = [], [], []  # per row: positions into `taken`; free tokens
 
-    def emit():  # `members` holds positions into `taken`, as `_packed_arrays` expects
-        rows = np.asarray(taken, np.int64)
-        return _packed_arrays(enc, rows, members, shape.rows, shape.max_examples, length,
-                              pad_id, shape.packing.position_offset)
+    def emit():
+        return _packed_arrays(enc, np.asarray(taken, np.int64), members, shape.rows,
+                              shape.max_examples, length, pad_id, shape.packing.position_offset)
 
-    for i in order:
+    for i in np.argsort(-enc.lengths, kind="stable"):
         n = int(enc.lengths[i])
-        row = next((r for r in range(shape.rows) if space[r] >= n), None)
+        row = next((r for r in range(len(space)) if space[r] >= n), None)
+        if row is None and len(space) < shape.rows:
+            row = len(space)
+            members.append([])
+            space.append(length)
         if row is None or len(taken) == shape.max_examples:
             yield emit()
-            members, space, taken = [[] for _ in range(shape.rows)], [length] * shape.rows, []
-            row = 0
+            members, space, taken, row = [[]], [length], [], 0
         members[row].append(len(taken))
         space[row] -= n
         taken.append(i)
     if taken:
         yield emit()
+
+
+def packed_split_batches(enc: Encoded, packing: Packing, batch_size: int, pad_id: int,
+                         virtual_tokens: int = 0) -> Iterator[dict]:
+    """A whole split's evaluation or prediction batches, packed: soft-prompt slots reserved
+    before each example, one shape for the split (`EvalPacking.for_split`)."""
+    enc = add_virtual_slots(enc, virtual_tokens)
+    return packed_eval_batches(enc, EvalPacking.for_split(enc, packing, batch_size), pad_id)
