@@ -43,6 +43,8 @@ flags.DEFINE_bool("random_weights", False, "build the model from its config with
 flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
 flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmul (the "
                     "default is model-shaped for MiniLM; use a large one on GPUs)")
+flags.DEFINE_enum("xla_cpu_dot_fusion", "auto", ["auto", "default", "individual_dot"],
+                  "as run_glue's flag: auto is each method's measured choice on CPU")
 flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
@@ -130,7 +132,7 @@ def jax_worker(f, method, batch, seq):
     from flax import traverse_util
 
     from jaxpeft.optim import OptimConfig, make_optimizer
-    from jaxpeft.train import create_train_state, make_train_step
+    from jaxpeft.train import create_train_state, make_train_step, step_compiler_options
 
     model, params, cfg = _load(f)
     peft = _peft(method)
@@ -142,7 +144,9 @@ def jax_worker(f, method, batch, seq):
     tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
     state, frozen = create_train_state(params, mask, tx)
     del params
-    step = make_train_step(model, tx)
+    fusion = peft.cpu_dot_fusion if f.xla_cpu_dot_fusion == "auto" else f.xla_cpu_dot_fusion
+    options = step_compiler_options(fusion)
+    step = make_train_step(model, tx, options)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     t0 = time.perf_counter()
@@ -166,7 +170,8 @@ def jax_worker(f, method, batch, seq):
             "trainable_bytes": nbytes(state.trainable), "opt_state_bytes": nbytes(state.opt_state),
             "frozen_bytes": nbytes(frozen),
             "peak_memory_bytes": _peak_memory_bytes(jax.devices()[0]),
-            "device": jax.devices()[0].device_kind, "threads": os.cpu_count()}
+            "device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
+            "compiler_options": options or {}}
 
 
 def torch_worker(f, method, batch, seq):
@@ -299,7 +304,8 @@ def main(_):
             print(f"{'':>8} {method:>7} {'jaxpeft':>10} holds trainable "
                   f"{j['trainable_bytes'] / 2**20:.1f} MiB, optimizer state "
                   f"{j['opt_state_bytes'] / 2**20:.1f} MiB, frozen {j['frozen_bytes'] / 2**20:.1f} "
-                  "MiB (frozen: once, outside the donated state)")
+                  "MiB (frozen: once, outside the donated state); XLA options "
+                  f"{j['compiler_options'] or 'default'}")
             by_method[method] = rows
         jax_step = {m: rows[0]["step_s"] for m, rows in by_method.items()}
         for m, rows in by_method.items():

@@ -43,7 +43,7 @@ from jaxpeft.outputs import RunLock, check_output_dir, prepare_output_dir
 from jaxpeft.peft import (ParamCounts, Peft, combine, export_merged, export_peft, load_adapter,
                           peft_from_run, save_adapter)
 from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
-                           make_train_step, use_compilation_cache)
+                           make_train_step, step_compiler_options, use_compilation_cache)
 from jaxpeft.writer import RESULTS, RunWriter
 
 
@@ -75,6 +75,12 @@ class Setup:
         """Padded lengths of unpacked batches."""
         return bucket_lengths(self.cfg.max_seq_length)
 
+    @property
+    def compiler_options(self) -> Optional[dict]:
+        """The train step's XLA options: --xla_cpu_dot_fusion, `auto` being the method's."""
+        fusion = self.cfg.xla_cpu_dot_fusion
+        return step_compiler_options(self.peft.cpu_dot_fusion if fusion == "auto" else fusion)
+
     def config_dict(self) -> dict:
         """`config.json`: every option, what was resolved from them, model and machine."""
         cfg, pre = self.cfg, self.pre
@@ -89,7 +95,8 @@ class Setup:
                          "bucket_lengths": list(self.buckets), "model_path": str(pre.path),
                          "newly_initialized": list(pre.newly_initialized),
                          "peft": self.peft.to_dict(), "target_mean_std": self.target,
-                         "main_metric": main_metric_key(self.task)},
+                         "main_metric": main_metric_key(self.task),
+                         "xla_compiler_options": self.compiler_options or {}},
             "model_config": pre.config.to_dict(),
             "params": self.counts.to_dict(),
             "versions": {"jaxpeft": jaxpeft.__version__, "jax": jax.__version__,
@@ -238,7 +245,7 @@ class TrainLoop:
         self.state, self.frozen = self.sharder.replicate(state), self.sharder.replicate(frozen)
         self._base_paths = set(traverse_util.flatten_dict(setup.pre.params))
         setup.params, setup.pre = None, dataclasses.replace(setup.pre, params=None)
-        self.train_step = make_train_step(setup.model, tx)
+        self.train_step = make_train_step(setup.model, tx, setup.compiler_options)
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets,
                                    setup.pre.tokenizer.pad_token_id, self.sharder,

@@ -127,10 +127,44 @@ def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
             "loss": per_example_loss(logits, batch["labels"], is_regression)}
 
 
-def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation):
+def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
+                    compiler_options: Optional[dict] = None):
     """`train_step` with the model and optimizer bound, jitted once, donating the state
-    (never the frozen weights, which every step reads)."""
-    return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+    (never the frozen weights, which every step reads); `compiler_options` go to XLA for
+    this one program."""
+    return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0,
+                   compiler_options=compiler_options)
+
+
+# XLA CPU's `xla_cpu_experimental_ynn_fusion_type` values per --xla_cpu_dot_fusion choice.
+# "default" leaves the option unset. The option is experimental and belongs to this jaxlib,
+# hence the probe in `step_compiler_options`.
+CPU_DOT_FUSIONS = {"default": None,
+                   "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiles_with(option: str, value: str) -> bool:
+    try:
+        jax.jit(lambda x: x @ x, compiler_options={option: value}).lower(
+            jnp.ones((2, 2))).compile()
+        return True
+    except Exception:  # noqa: BLE001 - any rejection means "not this jaxlib"
+        return False
+
+
+def step_compiler_options(fusion: str) -> Optional[dict]:
+    """XLA compile options of a train step for a `CPU_DOT_FUSIONS` choice.
+
+    None (XLA's defaults) off CPU, for "default", and where this jaxlib does not know the
+    option, so an unknown option can never stop a run; the choice only changes which kernels
+    run, not the math (float reassociation aside).
+    """
+    value = CPU_DOT_FUSIONS[fusion]
+    if value is None or jax.default_backend() != "cpu" or not _compiles_with(_YNN_OPTION, value):
+        return None
+    return {_YNN_OPTION: value}
 
 
 def use_compilation_cache(directory: Optional[str]) -> None:

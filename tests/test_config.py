@@ -22,7 +22,8 @@ def test_roles_come_from_the_fields():
     assert "output_dir" not in config.names_where("sweepable")
     # What a resumed run may change: where and how it reports, and the steps after training.
     assert {"resume", "overwrite", "progress", "multihost", "output_dir", "do_predict",
-            "export_peft", "export_merged", "tensorboard", "compilation_cache"} == set(
+            "export_peft", "export_merged", "tensorboard", "compilation_cache",
+            "xla_cpu_dot_fusion"} == set(
         config.names_where("resumable"))
     not_settings = set(config.names_where("setting", False))
     assert {"cache_dir", "eval_batch_size", "output_dir"} <= not_settings

@@ -13,7 +13,8 @@ from jaxpeft.models import EncoderConfig, Runtime, SequenceClassifier
 from jaxpeft.optim import OptimConfig, make_optimizer
 from jaxpeft.peft import (METHODS, LoraConfig, add_lora, combine, export_peft, load_adapter,
                           make_peft, merge_lora, partition, path_str, save_adapter)
-from jaxpeft.train import create_train_state, make_train_step, update_stats
+from jaxpeft.train import (CPU_DOT_FUSIONS, create_train_state, make_train_step,
+                           step_compiler_options, update_stats)
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
 torch = pytest.importorskip("torch")
@@ -174,6 +175,41 @@ def test_steps_change_only_trainable_leaves(tiny_dirs, method):
         else:
             np.testing.assert_array_equal(after[path], old, err_msg=path_str(path))
     assert int(state.step) == 3
+
+
+def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
+    """--xla_cpu_dot_fusion only picks kernels: LoRA steps with matmuls handed to YNNPACK
+    alone follow the default program's losses and weights to float rounding."""
+    from jaxpeft.config import choices
+
+    assert set(choices("xla_cpu_dot_fusion")) == {"auto", *CPU_DOT_FUSIONS}
+    assert {m.cpu_dot_fusion for m in METHODS.values()} <= set(CPU_DOT_FUSIONS)
+    assert step_compiler_options("default") is None
+    options = step_compiler_options("individual_dot")
+    if jax.default_backend() != "cpu":
+        assert options is None
+        return
+    assert options == {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, "this jaxlib lost the option"
+    pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
+    peft = make_peft("lora", LoraConfig(rank=4, dropout=0.1))
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    mask = peft.mask(params)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10), mask)
+    ids, attn, types = random_batch("roberta", batch=8)
+    batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
+             "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
+    runs = []
+    for opts in (None, options):
+        state, frozen = create_train_state(params, mask, tx)
+        step, losses = make_train_step(model, tx, opts), []
+        for _ in range(3):
+            state, metrics = step(state, batch, jax.random.key(42), frozen)
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, jax.device_get(state.trainable)))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 runs[1][1], runs[0][1])
 
 
 def test_optimizer_refuses_an_update_for_a_frozen_leaf(tiny_dirs):

@@ -1,0 +1,93 @@
+"""A/B of XLA CPU compile options on the train step, interleaved in one process.
+
+  python -m benchmarks.bench_xla_options --methods=full,lora --variants=default,individual_dot
+
+Each variant compiles its own train step (per-jit `compiler_options`, so no process-wide
+XLA_FLAGS); then the variants' steps run in turn, round after round, so a change in machine
+load hits every variant alike. Prints the median step time of each variant per method, its
+ratio to the first variant, and whether the losses stayed identical (an option that changes
+numerics beyond float reassociation shows here). Variants name values of
+`xla_cpu_experimental_ynn_fusion_type`, the option that chooses which ops XLA hands to
+YNNPACK: `default` (this jaxlib's choice), `none` (XLA's own kernels), or '+'-joined
+LIBRARY_FUSION_TYPE_ suffixes such as `individual_dot` or `dot+eltwise`.
+"""
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+
+# bench_train's flags (--model, --methods, --dtype, --random_weights, ...) apply here too.
+from benchmarks.bench_train import _load, _peft, _random_batch  # noqa: E402
+
+flags.DEFINE_list("variants", ["default", "individual_dot"], "ynn fusion variants")
+flags.DEFINE_string("shape", "32x128", "batch x sequence")
+flags.DEFINE_integer("rounds", 10, "timed rounds (one step of every variant per round)")
+
+_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def compiler_options(variant: str):
+    """The per-jit compile options of a variant name (None for the default)."""
+    if variant == "default":
+        return None
+    if variant == "none":
+        return {_OPTION: ""}
+    return {_OPTION: ",".join("LIBRARY_FUSION_TYPE_" + v.upper() for v in variant.split("+"))}
+
+
+def bench_method(f, method, batch, seq):
+    """Median step seconds per variant for one method, steps interleaved across variants."""
+    import jax
+
+    from jaxpeft.optim import OptimConfig, make_optimizer
+    from jaxpeft.train import create_train_state, make_train_step
+
+    model, params, cfg = _load(f)
+    peft = _peft(method)
+    model, params = peft.init(model, params, jax.random.key(0))
+    mask = peft.mask(params)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
+    data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
+    rng = jax.random.key(0)
+    runs = {}
+    for v in f.variants:
+        state, frozen = create_train_state(params, mask, tx)
+        step = make_train_step(model, tx, compiler_options=compiler_options(v))
+        t0 = time.perf_counter()
+        state, m = step(state, data, rng, frozen)
+        losses = [float(m["loss"])]
+        runs[v] = {"step": step, "state": state, "frozen": frozen, "times": [],
+                   "losses": losses, "compile_s": time.perf_counter() - t0}
+        state, m = step(state, data, rng, frozen)  # warm
+        runs[v]["state"] = state
+        losses.append(float(m["loss"]))
+    for _ in range(f.rounds):
+        for v, r in runs.items():
+            t0 = time.perf_counter()
+            r["state"], m = r["step"](r["state"], data, rng, r["frozen"])
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t0)
+            r["losses"].append(float(m["loss"]))
+    return {v: {"step_s": float(np.median(r["times"])), "compile_s": r["compile_s"],
+                "losses": r["losses"]} for v, r in runs.items()}
+
+
+def main(_):
+    f = flags.FLAGS
+    batch, seq = map(int, f.shape.split("x"))
+    base = f.variants[0]
+    print(f"{'method':>10} {'variant':>16} {'step ms':>9} {'vs ' + base:>12} {'compile s':>9} "
+          f"{'max |loss diff|':>16}")
+    for method in f.methods:
+        res = bench_method(f, method, batch, seq)
+        ref = res[base]
+        for v, r in res.items():
+            diff = float(np.max(np.abs(np.subtract(r["losses"], ref["losses"]))))
+            print(f"{method:>10} {v:>16} {r['step_s'] * 1e3:9.1f} "
+                  f"{r['step_s'] / ref['step_s']:12.3f} {r['compile_s']:9.1f} {diff:16.2e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
