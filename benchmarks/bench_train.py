@@ -132,7 +132,7 @@ def jax_worker(f, method, batch, seq):
     from flax import traverse_util
 
     from jaxpeft.optim import OptimConfig, make_optimizer
-    from jaxpeft.train import create_train_state, make_train_step, step_compiler_options
+    from jaxpeft.train import create_train_state, make_train_step, step_compile
 
     model, params, cfg = _load(f)
     peft = _peft(method)
@@ -144,9 +144,10 @@ def jax_worker(f, method, batch, seq):
     tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
     state, frozen = create_train_state(params, mask, tx)
     del params
-    fusion = peft.cpu_dot_fusion if f.xla_cpu_dot_fusion == "auto" else f.xla_cpu_dot_fusion
-    options = step_compiler_options(fusion)
-    step = make_train_step(model, tx, options)
+    compile_with = step_compile(f.xla_cpu_dot_fusion, peft.cpu_dot_fusion)
+    step = make_train_step(model, tx, compile_with)
+    # What this batch runs with (auto applies a method's choice from a batch size on).
+    options = compile_with.options if batch * seq >= compile_with.min_tokens else None
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     t0 = time.perf_counter()

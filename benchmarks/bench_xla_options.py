@@ -42,7 +42,7 @@ def bench_method(f, method, batch, seq):
     import jax
 
     from jaxpeft.optim import OptimConfig, make_optimizer
-    from jaxpeft.train import create_train_state, make_train_step
+    from jaxpeft.train import StepCompile, create_train_state, make_train_step
 
     model, params, cfg = _load(f)
     peft = _peft(method)
@@ -54,7 +54,7 @@ def bench_method(f, method, batch, seq):
     runs = {}
     for v in f.variants:
         state, frozen = create_train_state(params, mask, tx)
-        step = make_train_step(model, tx, compiler_options=compiler_options(v))
+        step = make_train_step(model, tx, StepCompile(compiler_options(v)))
         t0 = time.perf_counter()
         state, m = step(state, data, rng, frozen)
         losses = [float(m["loss"])]

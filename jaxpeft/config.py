@@ -113,9 +113,10 @@ class RunConfig:
         resumable=True, **_IO)
     xla_cpu_dot_fusion: str = _option(
         "auto", "On CPU, which ops XLA hands to YNNPACK in the train step: auto (the method's "
-        "measured best: individual_dot for lora, dora, vera, prompt; default for the rest), "
-        "default (jaxlib's fusions), individual_dot (matmuls alone). Speed only; ignored on "
-        "GPU/TPU and where this jaxlib lacks the option.",
+        "measured best: individual_dot for lora, dora, vera and prompt on batches of >= 4,096 "
+        "tokens, default otherwise), default (jaxlib's fusions), individual_dot (matmuls "
+        "alone, every batch). Speed only; ignored on GPU/TPU and where this jaxlib lacks the "
+        "option.",
         choices=lambda: ("auto", "default", "individual_dot"), resumable=True, **_IO)
     cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
                              "(empty: no cache).",

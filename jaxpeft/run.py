@@ -42,8 +42,8 @@ from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import RunLock, check_output_dir, prepare_output_dir
 from jaxpeft.peft import (ParamCounts, Peft, combine, export_merged, export_peft, load_adapter,
                           peft_from_run, save_adapter)
-from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
-                           make_train_step, step_compiler_options, use_compilation_cache)
+from jaxpeft.train import (STEP_STATS, CompileCounter, StepCompile, create_train_state,
+                           make_eval_step, make_train_step, step_compile, use_compilation_cache)
 from jaxpeft.writer import RESULTS, RunWriter
 
 
@@ -76,10 +76,9 @@ class Setup:
         return bucket_lengths(self.cfg.max_seq_length)
 
     @property
-    def compiler_options(self) -> Optional[dict]:
-        """The train step's XLA options: --xla_cpu_dot_fusion, `auto` being the method's."""
-        fusion = self.cfg.xla_cpu_dot_fusion
-        return step_compiler_options(self.peft.cpu_dot_fusion if fusion == "auto" else fusion)
+    def step_compile(self) -> StepCompile:
+        """The train step's XLA options from --xla_cpu_dot_fusion (`auto`: the method's)."""
+        return step_compile(self.cfg.xla_cpu_dot_fusion, self.peft.cpu_dot_fusion)
 
     def config_dict(self) -> dict:
         """`config.json`: every option, what was resolved from them, model and machine."""
@@ -96,7 +95,7 @@ class Setup:
                          "newly_initialized": list(pre.newly_initialized),
                          "peft": self.peft.to_dict(), "target_mean_std": self.target,
                          "main_metric": main_metric_key(self.task),
-                         "xla_compiler_options": self.compiler_options or {}},
+                         "train_step_compile": self.step_compile.to_dict()},
             "model_config": pre.config.to_dict(),
             "params": self.counts.to_dict(),
             "versions": {"jaxpeft": jaxpeft.__version__, "jax": jax.__version__,
@@ -245,7 +244,7 @@ class TrainLoop:
         self.state, self.frozen = self.sharder.replicate(state), self.sharder.replicate(frozen)
         self._base_paths = set(traverse_util.flatten_dict(setup.pre.params))
         setup.params, setup.pre = None, dataclasses.replace(setup.pre, params=None)
-        self.train_step = make_train_step(setup.model, tx, setup.compiler_options)
+        self.train_step = make_train_step(setup.model, tx, setup.step_compile)
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets,
                                    setup.pre.tokenizer.pad_token_id, self.sharder,

@@ -18,6 +18,7 @@ A batch is a dict of numpy arrays: `input_ids`, `attention_mask`, `token_type_id
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -127,21 +128,53 @@ def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
             "loss": per_example_loss(logits, batch["labels"], is_regression)}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCompile:
+    """XLA compile options for the train step, and the smallest batch (rows × row length,
+    in tokens) that gets them; smaller batches compile with XLA's defaults."""
+
+    options: Optional[dict] = None
+    min_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain-dict view, for config.json."""
+        return {"options": self.options or {}, "min_tokens": self.min_tokens}
+
+
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
-                    compiler_options: Optional[dict] = None):
+                    compile_with: StepCompile = StepCompile()):
     """`train_step` with the model and optimizer bound, jitted once, donating the state
-    (never the frozen weights, which every step reads); `compiler_options` go to XLA for
-    this one program."""
-    return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0,
-                   compiler_options=compiler_options)
+    (never the frozen weights, which every step reads).
+
+    With `compile_with.options`, batches of at least `min_tokens` tokens run a second jit of
+    the same function compiled with those options; the choice is by shape, so each shape
+    still compiles once.
+    """
+    step = functools.partial(train_step, model=model, tx=tx)
+    plain = jax.jit(step, donate_argnums=0)
+    if not compile_with.options:
+        return plain
+    tuned = jax.jit(step, donate_argnums=0, compiler_options=compile_with.options)
+
+    def dispatch(state, batch, rng, frozen):
+        rows, length = batch["input_ids"].shape
+        return (tuned if rows * length >= compile_with.min_tokens else plain)(
+            state, batch, rng, frozen)
+
+    return dispatch
 
 
 # XLA CPU's `xla_cpu_experimental_ynn_fusion_type` values per --xla_cpu_dot_fusion choice.
 # "default" leaves the option unset. The option is experimental and belongs to this jaxlib,
-# hence the probe in `step_compiler_options`.
+# hence the probe in `step_compile`.
 CPU_DOT_FUSIONS = {"default": None,
                    "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# `auto` applies a method's "individual_dot" from this batch size on. LoRA's step with
+# jaxlib's default fusions slows down out of proportion from 4,096 tokens a batch (MiniLM:
+# 724 ms at 24x128, 1,104 ms at 32x128); with matmuls alone it stays linear (743, 1,032) and
+# is 1-3 % slower below that (benchmarks/RESULTS.md §5g).
+AUTO_MIN_TOKENS = 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,17 +187,20 @@ def _compiles_with(option: str, value: str) -> bool:
         return False
 
 
-def step_compiler_options(fusion: str) -> Optional[dict]:
-    """XLA compile options of a train step for a `CPU_DOT_FUSIONS` choice.
+def step_compile(choice: str, method_fusion: str = "default") -> StepCompile:
+    """The train step's `StepCompile` for --xla_cpu_dot_fusion `choice` ("auto": the
+    method's measured `method_fusion`, from `AUTO_MIN_TOKENS` tokens a batch on; otherwise
+    a `CPU_DOT_FUSIONS` key for every batch).
 
-    None (XLA's defaults) off CPU, for "default", and where this jaxlib does not know the
-    option, so an unknown option can never stop a run; the choice only changes which kernels
-    run, not the math (float reassociation aside).
+    No options (XLA's defaults) off CPU, for "default", and where this jaxlib does not know
+    the option, so an unknown option can never stop a run; the choice only changes which
+    kernels run, not the math (float reassociation aside).
     """
+    fusion, min_tokens = (method_fusion, AUTO_MIN_TOKENS) if choice == "auto" else (choice, 0)
     value = CPU_DOT_FUSIONS[fusion]
     if value is None or jax.default_backend() != "cpu" or not _compiles_with(_YNN_OPTION, value):
-        return None
-    return {_YNN_OPTION: value}
+        return StepCompile()
+    return StepCompile({_YNN_OPTION: value}, min_tokens)
 
 
 def use_compilation_cache(directory: Optional[str]) -> None:

@@ -13,8 +13,8 @@ from jaxpeft.models import EncoderConfig, Runtime, SequenceClassifier
 from jaxpeft.optim import OptimConfig, make_optimizer
 from jaxpeft.peft import (METHODS, LoraConfig, add_lora, combine, export_peft, load_adapter,
                           make_peft, merge_lora, partition, path_str, save_adapter)
-from jaxpeft.train import (CPU_DOT_FUSIONS, create_train_state, make_train_step,
-                           step_compiler_options, update_stats)
+from jaxpeft.train import (AUTO_MIN_TOKENS, CPU_DOT_FUSIONS, StepCompile, create_train_state,
+                           make_train_step, step_compile, update_stats)
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
 torch = pytest.importorskip("torch")
@@ -184,13 +184,15 @@ def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
 
     assert set(choices("xla_cpu_dot_fusion")) == {"auto", *CPU_DOT_FUSIONS}
     assert {m.cpu_dot_fusion for m in METHODS.values()} <= set(CPU_DOT_FUSIONS)
-    assert step_compiler_options("default") is None
-    options = step_compiler_options("individual_dot")
+    assert step_compile("default", "individual_dot") == StepCompile()
+    assert step_compile("auto", "default") == StepCompile()
+    forced, auto = step_compile("individual_dot"), step_compile("auto", "individual_dot")
     if jax.default_backend() != "cpu":
-        assert options is None
+        assert forced == auto == StepCompile()
         return
-    assert options == {"xla_cpu_experimental_ynn_fusion_type":
-                       "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, "this jaxlib lost the option"
+    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert forced == StepCompile(options, 0), "this jaxlib lost the option"
+    assert auto == StepCompile(options, AUTO_MIN_TOKENS)
     pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
     peft = make_peft("lora", LoraConfig(rank=4, dropout=0.1))
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
@@ -200,9 +202,9 @@ def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
     batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
              "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
     runs = []
-    for opts in (None, options):
+    for compile_with in (StepCompile(), forced):
         state, frozen = create_train_state(params, mask, tx)
-        step, losses = make_train_step(model, tx, opts), []
+        step, losses = make_train_step(model, tx, compile_with), []
         for _ in range(3):
             state, metrics = step(state, batch, jax.random.key(42), frozen)
             losses.append(float(metrics["loss"]))
@@ -210,6 +212,17 @@ def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
     np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  runs[1][1], runs[0][1])
+    # The options reach exactly the batches of min_tokens or more: an option XLA rejects
+    # leaves a smaller batch running and stops one at the threshold.
+    tokens = ids.shape[0] * ids.shape[1]
+    bogus = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
+    state, frozen = create_train_state(params, mask, tx)
+    make_train_step(model, tx, StepCompile(bogus, tokens + 1))(state, batch, jax.random.key(0),
+                                                               frozen)
+    state, frozen = create_train_state(params, mask, tx)
+    with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
+        make_train_step(model, tx, StepCompile(bogus, tokens))(state, batch, jax.random.key(0),
+                                                              frozen)
 
 
 def test_optimizer_refuses_an_update_for_a_frozen_leaf(tiny_dirs):
