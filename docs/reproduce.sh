@@ -132,7 +132,8 @@ s --seeds=1 --grid="method=prompt;learning_rate=1e-2"
 s --grid="method=lora;loraplus_lr_ratio=16;learning_rate=3e-4,5e-4,1e-3,2e-3"
 s --seeds=1 --grid="method=lora;loraplus_lr_ratio=16;learning_rate=5e-4"
 $py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=full;learning_rate=4e-4"
-m --grid="method=full;learning_rate=2e-4"
+m --grid="method=full;learning_rate=2e-4,4e-4"
+m --seeds=1 --grid="method=full;learning_rate=2e-4"
 
 # Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
 (cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb family-sst2 \
