@@ -146,8 +146,7 @@ def jax_worker(f, method, batch, seq):
     del params
     compile_with = step_compile(f.xla_cpu_dot_fusion, peft.cpu_dot_fusion)
     step = make_train_step(model, tx, compile_with)
-    # What this batch runs with (auto applies a method's choice from a batch size on).
-    options = compile_with.options if batch * seq >= compile_with.min_tokens else None
+    options = compile_with.options_for(batch, seq)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     t0 = time.perf_counter()

@@ -17,7 +17,6 @@ import time
 import numpy as np
 from absl import app, flags
 
-
 # bench_train's flags (--model, --methods, --dtype, --random_weights, ...) apply here too.
 from benchmarks.bench_train import _load, _peft, _random_batch  # noqa: E402
 
@@ -25,16 +24,16 @@ flags.DEFINE_list("variants", ["default", "individual_dot"], "ynn fusion variant
 flags.DEFINE_string("shape", "32x128", "batch x sequence")
 flags.DEFINE_integer("rounds", 10, "timed rounds (one step of every variant per round)")
 
-_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-
-
 def compiler_options(variant: str):
     """The per-jit compile options of a variant name (None for the default)."""
+    from jaxpeft.train import YNN_FUSION_OPTION
+
     if variant == "default":
         return None
     if variant == "none":
-        return {_OPTION: ""}
-    return {_OPTION: ",".join("LIBRARY_FUSION_TYPE_" + v.upper() for v in variant.split("+"))}
+        return {YNN_FUSION_OPTION: ""}
+    return {YNN_FUSION_OPTION: ",".join("LIBRARY_FUSION_TYPE_" + v.upper()
+                                        for v in variant.split("+"))}
 
 
 def bench_method(f, method, batch, seq):

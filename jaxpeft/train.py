@@ -136,6 +136,10 @@ class StepCompile:
     options: Optional[dict] = None
     min_tokens: int = 0
 
+    def options_for(self, rows: int, length: int) -> Optional[dict]:
+        """The options a batch of `rows` × `length` tokens compiles with (None: defaults)."""
+        return self.options if self.options and rows * length >= self.min_tokens else None
+
     def to_dict(self) -> dict:
         """Plain-dict view, for config.json."""
         return {"options": self.options or {}, "min_tokens": self.min_tokens}
@@ -157,9 +161,8 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
     tuned = jax.jit(step, donate_argnums=0, compiler_options=compile_with.options)
 
     def dispatch(state, batch, rng, frozen):
-        rows, length = batch["input_ids"].shape
-        return (tuned if rows * length >= compile_with.min_tokens else plain)(
-            state, batch, rng, frozen)
+        use = tuned if compile_with.options_for(*batch["input_ids"].shape) else plain
+        return use(state, batch, rng, frozen)
 
     return dispatch
 
@@ -169,7 +172,7 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
 # hence the probe in `step_compile`.
 CPU_DOT_FUSIONS = {"default": None,
                    "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # `auto` applies a method's "individual_dot" from this batch size on. LoRA's step with
 # jaxlib's default fusions slows down out of proportion from 4,096 tokens a batch (MiniLM:
 # 724 ms at 24x128, 1,104 ms at 32x128); with matmuls alone it stays linear (743, 1,032) and
@@ -198,9 +201,10 @@ def step_compile(choice: str, method_fusion: str = "default") -> StepCompile:
     """
     fusion, min_tokens = (method_fusion, AUTO_MIN_TOKENS) if choice == "auto" else (choice, 0)
     value = CPU_DOT_FUSIONS[fusion]
-    if value is None or jax.default_backend() != "cpu" or not _compiles_with(_YNN_OPTION, value):
+    if (value is None or jax.default_backend() != "cpu"
+            or not _compiles_with(YNN_FUSION_OPTION, value)):
         return StepCompile()
-    return StepCompile({_YNN_OPTION: value}, min_tokens)
+    return StepCompile({YNN_FUSION_OPTION: value}, min_tokens)
 
 
 def use_compilation_cache(directory: Optional[str]) -> None:
