@@ -86,6 +86,51 @@ def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_training_attention_path_matches_the_fused_one(tmp_path, model_type):
+    """Training runs attention as einsum-softmax-dropout-einsum (heads moved first), the
+    evaluation path through `jax.nn.dot_product_attention`, which the test above holds to
+    transformers. With a dropout rate that keeps every element (rate * 2^32 rounds to 0,
+    so the keep probability is exactly 1) the two must agree, padded and packed."""
+    import jax
+    import jax.numpy as jnp
+
+    cls = {"bert": transformers.BertForSequenceClassification,
+           "roberta": transformers.RobertaForSequenceClassification}[model_type]
+    save_torch_model(cls, tiny_hf_config(model_type, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=1e-12), tmp_path)
+    pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+    ids, mask, types = random_batch(model_type, pairs=model_type == "bert", length=20)
+    # packed: two examples in each row, padding after them
+    segments = np.where(np.arange(20)[None, :] < 9, 1, 2) * mask
+    for extra in ({"attention_mask": mask}, {"segment_ids": jnp.asarray(segments),
+                  "example_row": jnp.arange(4), "example_pos": jnp.zeros(4, jnp.int32)}):
+        outs = [pre.model.apply({"params": pre.params}, ids, token_type_ids=types,
+                                deterministic=deterministic, output_hidden_states=True,
+                                rngs={"dropout": jax.random.key(3)}, **extra)
+                for deterministic in (True, False)]
+        for fused, trained in zip(*outs):
+            np.testing.assert_allclose(np.asarray(trained), np.asarray(fused), atol=2e-6,
+                                       rtol=0)
+
+
+def test_gelu_is_pytorchs_exact_gelu():
+    """`gelu_erf` (erf form, cheaper on XLA's CPU backend than jax.nn.gelu's erfc form)
+    matches torch's exact GELU in value, and jax.nn.gelu's in gradient, across the range."""
+    import jax
+
+    from jaxpeft.models.encoder import ACTIVATIONS, gelu_erf
+
+    assert ACTIVATIONS["gelu"] is gelu_erf
+    x = np.concatenate([np.linspace(-12, 12, 4801), [-40.0, -6.5, 0.0, 1e-6, 6.5, 40.0]])
+    x = x.astype(np.float32)
+    ref = torch.nn.functional.gelu(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(gelu_erf(x)), ref, atol=1e-6, rtol=1e-6)
+    grad = jax.vmap(jax.grad(gelu_erf))(x)
+    ref_grad = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_base_model_checkpoint_loads_with_fresh_head(tmp_path, model_type, caplog):
     """A BertModel/RobertaModel checkpoint (no prefix, no head) loads; the head is reported."""
     cls = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}[model_type]
