@@ -43,7 +43,8 @@ flags.DEFINE_bool("random_weights", False, "build the model from its config with
 flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
 flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmul (the "
                     "default is model-shaped for MiniLM; use a large one on GPUs)")
-flags.DEFINE_enum("xla_cpu_dot_fusion", "auto", ["auto", "default", "individual_dot"],
+flags.DEFINE_enum("xla_cpu_dot_fusion", "auto", ["auto", "default", "individual_dot",
+                                                  "dot_reduce"],
                   "as run_glue's flag: auto is each method's measured choice on CPU")
 flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")

@@ -114,10 +114,12 @@ class RunConfig:
     xla_cpu_dot_fusion: str = _option(
         "auto", "On CPU, which ops XLA hands to YNNPACK in the train step: auto (the method's "
         "measured best: individual_dot for lora, dora, vera and prompt on batches of >= 4,096 "
-        "tokens, default otherwise), default (jaxlib's fusions), individual_dot (matmuls "
-        "alone, every batch). Speed only; ignored on GPU/TPU and where this jaxlib lacks the "
-        "option.",
-        choices=lambda: ("auto", "default", "individual_dot"), resumable=True, **_IO)
+        "tokens, dot_reduce for full and bitfit, default otherwise), default (jaxlib's fusions), "
+        "individual_dot (matmuls alone), dot_reduce (matmuls and reductions, no "
+        "elementwise-only fusions); a named one applies to every batch. Speed only; ignored "
+        "on GPU/TPU and where this jaxlib lacks the option.",
+        choices=lambda: ("auto", "default", "individual_dot", "dot_reduce"), resumable=True,
+        **_IO)
     cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
                              "(empty: no cache).",
                              **_IO)

@@ -168,16 +168,20 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
 
 
 # XLA CPU's `xla_cpu_experimental_ynn_fusion_type` values per --xla_cpu_dot_fusion choice.
-# "default" leaves the option unset. The option is experimental and belongs to this jaxlib,
-# hence the probe in `step_compile`.
+# "default" leaves the option unset (jaxlib's choice); "individual_dot" hands YNNPACK the
+# matmuls alone; "dot_reduce" names its DOT and REDUCE fusion types but not ELTWISE, so
+# elementwise-only fusions stay XLA's. The option is experimental and belongs to this
+# jaxlib, hence the probe in `step_compile`.
 CPU_DOT_FUSIONS = {"default": None,
-                   "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+                   "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+                   "dot_reduce": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-# `auto` applies a method's "individual_dot" from this batch size on. LoRA's step with
+# Under `auto`, the smallest batch (tokens) that gets a method's choice. LoRA's step with
 # jaxlib's default fusions slows down out of proportion from 4,096 tokens a batch (MiniLM:
 # 724 ms at 24x128, 1,104 ms at 32x128); with matmuls alone it stays linear (743, 1,032) and
-# is 1-3 % slower below that (benchmarks/RESULTS.md §5g).
-AUTO_MIN_TOKENS = 4096
+# is 1-3 % slower below that (benchmarks/RESULTS.md §5g). The full and BitFit steps gain
+# from dot_reduce at every size measured, 512 to 4,096 tokens (§5i).
+AUTO_MIN_TOKENS = {"individual_dot": 4096, "dot_reduce": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,14 +196,15 @@ def _compiles_with(option: str, value: str) -> bool:
 
 def step_compile(choice: str, method_fusion: str = "default") -> StepCompile:
     """The train step's `StepCompile` for --xla_cpu_dot_fusion `choice` ("auto": the
-    method's measured `method_fusion`, from `AUTO_MIN_TOKENS` tokens a batch on; otherwise
-    a `CPU_DOT_FUSIONS` key for every batch).
+    method's measured `method_fusion`, from its `AUTO_MIN_TOKENS` tokens a batch on;
+    otherwise a `CPU_DOT_FUSIONS` key for every batch).
 
     No options (XLA's defaults) off CPU, for "default", and where this jaxlib does not know
     the option, so an unknown option can never stop a run; the choice only changes which
     kernels run, not the math (float reassociation aside).
     """
-    fusion, min_tokens = (method_fusion, AUTO_MIN_TOKENS) if choice == "auto" else (choice, 0)
+    fusion = method_fusion if choice == "auto" else choice
+    min_tokens = AUTO_MIN_TOKENS.get(fusion, 0) if choice == "auto" else 0
     value = CPU_DOT_FUSIONS[fusion]
     if (value is None or jax.default_backend() != "cpu"
             or not _compiles_with(YNN_FUSION_OPTION, value)):

@@ -179,7 +179,8 @@ def test_steps_change_only_trainable_leaves(tiny_dirs, method):
 
 def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
     """--xla_cpu_dot_fusion only picks kernels: LoRA steps with matmuls handed to YNNPACK
-    alone follow the default program's losses and weights to float rounding."""
+    alone, or without elementwise YNNPACK fusions, follow the default program's losses and
+    weights to float rounding."""
     from jaxpeft.config import choices
 
     assert set(choices("xla_cpu_dot_fusion")) == {"auto", *CPU_DOT_FUSIONS}
@@ -192,7 +193,11 @@ def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
         return
     options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     assert forced == StepCompile(options, 0), "this jaxlib lost the option"
-    assert auto == StepCompile(options, AUTO_MIN_TOKENS)
+    assert auto == StepCompile(options, AUTO_MIN_TOKENS["individual_dot"])
+    # full fine-tuning's choice applies to every batch size, through the same one-jit path
+    assert step_compile("auto", METHODS["full"].cpu_dot_fusion) == StepCompile(
+        {"xla_cpu_experimental_ynn_fusion_type":
+         "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}, 0)
     pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
     peft = make_peft("lora", LoraConfig(rank=4, dropout=0.1))
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
@@ -202,16 +207,17 @@ def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
     batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
              "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
     runs = []
-    for compile_with in (StepCompile(), forced):
+    for compile_with in (StepCompile(), forced, step_compile("dot_reduce")):
         state, frozen = create_train_state(params, mask, tx)
         step, losses = make_train_step(model, tx, compile_with), []
         for _ in range(3):
             state, metrics = step(state, batch, jax.random.key(42), frozen)
             losses.append(float(metrics["loss"]))
         runs.append((losses, jax.device_get(state.trainable)))
-    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 runs[1][1], runs[0][1])
+    for losses, trainable in runs[1:]:
+        np.testing.assert_allclose(losses, runs[0][0], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     trainable, runs[0][1])
     # The options reach exactly the batches of min_tokens or more: an option XLA rejects
     # leaves a smaller batch running and stops one at the threshold.
     tokens = ids.shape[0] * ids.shape[1]

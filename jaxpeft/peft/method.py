@@ -73,10 +73,10 @@ class PeftMethod:
     # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
     peft_prefix: ClassVar[str] = "base_model.model."
     # Which ops XLA's CPU backend hands to YNNPACK in this method's train step (see
-    # `jaxpeft.train.CPU_DOT_FUSIONS`): "default" (jaxlib's choice: matmuls fused with their
-    # neighbours) or "individual_dot" (matmuls alone, on large batches: `AUTO_MIN_TOKENS`).
-    # A measured property, not a semantic one: benchmarks/bench_xla_options.py times both per
-    # method (benchmarks/RESULTS.md §5g).
+    # `jaxpeft.train.CPU_DOT_FUSIONS`): "default" (jaxlib's choice), "individual_dot"
+    # (matmuls alone, on large batches: `AUTO_MIN_TOKENS`) or "dot_reduce" (no
+    # elementwise-only YNNPACK fusions). A measured property, not a semantic one:
+    # benchmarks/bench_xla_options.py times them per method (benchmarks/RESULTS.md §5g, §5i).
     cpu_dot_fusion: ClassVar[str] = "default"
 
     def options_from(self, run: Any) -> Any:
