@@ -145,6 +145,16 @@ def test_base_model_checkpoint_loads_with_fresh_head(tmp_path, model_type, caplo
                           token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
     _, hidden = jax_forward(pre, ids, mask, types)
     np.testing.assert_allclose(hidden, ref, atol=TOL, rtol=0)
+    # The fresh head is the one a full (jitted) init with the load's seed draws.
+    import jax
+    from flax import traverse_util
+
+    full = traverse_util.flatten_dict(
+        jax.jit(pre.model.init)(jax.random.key(0), ids[:1, :8])["params"])
+    loaded = traverse_util.flatten_dict(pre.params)
+    for name in pre.newly_initialized:
+        path = tuple(name.split("/"))
+        np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(full[path]))
 
 
 def test_head_with_other_num_labels_is_reinitialized(tmp_path):
