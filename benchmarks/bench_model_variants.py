@@ -13,11 +13,9 @@ the median step time per variant, its ratio to the first, and the largest loss d
 
 Variants: `before` (erfc GELU, token-major attention), `gelu_erf` (only the GELU changed),
 `head_major` (only the attention changed), `now` (the library as it is). `--shape=RxL`
-times random unpacked rows; `RxL:K` packs K examples into each row (block-diagonal
-attention, as run_glue's packed batches), 32 examples in all.
+times random unpacked rows; `RxL:K` packs K equal examples into each row with run_glue's
+packer (block-diagonal attention), 32 examples in all.
 """
-
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,8 @@ import numpy as np
 from absl import app, flags
 
 # bench_train's flags (--model, --methods, --dtype, --random_weights, ...) apply here too.
-from benchmarks.bench_train import _load, _peft, _random_batch  # noqa: E402
+from benchmarks.bench_train import (  # noqa: E402
+    _random_batch, _train_setup, interleave, start_variant)
 from jaxpeft.models import encoder
 
 flags.DEFINE_list("variants", ["before", "now"], "before, gelu_erf, head_major, now")
@@ -56,67 +55,44 @@ VARIANTS = {  # variant -> (gelu, training attention)
 
 
 def packed_batch(rows: int, length: int, per_row: int) -> dict:
-    """`EXAMPLES` equal-length examples, `per_row` to a row filling 85 % of it, in
-    run_glue's packed layout (segments, restarting positions, first-token coordinates)."""
+    """A batch of `EXAMPLES` slots packed by run_glue's packer (`make_packed_batch`): random
+    examples of one length, sized so that exactly `per_row` fit a row and fill about 85 %
+    of it, as many as `rows` rows hold (the other slots are padding examples)."""
+    from jaxpeft.data.batching import Encoded, make_packed_batch
+
     rs = np.random.default_rng(0)
-    n = int(length * 0.85) // per_row
-    segments = np.zeros((rows, length), np.int32)
-    positions = np.zeros((rows, length), np.int32)
-    example_row = np.zeros(EXAMPLES, np.int32)
-    example_pos = np.zeros(EXAMPLES, np.int32)
-    placed = min(EXAMPLES, rows * per_row)  # the rest are padding examples (weight 0)
-    for e in range(placed):
-        r, j = divmod(e, per_row)
-        segments[r, j * n:(j + 1) * n] = j + 1
-        positions[r, j * n:(j + 1) * n] = np.arange(n)
-        example_row[e], example_pos[e] = r, j * n
-    ids = rs.integers(1000, 20000, (rows, length)).astype(np.int32)
-    return {"input_ids": ids, "token_type_ids": np.zeros_like(ids),
-            "position_ids": positions, "segment_ids": segments, "example_row": example_row,
-            "example_pos": example_pos,
-            "labels": rs.integers(0, 2, EXAMPLES).astype(np.int32),
-            "weights": (np.arange(EXAMPLES) < placed).astype(np.float32)}
+    n = min(EXAMPLES, rows * per_row)
+    size = max(int(length * 0.85) // per_row, length // (per_row + 1) + 1)
+    enc = Encoded(task="bench", split="train",
+                  ids=rs.integers(1000, 20000, n * size).astype(np.int32),
+                  type_ids=np.zeros(n * size, np.int8),
+                  offsets=np.arange(n + 1, dtype=np.int64) * size,
+                  labels=rs.integers(0, 2, n).astype(np.int32), idx=np.arange(n))
+    return make_packed_batch(enc, np.arange(n), EXAMPLES, length, pad_id=0)
 
 
 def bench_method(f, method: str) -> dict:
     """Median step seconds and losses per variant for one method, steps interleaved."""
-    from jaxpeft.optim import OptimConfig, make_optimizer
     from jaxpeft.train import create_train_state, make_train_step, step_compile
 
-    model, params, cfg = _load(f)
+    model, params, mask, tx, cfg, peft = _train_setup(f, method)
     shape, _, per_row = f.shape.partition(":")
     rows, length = map(int, shape.split("x"))
     data = jax.device_put(packed_batch(rows, length, int(per_row)) if per_row
                           else _random_batch(rows, length, cfg.vocab_size))
-    peft = _peft(method)
-    model, params = peft.init(model, params, jax.random.key(0))
-    mask = peft.mask(params)
-    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
     rng = jax.random.key(0)
     kept = encoder.ACTIVATIONS["gelu"], encoder.dropout_attention
     runs = {}
     try:
         for v in f.variants:
+            # the step traces (at its first call, in start_variant) with these formulations
             encoder.ACTIVATIONS["gelu"], encoder.dropout_attention = VARIANTS[v]
             state, frozen = create_train_state(params, mask, tx)
             step = make_train_step(model, tx, step_compile("auto", peft.cpu_dot_fusion))
-            losses = []
-            for _ in range(2):  # compile (traces with this variant's formulations), warm
-                state, m = step(state, data, rng, frozen)
-                losses.append(float(m["loss"]))
-            runs[v] = {"step": step, "state": state, "frozen": frozen, "times": [],
-                       "losses": losses}
+            runs[v] = start_variant(step, state, frozen, data, rng)
     finally:
         encoder.ACTIVATIONS["gelu"], encoder.dropout_attention = kept
-    for _ in range(f.rounds):
-        for r in runs.values():
-            t0 = time.perf_counter()
-            r["state"], m = r["step"](r["state"], data, rng, r["frozen"])
-            jax.block_until_ready(m)
-            r["times"].append(time.perf_counter() - t0)
-            r["losses"].append(float(m["loss"]))
-    return {v: {"step_s": float(np.median(r["times"])), "losses": r["losses"]}
-            for v, r in runs.items()}
+    return interleave(runs, data, rng, f.rounds)
 
 
 def main(_):

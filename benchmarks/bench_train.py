@@ -126,23 +126,63 @@ def _peft(spec: str):
                                                    for k, v in settings.items()}))
 
 
+def _train_setup(f, method: str):
+    """`(model, params, mask, tx, cfg, peft)` of a --methods entry: the model with the
+    method's leaves, its trainable mask and the benchmarks' AdamW."""
+    import jax
+
+    from jaxpeft.optim import OptimConfig, make_optimizer
+
+    model, params, cfg = _load(f)
+    peft = _peft(method)
+    model, params = peft.init(model, params, jax.random.key(0))
+    mask = peft.mask(params)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
+    return model, params, mask, tx, cfg, peft
+
+
+def start_variant(step, state, frozen, data, rng) -> dict:
+    """Runs a new step function twice (compilation, then a warm step); the record that
+    `interleave` times. Compile seconds include the first step's run."""
+    t0 = time.perf_counter()
+    state, m = step(state, data, rng, frozen)
+    losses = [float(m["loss"])]
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, data, rng, frozen)
+    losses.append(float(m["loss"]))
+    return {"step": step, "state": state, "frozen": frozen, "times": [], "losses": losses,
+            "compile_s": compile_s}
+
+
+def interleave(runs: dict, data, rng, rounds: int) -> dict:
+    """Steps every variant of `runs` (name -> `start_variant` record) once per round, so a
+    change in machine load hits them alike; per variant the median step seconds, compile
+    seconds and every loss."""
+    import jax
+
+    for _ in range(rounds):
+        for r in runs.values():
+            t0 = time.perf_counter()
+            r["state"], m = r["step"](r["state"], data, rng, r["frozen"])
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t0)
+            r["losses"].append(float(m["loss"]))
+    return {v: {"step_s": float(np.median(r["times"])), "compile_s": r["compile_s"],
+                "losses": r["losses"]} for v, r in runs.items()}
+
+
 def jax_worker(f, method, batch, seq):
     """Times the jaxpeft train step for one method and shape; returns a dict."""
     import jax
 
     from flax import traverse_util
 
-    from jaxpeft.optim import OptimConfig, make_optimizer
     from jaxpeft.train import create_train_state, make_train_step, step_compile
 
-    model, params, cfg = _load(f)
-    peft = _peft(method)
-    model, params = peft.init(model, params, jax.random.key(0))
-    mask = peft.mask(params)
+    model, params, mask, tx, cfg, peft = _train_setup(f, method)
     counts = peft.count(params)
     kernel_grads = any(m for p, m in traverse_util.flatten_dict(mask).items()
                        if p[-1] == "kernel" and p[0] != "classifier")
-    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
     state, frozen = create_train_state(params, mask, tx)
     del params
     compile_with = step_compile(f.xla_cpu_dot_fusion, peft.cpu_dot_fusion)

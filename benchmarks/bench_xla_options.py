@@ -12,65 +12,44 @@ YNNPACK: `default` (this jaxlib's choice), `none` (XLA's own kernels), or '+'-jo
 LIBRARY_FUSION_TYPE_ suffixes such as `individual_dot` or `dot+eltwise`.
 """
 
-import time
-
 import numpy as np
 from absl import app, flags
 
 # bench_train's flags (--model, --methods, --dtype, --random_weights, ...) apply here too.
-from benchmarks.bench_train import _load, _peft, _random_batch  # noqa: E402
+from benchmarks.bench_train import (  # noqa: E402
+    _random_batch, _train_setup, interleave, start_variant)
 
 flags.DEFINE_list("variants", ["default", "individual_dot"], "ynn fusion variants")
 flags.DEFINE_string("shape", "32x128", "batch x sequence")
 flags.DEFINE_integer("rounds", 10, "timed rounds (one step of every variant per round)")
 
+
 def compiler_options(variant: str):
     """The per-jit compile options of a variant name (None for the default)."""
-    from jaxpeft.train import YNN_FUSION_OPTION
+    from jaxpeft.train import YNN_FUSION_OPTION, ynn_fusion_types
 
     if variant == "default":
         return None
     if variant == "none":
         return {YNN_FUSION_OPTION: ""}
-    return {YNN_FUSION_OPTION: ",".join("LIBRARY_FUSION_TYPE_" + v.upper()
-                                        for v in variant.split("+"))}
+    return {YNN_FUSION_OPTION: ynn_fusion_types(*variant.split("+"))}
 
 
 def bench_method(f, method, batch, seq):
     """Median step seconds per variant for one method, steps interleaved across variants."""
     import jax
 
-    from jaxpeft.optim import OptimConfig, make_optimizer
     from jaxpeft.train import StepCompile, create_train_state, make_train_step
 
-    model, params, cfg = _load(f)
-    peft = _peft(method)
-    model, params = peft.init(model, params, jax.random.key(0))
-    mask = peft.mask(params)
-    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
+    model, params, mask, tx, cfg, _ = _train_setup(f, method)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     runs = {}
     for v in f.variants:
         state, frozen = create_train_state(params, mask, tx)
         step = make_train_step(model, tx, StepCompile(compiler_options(v)))
-        t0 = time.perf_counter()
-        state, m = step(state, data, rng, frozen)
-        losses = [float(m["loss"])]
-        runs[v] = {"step": step, "state": state, "frozen": frozen, "times": [],
-                   "losses": losses, "compile_s": time.perf_counter() - t0}
-        state, m = step(state, data, rng, frozen)  # warm
-        runs[v]["state"] = state
-        losses.append(float(m["loss"]))
-    for _ in range(f.rounds):
-        for v, r in runs.items():
-            t0 = time.perf_counter()
-            r["state"], m = r["step"](r["state"], data, rng, r["frozen"])
-            jax.block_until_ready(m)
-            r["times"].append(time.perf_counter() - t0)
-            r["losses"].append(float(m["loss"]))
-    return {v: {"step_s": float(np.median(r["times"])), "compile_s": r["compile_s"],
-                "losses": r["losses"]} for v, r in runs.items()}
+        runs[v] = start_variant(step, state, frozen, data, rng)
+    return interleave(runs, data, rng, f.rounds)
 
 
 def main(_):

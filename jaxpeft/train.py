@@ -172,9 +172,15 @@ def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
 # matmuls alone; "dot_reduce" names its DOT and REDUCE fusion types but not ELTWISE, so
 # elementwise-only fusions stay XLA's. The option is experimental and belongs to this
 # jaxlib, hence the probe in `step_compile`.
+def ynn_fusion_types(*kinds: str) -> str:
+    """The option's value naming YNNPACK fusion kinds (`"dot", "reduce"`: XLA's
+    `LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE`)."""
+    return ",".join("LIBRARY_FUSION_TYPE_" + kind.upper() for kind in kinds)
+
+
 CPU_DOT_FUSIONS = {"default": None,
-                   "individual_dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-                   "dot_reduce": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+                   "individual_dot": ynn_fusion_types("individual_dot"),
+                   "dot_reduce": ynn_fusion_types("dot", "reduce")}
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # Under `auto`, the smallest batch (tokens) that gets a method's choice. LoRA's step with
 # jaxlib's default fusions slows down out of proportion from 4,096 tokens a batch (MiniLM:
