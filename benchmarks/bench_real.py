@@ -12,6 +12,7 @@ metric after the last step, and the speed ratio.
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxpeft import hostmem
 from jaxpeft.data import get_task
 from jaxpeft.peft import METHODS
 
@@ -29,6 +31,8 @@ flags.DEFINE_string("method", "lora", "method (one both sides have)")
 flags.DEFINE_float("learning_rate", 5e-4, "peak learning rate, both sides")
 flags.DEFINE_integer("max_steps", 300, "optimizer steps")
 flags.DEFINE_integer("seed", 0, "seed, both sides")
+flags.DEFINE_bool("tuned_malloc", True, "both sides with jaxpeft.hostmem's malloc tuning (as "
+                  "run_glue runs by itself); false: glibc's default for both")
 flags.DEFINE_string("out", "", "write the rows as JSON here")
 
 
@@ -43,6 +47,12 @@ def main(_):
     f = flags.FLAGS
     if f.method not in METHODS:
         raise SystemExit(f"unknown method {f.method!r}")
+    # Both sides inherit the environment: the same allocator settings for each.
+    if f.tuned_malloc:
+        hostmem.restart_with_tuned_malloc()
+    else:
+        os.environ[hostmem.OPT_OUT] = "0"
+    print(f"malloc: {hostmem.describe(os.environ)} (both sides)")
     rows = []
     print(f"{'task':>5} {'impl':>10} {'train s':>8} {'ex/s':>7} {'dev metric (final)':>24}")
     for name in f.tasks:
@@ -63,6 +73,7 @@ def main(_):
                   f"--seed={f.seed}", f"--out={Path(tmp) / 'peer.json'}"])
             peer = json.loads((Path(tmp) / "peer.json").read_text())
         pair = {"task": name, "method": f.method, "metric": key,
+                "malloc": hostmem.describe(os.environ),
                 "jaxpeft": {"train_s": ours["train"]["wall_s"],
                             "examples_per_s": ours["train"]["examples_per_s"],
                             "compilations": ours["train"]["compilations"],

@@ -46,6 +46,9 @@ flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmu
 flags.DEFINE_enum("xla_cpu_dot_fusion", "auto", ["auto", "default", "individual_dot",
                                                   "dot_reduce"],
                   "as run_glue's flag: auto is each method's measured choice on CPU")
+flags.DEFINE_bool("tuned_malloc", True, "run everything (reference matmul, both sides) with "
+                  "jaxpeft.hostmem's malloc tuning, as jaxpeft's commands run; false: glibc's "
+                  "default for everything")
 flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
@@ -299,6 +302,14 @@ def main(_):
         fn = jax_worker if impl == "jax" else torch_worker
         print("RESULT " + json.dumps(fn(f, method, batch, seq)))
         return
+    from jaxpeft import hostmem
+
+    # Workers inherit the environment, so the reference matmul and both sides of every
+    # comparison run under the same allocator settings.
+    if f.tuned_malloc:
+        hostmem.restart_with_tuned_malloc()
+    else:
+        os.environ[hostmem.OPT_OUT] = "0"
     import jax
 
     from jaxpeft.models.checkpoint import resolve_model_dir
@@ -313,7 +324,8 @@ def main(_):
         except ImportError:
             have_torch = False
     print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
-          f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s, "
+          f"malloc {hostmem.describe(os.environ)}")
     header = (f"{'shape':>8} {'method':>7} {'impl':>10} {'step ms':>9} {'ex/s':>8} "
               f"{'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'compile s':>9} {'peak MiB':>9}")
     print(header)
@@ -363,7 +375,7 @@ def main(_):
     if f.out:
         with open(f.out, "w") as fh:
             json.dump({"model": f.model, "dtype": f.dtype, "matmul_peak_flops_per_s": peak,
-                       "results": results}, fh, indent=2)
+                       "malloc": hostmem.describe(os.environ), "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from jaxpeft import config
+from jaxpeft import config, hostmem
 from jaxpeft.predict import predict_cli
 
 flags.DEFINE_string("run", None, "A run folder (its best/ adapter) or an adapter folder.",
@@ -36,6 +36,7 @@ def main(argv):
 
 def cli():
     """Console-script entry point (`pip install` makes one per experiment script)."""
+    hostmem.restart_with_tuned_malloc()
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

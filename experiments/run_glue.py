@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from jaxpeft import config
+from jaxpeft import config, hostmem
 from jaxpeft.run import cli_main
 
 config.define_flags()
@@ -27,6 +27,7 @@ def main(argv):
 
 def cli():
     """Console-script entry point (`pip install` makes one per experiment script)."""
+    hostmem.restart_with_tuned_malloc()
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from experiments import run_glue
-from jaxpeft import config
+from jaxpeft import config, hostmem
 from jaxpeft.sweep import sweep_cli
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag sets the base run (--help shows them)
@@ -35,6 +35,7 @@ def main(argv):
 
 def cli():
     """Console-script entry point (`pip install` makes one per experiment script)."""
+    hostmem.restart_with_tuned_malloc()
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

@@ -1,0 +1,115 @@
+"""The malloc tuning the command-line scripts restart with (jaxpeft.hostmem)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jaxpeft import hostmem
+
+ON_LINUX = pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux's")
+NO_RESTART = hostmem.tuned_environ({k: v for k, v in os.environ.items()
+                                    if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}) is None
+NEEDS_RESTART = pytest.mark.skipif(
+    NO_RESTART, reason="this machine gets no malloc tuning (not glibc >= 2.35, or transparent "
+    "huge pages off)")
+
+
+@ON_LINUX
+def test_tuned_environ_adds_the_tunable_and_keeps_the_rest():
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"}
+    env = hostmem.tuned_environ(environ, glibc=(2, 36), thp_usable=True)
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+                   "PATH": "/bin"}
+    assert environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # not changed in place
+    assert hostmem.tuned_environ({}, glibc=(2, 35), thp_usable=True) == {
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+@pytest.mark.parametrize("environ, glibc, thp", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), True),  # the user's choice
+    ({"GLIBC_TUNABLES": "a=1:glibc.malloc.hugetlb=1"}, (2, 36), True),  # already in force
+    ({"JAXPEFT_TUNE_MALLOC": "0"}, (2, 36), True),  # opted out
+    ({}, (2, 31), True),  # glibc without the tunable
+    ({}, (2, 36), False),  # transparent huge pages off
+])
+def test_tuned_environ_is_none_where_it_cannot_help_or_is_decided(environ, glibc, thp):
+    assert hostmem.tuned_environ(environ, glibc=glibc, thp_usable=thp) is None
+
+
+def test_tuned_environ_is_none_without_glibc(monkeypatch):
+    monkeypatch.setattr(hostmem.platform, "libc_ver", lambda: ("", ""))  # musl, say
+    assert hostmem.tuned_environ({}, thp_usable=True) is None
+
+
+@pytest.mark.parametrize("setting, usable", [
+    ("always [madvise] never\n", True), ("[always] madvise never\n", True),
+    ("always madvise [never]\n", False)])
+def test_transparent_huge_page_setting_is_read(tmp_path, setting, usable):
+    path = tmp_path / "enabled"
+    path.write_text(setting)
+    assert hostmem._thp_usable(str(path)) is usable
+    assert hostmem._thp_usable(str(tmp_path / "missing")) is False
+
+
+def _run(program: str, *args, **env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+    environ.update(env)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(program), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return proc.pid, out.splitlines()
+
+
+RESTARTING = """
+    import os, sys
+    from jaxpeft import hostmem
+    hostmem.restart_with_tuned_malloc()
+    print(os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES", ""))
+"""
+
+
+@NEEDS_RESTART
+def test_restart_keeps_pid_and_arguments_and_runs_the_rest_once():
+    pid, lines = _run(RESTARTING, "an argument", "--flag=x y")
+    assert lines == [f"{pid} ['an argument', '--flag=x y'] glibc.malloc.hugetlb=1"]
+    pid, lines = _run(RESTARTING, "a", JAXPEFT_TUNE_MALLOC="0")
+    assert lines == [f"{pid} ['a'] "]
+
+
+# Faults while a worker thread fills a fresh 256 MiB malloc block: the case of XLA's scratch
+# buffer (glibc maps a thread's large allocation anew each time). Plain malloc, not numpy:
+# numpy advises huge pages for its large arrays itself.
+FAULTS = """
+    import ctypes, resource, threading
+    from jaxpeft import hostmem
+    hostmem.restart_with_tuned_malloc()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    faults = []
+    def fill():
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        block = libc.malloc(256 << 20)
+        ctypes.memset(block, 1, 256 << 20)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+        libc.free(block)
+    for _ in range(3):
+        t = threading.Thread(target=fill)
+        t.start()
+        t.join()
+    print(min(faults))
+"""
+
+
+@NEEDS_RESTART
+def test_tuned_malloc_backs_large_thread_allocations_with_huge_pages():
+    pages = (256 << 20) // 4096
+    _, (untuned,) = _run(FAULTS, JAXPEFT_TUNE_MALLOC="0")
+    _, (tuned,) = _run(FAULTS)
+    assert int(untuned) >= 0.9 * pages  # every 4-KiB page faulted in
+    # 2-MiB pages: 128 faults where nothing falls back to small pages; allow for some that do.
+    assert int(tuned) < pages / 8, (tuned, untuned)
