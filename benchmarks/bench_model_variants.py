@@ -25,6 +25,7 @@ from absl import app, flags
 # bench_train's flags (--model, --methods, --dtype, --random_weights, ...) apply here too.
 from benchmarks.bench_train import (  # noqa: E402
     _random_batch, _train_setup, interleave, start_variant)
+from jaxpeft import hostmem
 from jaxpeft.models import encoder
 
 flags.DEFINE_list("variants", ["before", "now"], "before, gelu_erf, head_major, now")
@@ -100,6 +101,7 @@ def main(_):
     unknown = sorted(set(f.variants) - set(VARIANTS))
     if unknown:
         raise app.UsageError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    print(f"malloc: {hostmem.use_tuned_malloc(f.tuned_malloc)}")
     print(f"{'method':>10} {'shape':>10} {'variant':>11} {'step ms':>9} "
           f"{'vs ' + f.variants[0]:>10} {'max |loss diff|':>16}")
     for method in f.methods:

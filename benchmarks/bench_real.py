@@ -12,7 +12,6 @@ metric after the last step, and the speed ratio.
 """
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,9 @@ def main(_):
     f = flags.FLAGS
     if f.method not in METHODS:
         raise SystemExit(f"unknown method {f.method!r}")
-    # Both sides inherit the environment: the same allocator settings for each.
-    if f.tuned_malloc:
-        hostmem.restart_with_tuned_malloc()
-    else:
-        os.environ[hostmem.OPT_OUT] = "0"
-    print(f"malloc: {hostmem.describe(os.environ)} (both sides)")
+    # Both sides inherit the environment: one allocator setting for each.
+    malloc = hostmem.use_tuned_malloc(f.tuned_malloc)
+    print(f"malloc: {malloc} (both sides)")
     rows = []
     print(f"{'task':>5} {'impl':>10} {'train s':>8} {'ex/s':>7} {'dev metric (final)':>24}")
     for name in f.tasks:
@@ -73,7 +69,7 @@ def main(_):
                   f"--seed={f.seed}", f"--out={Path(tmp) / 'peer.json'}"])
             peer = json.loads((Path(tmp) / "peer.json").read_text())
         pair = {"task": name, "method": f.method, "metric": key,
-                "malloc": hostmem.describe(os.environ),
+                "malloc": malloc,
                 "jaxpeft": {"train_s": ours["train"]["wall_s"],
                             "examples_per_s": ours["train"]["examples_per_s"],
                             "compilations": ours["train"]["compilations"],

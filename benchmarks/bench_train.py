@@ -302,14 +302,11 @@ def main(_):
         fn = jax_worker if impl == "jax" else torch_worker
         print("RESULT " + json.dumps(fn(f, method, batch, seq)))
         return
+    # Workers inherit the environment: the reference matmul and both sides of every
+    # comparison run under one allocator setting.
     from jaxpeft import hostmem
 
-    # Workers inherit the environment, so the reference matmul and both sides of every
-    # comparison run under the same allocator settings.
-    if f.tuned_malloc:
-        hostmem.restart_with_tuned_malloc()
-    else:
-        os.environ[hostmem.OPT_OUT] = "0"
+    malloc = hostmem.use_tuned_malloc(f.tuned_malloc)
     import jax
 
     from jaxpeft.models.checkpoint import resolve_model_dir
@@ -325,7 +322,7 @@ def main(_):
             have_torch = False
     print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s, "
-          f"malloc {hostmem.describe(os.environ)}")
+          f"malloc {malloc}")
     header = (f"{'shape':>8} {'method':>7} {'impl':>10} {'step ms':>9} {'ex/s':>8} "
               f"{'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'compile s':>9} {'peak MiB':>9}")
     print(header)
@@ -375,7 +372,7 @@ def main(_):
     if f.out:
         with open(f.out, "w") as fh:
             json.dump({"model": f.model, "dtype": f.dtype, "matmul_peak_flops_per_s": peak,
-                       "malloc": hostmem.describe(os.environ), "results": results}, fh, indent=2)
+                       "malloc": malloc, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

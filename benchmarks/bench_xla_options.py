@@ -18,6 +18,7 @@ from absl import app, flags
 # bench_train's flags (--model, --methods, --dtype, --random_weights, ...) apply here too.
 from benchmarks.bench_train import (  # noqa: E402
     _random_batch, _train_setup, interleave, start_variant)
+from jaxpeft import hostmem  # noqa: E402
 
 flags.DEFINE_list("variants", ["default", "individual_dot"], "ynn fusion variants")
 flags.DEFINE_string("shape", "32x128", "batch x sequence")
@@ -56,6 +57,7 @@ def main(_):
     f = flags.FLAGS
     batch, seq = map(int, f.shape.split("x"))
     base = f.variants[0]
+    print(f"malloc: {hostmem.use_tuned_malloc(f.tuned_malloc)}")
     print(f"{'method':>10} {'variant':>16} {'step ms':>9} {'vs ' + base:>12} {'compile s':>9} "
           f"{'max |loss diff|':>16}")
     for method in f.methods:

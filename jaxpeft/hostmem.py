@@ -89,6 +89,18 @@ def restart_with_tuned_malloc() -> None:
     os.execve(sys.executable, argv, env)
 
 
+def use_tuned_malloc(tuned: bool) -> str:
+    """Tuned (`restart_with_tuned_malloc`) or glibc's default malloc for this process and,
+    through the environment they inherit, its children (`JAXPEFT_TUNE_MALLOC=0`, so a jaxpeft
+    command started by it does not tune itself). Benchmarks call it so that both sides of a
+    comparison run under one setting. Returns that setting (`describe`)."""
+    if tuned:
+        restart_with_tuned_malloc()
+    else:
+        os.environ[OPT_OUT] = "0"
+    return describe(os.environ)
+
+
 def describe(environ: Mapping[str, str]) -> str:
     """`glibc.malloc.hugetlb=1` (or the value in force), or `default`: for benchmark output."""
     for t in environ.get("GLIBC_TUNABLES", "").split(":"):

@@ -113,3 +113,13 @@ def test_tuned_malloc_backs_large_thread_allocations_with_huge_pages():
     assert int(untuned) >= 0.9 * pages  # every 4-KiB page faulted in
     # 2-MiB pages: 128 faults where nothing falls back to small pages; allow for some that do.
     assert int(tuned) < pages / 8, (tuned, untuned)
+
+
+def test_untuned_setting_reaches_children_and_is_described(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(hostmem.OPT_OUT, raising=False)
+    assert hostmem.use_tuned_malloc(False) == "default"
+    assert os.environ[hostmem.OPT_OUT] == "0"  # a jaxpeft command started now keeps glibc's
+    assert hostmem.tuned_environ(os.environ, glibc=(2, 36), thp_usable=True) is None
+    assert hostmem.describe({"GLIBC_TUNABLES": "a=1:glibc.malloc.hugetlb=1"}) == \
+        "glibc.malloc.hugetlb=1"
