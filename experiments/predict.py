@@ -7,13 +7,20 @@ Writes `index`, `label` (the label name; STS-B: the score) and one probability c
 class. Flags only; the work is `jaxpeft.predict.predict_file`.
 """
 
-import functools
-import sys
+# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
+# before the imports below means the restart repeats none of them.
+from jaxpeft import hostmem
 
-from absl import app, flags
+if __name__ == "__main__":
+    hostmem.restart_with_tuned_malloc()
 
-from jaxpeft import config, hostmem
-from jaxpeft.predict import predict_cli
+import functools  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from jaxpeft import config  # noqa: E402
+from jaxpeft.predict import predict_cli  # noqa: E402
 
 flags.DEFINE_string("run", None, "A run folder (its best/ adapter) or an adapter folder.",
                     required=True)
@@ -36,7 +43,7 @@ def main(argv):
 
 def cli():
     """Console-script entry point (`pip install` makes one per experiment script)."""
-    hostmem.restart_with_tuned_malloc()
+    hostmem.restart_with_tuned_malloc()  # no-op after the restart above (python -m)
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

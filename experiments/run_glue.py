@@ -7,13 +7,20 @@ Flags only, generated from `jaxpeft.config.RunConfig`; the work is
 `jaxpeft.run.train_and_evaluate`.
 """
 
-import functools
-import sys
+# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
+# before the imports below means the restart repeats none of them.
+from jaxpeft import hostmem
 
-from absl import app, flags
+if __name__ == "__main__":
+    hostmem.restart_with_tuned_malloc()
 
-from jaxpeft import config, hostmem
-from jaxpeft.run import cli_main
+import functools  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from jaxpeft import config  # noqa: E402
+from jaxpeft.run import cli_main  # noqa: E402
 
 config.define_flags()
 flags.adopt_module_key_flags(config)  # --help lists them as this script's flags
@@ -27,7 +34,7 @@ def main(argv):
 
 def cli():
     """Console-script entry point (`pip install` makes one per experiment script)."""
-    hostmem.restart_with_tuned_malloc()
+    hostmem.restart_with_tuned_malloc()  # no-op after the restart above (python -m)
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

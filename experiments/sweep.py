@@ -8,14 +8,21 @@ Every run_glue flag sets the base configuration; --grid varies some of them. Fin
 are skipped, failed ones reported. Flags only; the work is `jaxpeft.sweep.run_sweep`.
 """
 
-import functools
-import sys
+# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
+# before the imports below means the restart repeats none of them.
+from jaxpeft import hostmem
 
-from absl import app, flags
+if __name__ == "__main__":
+    hostmem.restart_with_tuned_malloc()
 
-from experiments import run_glue
-from jaxpeft import config, hostmem
-from jaxpeft.sweep import sweep_cli
+import functools  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from experiments import run_glue  # noqa: E402
+from jaxpeft import config  # noqa: E402
+from jaxpeft.sweep import sweep_cli  # noqa: E402
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag sets the base run (--help shows them)
 
@@ -35,7 +42,7 @@ def main(argv):
 
 def cli():
     """Console-script entry point (`pip install` makes one per experiment script)."""
-    hostmem.restart_with_tuned_malloc()
+    hostmem.restart_with_tuned_malloc()  # no-op after the restart above (python -m)
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

@@ -11,11 +11,25 @@ import os
 # uses it for tokenizers only); users who want its advisory warnings can set the variable.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import importlib  # noqa: E402
+
 from jaxpeft.errors import JaxpeftError  # noqa: E402
-from jaxpeft.models import (EncoderConfig, Pretrained, Runtime, SequenceClassifier,  # noqa: E402
-                            load_pretrained)
 
 __version__ = "0.1.0"
 
 __all__ = ["EncoderConfig", "JaxpeftError", "Pretrained", "Runtime", "SequenceClassifier",
            "load_pretrained", "__version__"]
+
+# The model API loads on first use, so that importing a light module (jaxpeft.hostmem, which
+# the commands use to restart before anything else) does not import JAX.
+_FROM_MODELS = {"EncoderConfig", "Pretrained", "Runtime", "SequenceClassifier", "load_pretrained"}
+
+
+def __getattr__(name):
+    if name in _FROM_MODELS:
+        return getattr(importlib.import_module("jaxpeft.models"), name)
+    raise AttributeError(f"module 'jaxpeft' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _FROM_MODELS)

@@ -54,12 +54,13 @@ def test_transparent_huge_page_setting_is_read(tmp_path, setting, usable):
     assert hostmem._thp_usable(str(tmp_path / "missing")) is False
 
 
-def _run(program: str, *args, **env):
+def _run(program: str, *args, stdin: str = "", **env):
     environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
     environ.update(env)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(program), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
-    out, err = proc.communicate(timeout=120)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=environ)
+    out, err = proc.communicate(stdin, timeout=120)
     assert proc.returncode == 0, err
     return proc.pid, out.splitlines()
 
@@ -68,16 +69,17 @@ RESTARTING = """
     import os, sys
     from jaxpeft import hostmem
     hostmem.restart_with_tuned_malloc()
-    print(os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES", ""))
+    print(os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES", ""), sys.stdin.read())
 """
 
 
 @NEEDS_RESTART
-def test_restart_keeps_pid_and_arguments_and_runs_the_rest_once():
-    pid, lines = _run(RESTARTING, "an argument", "--flag=x y")
-    assert lines == [f"{pid} ['an argument', '--flag=x y'] glibc.malloc.hugetlb=1"]
-    pid, lines = _run(RESTARTING, "a", JAXPEFT_TUNE_MALLOC="0")
-    assert lines == [f"{pid} ['a'] "]
+def test_restart_keeps_pid_arguments_and_stdin_and_runs_the_rest_once():
+    # Standard input too: `predict --input=-` reads it after the restart.
+    pid, lines = _run(RESTARTING, "an argument", "--flag=x y", stdin="piped text")
+    assert lines == [f"{pid} ['an argument', '--flag=x y'] glibc.malloc.hugetlb=1 piped text"]
+    pid, lines = _run(RESTARTING, "a", stdin="t", JAXPEFT_TUNE_MALLOC="0")
+    assert lines == [f"{pid} ['a']  t"]
 
 
 # Faults while a worker thread fills a fresh 256 MiB malloc block: the case of XLA's scratch
@@ -123,3 +125,11 @@ def test_untuned_setting_reaches_children_and_is_described(monkeypatch):
     assert hostmem.tuned_environ(os.environ, glibc=(2, 36), thp_usable=True) is None
     assert hostmem.describe({"GLIBC_TUNABLES": "a=1:glibc.malloc.hugetlb=1"}) == \
         "glibc.malloc.hugetlb=1"
+
+
+def test_hostmem_imports_without_jax():
+    # The commands restart before their other imports; that is cheap only while hostmem (and
+    # the package it is in) load nothing heavy.
+    _, lines = _run("import sys, jaxpeft.hostmem; print(sorted({'jax', 'flax', 'numpy'} & "
+                    "set(sys.modules)))", JAXPEFT_TUNE_MALLOC="0")
+    assert lines == ["[]"]
