@@ -7,8 +7,8 @@ Writes `index`, `label` (the label name; STS-B: the score) and one probability c
 class. Flags only; the work is `jaxpeft.predict.predict_file`.
 """
 
-# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
-# before the imports below means the restart repeats none of them.
+# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
+# doing it before the imports below means the restart repeats none of them.
 from jaxpeft import hostmem
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Flags only, generated from `jaxpeft.config.RunConfig`; the work is
 `jaxpeft.run.train_and_evaluate`.
 """
 
-# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
-# before the imports below means the restart repeats none of them.
+# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
+# doing it before the imports below means the restart repeats none of them.
 from jaxpeft import hostmem
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ size, sequence length and learning rate unless the flag is given. Flags only; th
 `jaxpeft.suite.run_suite`.
 """
 
-# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
-# before the imports below means the restart repeats none of them.
+# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
+# doing it before the imports below means the restart repeats none of them.
 from jaxpeft import hostmem
 
 if __name__ == "__main__":

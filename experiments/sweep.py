@@ -8,8 +8,8 @@ Every run_glue flag sets the base configuration; --grid varies some of them. Fin
 are skipped, failed ones reported. Flags only; the work is `jaxpeft.sweep.run_sweep`.
 """
 
-# Training commands restart once with glibc's malloc tuned for XLA (jaxpeft.hostmem); doing it
-# before the imports below means the restart repeats none of them.
+# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
+# doing it before the imports below means the restart repeats none of them.
 from jaxpeft import hostmem
 
 if __name__ == "__main__":

@@ -1,20 +1,20 @@
 """Host memory: glibc's malloc set to back XLA's per-step scratch with transparent huge pages.
 
-XLA:CPU allocates one scratch buffer per run of a compiled program (1.3 GiB for a MiniLM
-full fine-tuning step at 32 x 128 tokens) from a worker thread, and frees it at the end.
-glibc serves a thread's allocation that large with a fresh `mmap` and unmaps it on `free`,
-so every step the kernel faults in and zeroes every page again: 344,000 4-KiB page faults a
-step, about a fifth of its time on a 2-core machine (benchmarks/RESULTS.md section 5k).
-The glibc tunable `glibc.malloc.hugetlb=1` makes malloc advise transparent huge pages for
-such maps: 2-MiB pages, under a thousand faults a step, full steps 20 % and LoRA steps 25 %
-faster. glibc reads tunables only when a program starts, so the command-line scripts start
-themselves again once with it set (`restart_with_tuned_malloc`); the process keeps its pid,
-arguments, standard streams and everything else in its environment.
+XLA:CPU allocates one scratch buffer per run of a compiled program (1.3 GiB for a MiniLM full
+fine-tuning step at 32 x 128 tokens) from a worker thread, and frees it at the end. glibc serves
+a thread's allocation that large with a fresh `mmap` and unmaps it on `free`, so every step the
+kernel faults in and zeroes every page again: 344,000 4-KiB page faults a step, about a fifth of
+its time on a 2-core machine (benchmarks/RESULTS.md section 5k). The glibc tunable
+`glibc.malloc.hugetlb=1` makes malloc advise transparent huge pages for such maps: 2-MiB pages,
+under a thousand faults a step, and MiniLM steps at 32 x 128 take 21-24 % less time. glibc reads
+tunables only when a program starts, so the command-line scripts start themselves again once
+with it set (`restart_with_tuned_malloc`); the process keeps its pid, arguments, standard
+streams and everything else in its environment.
 
-Nothing happens where it cannot help: not on Linux with glibc 2.35 or newer, transparent
-huge pages switched off (`/sys/kernel/mm/transparent_hugepage/enabled` is `[never]`),
-`GLIBC_TUNABLES` already naming a `glibc.malloc.hugetlb` value (the user's choice stands),
-or `JAXPEFT_TUNE_MALLOC=0` set.
+Nothing happens where it cannot help: off Linux, with glibc older than 2.35 or another C library
+(musl), transparent huge pages switched off (`/sys/kernel/mm/transparent_hugepage/enabled` is
+`[never]`), `GLIBC_TUNABLES` already naming a `glibc.malloc.hugetlb` value (the user's choice
+stands), or `JAXPEFT_TUNE_MALLOC=0` set.
 """
 
 from __future__ import annotations
