@@ -12,16 +12,15 @@ Pooler and classifier products (under 0.1 % of the FLOPs) are left out.
 """
 
 import json
-import time
 
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string("model", "minilm", "model name or folder (its config.json gives the sizes)")
+# bench_train's flags (--model, --config_json, --tuned_malloc) apply here too.
+from benchmarks.bench_train import fastest_call_s  # noqa: E402
+
 flags.DEFINE_string("shape", "32x128", "batch x sequence")
 flags.DEFINE_integer("calls", 30, "timed calls per product (the fastest counts)")
-flags.DEFINE_bool("tuned_malloc", True, "with jaxpeft.hostmem's malloc tuning, as "
-                  "jaxpeft's commands run")
 
 
 def products(cfg: dict, batch: int, seq: int) -> list:
@@ -29,8 +28,7 @@ def products(cfg: dict, batch: int, seq: int) -> list:
     leading dims of 4-d operands are batch dims."""
     d, ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
-    t, dh = batch * seq, d // heads
-    att = ((batch, heads, seq, dh), 2 * batch * heads * seq * seq * dh)
+    t = batch * seq
     rows = []
     # Dense layers: q, k, v, attention output (d -> d); intermediate (d -> ff); output (ff -> d).
     for n_in, n_out, count in ((d, d, 4), (d, ff, 1), (ff, d, 1)):
@@ -42,8 +40,8 @@ def products(cfg: dict, batch: int, seq: int) -> list:
                   ((1,), (1,)), c, flops),
                  (f"backward x^T @ dy     {n_in}->{n_out}", (t, n_in), (t, n_out),
                   ((0,), (0,)), c, flops)]
-    shape, flops = att
-    scores = (batch, heads, seq, seq)
+    shape, scores = (batch, heads, seq, d // heads), (batch, heads, seq, seq)
+    flops = 2 * batch * heads * seq * seq * (d // heads)
     # Per layer: q k^T and dctx v^T contract the head dim of both; p v and ds k contract the
     # keys; p^T dctx and ds^T q contract the queries.
     rows += [("attention q @ k^T, dctx @ v^T", shape, shape, ((3,), (3,)), 2 * layers, flops),
@@ -62,7 +60,7 @@ def main(_):
 
     from jaxpeft.models.checkpoint import resolve_model_dir
 
-    cfg = json.loads((resolve_model_dir(f.model) / "config.json").read_text())
+    cfg = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
     batch, seq = map(int, f.shape.split("x"))
     rs = np.random.default_rng(0)
     print(f"model {f.model}, shape {f.shape}, device {jax.devices()[0].device_kind}, "
@@ -75,13 +73,7 @@ def main(_):
         fn = jax.jit(lambda a, b, dims=dims: lax.dot_general(a, b, dims))
         a = jax.device_put(rs.standard_normal(lhs, np.float32))
         b = jax.device_put(rs.standard_normal(rhs, np.float32))
-        fn(a, b).block_until_ready()
-        times = []
-        for _ in range(f.calls):
-            t0 = time.perf_counter()
-            fn(a, b).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        best = float(np.min(times))
+        best = fastest_call_s(fn, a, b, calls=f.calls)
         total_s += count * best
         total_flops += count * flops
         print(f"{name:>38} {count:7d} {best * 1e3:8.2f} {flops / best / 1e9:8.1f} "

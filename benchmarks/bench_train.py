@@ -63,6 +63,19 @@ def model_flops(cfg, batch, seq, kernel_grads):
     return forward * (3 if kernel_grads else 2)
 
 
+def fastest_call_s(fn, *args, calls: int = 50) -> float:
+    """Seconds of the fastest of `calls` calls of jitted `fn` after a first (compiling) one:
+    a peak rate, and far steadier than the median on a shared machine (medians of 20 calls
+    of the reference matmul ranged 273-495 GFLOP/s within one hour here)."""
+    fn(*args).block_until_ready()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn(*args).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return float(np.min(times))
+
+
 def peak_matmul_flops(dtype="float32", shape="4096x384x1536"):
     """FLOP/s of a jitted (M x K) @ (K x N) matmul, fastest of 50 calls: this machine's
     reference matmul rate."""
@@ -72,16 +85,7 @@ def peak_matmul_flops(dtype="float32", shape="4096x384x1536"):
     m, k, n = map(int, shape.split("x"))
     a = jnp.ones((m, k), dtype)
     b = jnp.ones((k, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    # The fastest call: a peak rate, and far steadier than the median on a shared machine
-    # (medians of 20 calls ranged 273-495 GFLOP/s within one hour here).
-    return 2 * m * k * n / float(np.min(times))
+    return 2 * m * k * n / fastest_call_s(jax.jit(lambda a, b: a @ b), a, b)
 
 
 def _peak_memory_bytes(device=None):

@@ -51,6 +51,14 @@ def _thp_usable(setting_path: str = THP_SETTING) -> bool:
     return "[always]" in setting or "[madvise]" in setting
 
 
+def _hugetlb_setting(environ: Mapping[str, str]) -> Optional[str]:
+    """The `glibc.malloc.hugetlb=...` entry of `GLIBC_TUNABLES`, if any."""
+    for t in environ.get("GLIBC_TUNABLES", "").split(":"):
+        if t.split("=", 1)[0] == TUNABLE:
+            return t
+    return None
+
+
 def tuned_environ(environ: Mapping[str, str], glibc: Optional[tuple] = None,
                   thp_usable: Optional[bool] = None) -> Optional[dict]:
     """The environment to start this program again with, or None where the tuning is
@@ -59,10 +67,7 @@ def tuned_environ(environ: Mapping[str, str], glibc: Optional[tuple] = None,
     `glibc` (major, minor) and `thp_usable` default to this machine's."""
     if environ.get(OPT_OUT, "1") == "0":
         return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(t.split("=", 1)[0] == TUNABLE for t in tunables.split(":") if t):
-        return None
-    if sys.platform != "linux":
+    if _hugetlb_setting(environ) is not None or sys.platform != "linux":
         return None
     glibc = _glibc_version() if glibc is None else glibc
     if glibc is None or glibc < MIN_GLIBC:
@@ -70,6 +75,7 @@ def tuned_environ(environ: Mapping[str, str], glibc: Optional[tuple] = None,
     if not (_thp_usable() if thp_usable is None else thp_usable):
         return None
     env = dict(environ)
+    tunables = environ.get("GLIBC_TUNABLES", "")
     env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{TUNABLE}={VALUE}") if t)
     return env
 
@@ -79,14 +85,13 @@ def restart_with_tuned_malloc() -> None:
     `tuned_environ` says it helps; otherwise returns. Call it first in a command-line entry
     point, before any work: nothing after it runs twice."""
     env = tuned_environ(os.environ)
-    argv = list(getattr(sys, "orig_argv", []))
     # A program read from standard input cannot be read again.
-    if env is None or not argv or not sys.executable or sys.argv[:1] == ["-"]:
+    if env is None or not sys.executable or sys.argv[:1] == ["-"]:
         return
     # Buffered output would be lost with the old process image.
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def use_tuned_malloc(tuned: bool) -> str:
@@ -103,7 +108,4 @@ def use_tuned_malloc(tuned: bool) -> str:
 
 def describe(environ: Mapping[str, str]) -> str:
     """`glibc.malloc.hugetlb=1` (or the value in force), or `default`: for benchmark output."""
-    for t in environ.get("GLIBC_TUNABLES", "").split(":"):
-        if t.split("=", 1)[0] == TUNABLE:
-            return t
-    return "default"
+    return _hugetlb_setting(environ) or "default"

@@ -9,9 +9,14 @@ import pytest
 
 from jaxpeft import hostmem
 
+
+def _unset_environ() -> dict:
+    """This environment without the tuning or the opt-out: what a user's shell starts with."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+
+
 ON_LINUX = pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux's")
-NO_RESTART = hostmem.tuned_environ({k: v for k, v in os.environ.items()
-                                    if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}) is None
+NO_RESTART = hostmem.tuned_environ(_unset_environ()) is None
 NEEDS_RESTART = pytest.mark.skipif(
     NO_RESTART, reason="this machine gets no malloc tuning (not glibc >= 2.35, or transparent "
     "huge pages off)")
@@ -55,8 +60,7 @@ def test_transparent_huge_page_setting_is_read(tmp_path, setting, usable):
 
 
 def _run(program: str, *args, stdin: str = "", **env):
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
-    environ.update(env)
+    environ = {**_unset_environ(), **env}
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(program), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=environ)
