@@ -3,16 +3,20 @@
   python -m benchmarks.bench_model_variants --methods=lora --shape=16x128:2 \
       --variants=before,gelu_erf,head_major,now
 
-Section 5h of benchmarks/RESULTS.md replaced two formulations in `jaxpeft.models.encoder`;
-this script keeps the replaced ones so the comparison can be rerun: GELU through
-`jax.nn.gelu(approximate=False)` (an `erfc` form) against `gelu_erf`, and the training
-attention's token-major einsums against `dropout_attention`'s heads-first products. Each
+Sections 5h and 5l of benchmarks/RESULTS.md replaced formulations in `jaxpeft.models.encoder`
+(and the PEFT hooks); this script keeps the replaced ones so the comparisons can be rerun:
+GELU through `jax.nn.gelu(approximate=False)` (an `erfc` form) against `gelu_erf`, the
+training attention's token-major einsums against `dropout_attention`'s heads-first
+products, and token-wise products on `[batch, length, in]` against `token_matmul`'s
+flattened ones. Each
 variant traces and compiles its own train step with its formulations patched in, then the
 variants' steps alternate round by round (a change in machine load hits all alike). Prints
 the median step time per variant, its ratio to the first, and the largest loss difference.
 
 Variants: `before` (erfc GELU, token-major attention), `gelu_erf` (only the GELU changed),
-`head_major` (only the attention changed), `now` (the library as it is). `--shape=RxL`
+`head_major` (only the attention changed), `batched_products` (5h's formulations: both
+changes, products on 3-d arrays), `now` (the library as it is; the first four use 3-d
+products). `--shape=RxL`
 times random unpacked rows; `RxL:K` packs K equal examples into each row with run_glue's
 packer (block-diagonal attention), 32 examples in all.
 """
@@ -27,8 +31,13 @@ from benchmarks.bench_train import (  # noqa: E402
     _random_batch, _train_setup, interleave, start_variant)
 from jaxpeft import hostmem
 from jaxpeft.models import encoder
+from jaxpeft.peft import bottleneck, dora, ia3, lora, vera
 
-flags.DEFINE_list("variants", ["before", "now"], "before, gelu_erf, head_major, now")
+# Every module that calls `token_matmul`: a variant's product is patched into all of them.
+PRODUCT_USERS = (encoder, lora, dora, ia3, vera, bottleneck)
+
+flags.DEFINE_list("variants", ["before", "now"],
+                  "before, gelu_erf, head_major, batched_products, now")
 flags.DEFINE_string("shape", "16x128:2", "rows x length, optionally ':examples per row'")
 flags.DEFINE_integer("rounds", 10, "timed rounds (one step of every variant per round)")
 
@@ -47,12 +56,25 @@ def _token_major_attention(q, k, v, mask, dropout):
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-VARIANTS = {  # variant -> (gelu, training attention)
-    "before": (_erfc_gelu, _token_major_attention),
-    "gelu_erf": (encoder.gelu_erf, _token_major_attention),
-    "head_major": (_erfc_gelu, encoder.dropout_attention),
-    "now": (encoder.gelu_erf, encoder.dropout_attention),
+def _batched_matmul(x, w):
+    """Token-wise products before section 5l: `x @ w` on `[batch, length, in]`."""
+    return x @ w
+
+
+VARIANTS = {  # variant -> (gelu, training attention, token-wise product)
+    "before": (_erfc_gelu, _token_major_attention, _batched_matmul),
+    "gelu_erf": (encoder.gelu_erf, _token_major_attention, _batched_matmul),
+    "head_major": (_erfc_gelu, encoder.dropout_attention, _batched_matmul),
+    "batched_products": (encoder.gelu_erf, encoder.dropout_attention, _batched_matmul),
+    "now": (encoder.gelu_erf, encoder.dropout_attention, encoder.token_matmul),
 }
+
+
+def _use(gelu, attention, product) -> None:
+    encoder.ACTIVATIONS["gelu"], encoder.dropout_attention = gelu, attention
+    for module in PRODUCT_USERS:
+        module.token_matmul = product
+
 
 
 def packed_batch(rows: int, length: int, per_row: int) -> dict:
@@ -82,17 +104,16 @@ def bench_method(f, method: str) -> dict:
     data = jax.device_put(packed_batch(rows, length, int(per_row)) if per_row
                           else _random_batch(rows, length, cfg.vocab_size))
     rng = jax.random.key(0)
-    kept = encoder.ACTIVATIONS["gelu"], encoder.dropout_attention
     runs = {}
     try:
         for v in f.variants:
             # the step traces (at its first call, in start_variant) with these formulations
-            encoder.ACTIVATIONS["gelu"], encoder.dropout_attention = VARIANTS[v]
+            _use(*VARIANTS[v])
             state, frozen = create_train_state(params, mask, tx)
             step = make_train_step(model, tx, step_compile("auto", peft.cpu_dot_fusion))
             runs[v] = start_variant(step, state, frozen, data, rng)
     finally:
-        encoder.ACTIVATIONS["gelu"], encoder.dropout_attention = kept
+        _use(*VARIANTS["now"])
     return interleave(runs, data, rng, f.rounds)
 
 

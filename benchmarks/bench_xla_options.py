@@ -9,7 +9,9 @@ ratio to the first variant, and whether the losses stayed identical (an option t
 numerics beyond float reassociation shows here). Variants name values of
 `xla_cpu_experimental_ynn_fusion_type`, the option that chooses which ops XLA hands to
 YNNPACK: `default` (this jaxlib's choice), `none` (XLA's own kernels), or '+'-joined
-LIBRARY_FUSION_TYPE_ suffixes such as `individual_dot` or `dot+eltwise`.
+LIBRARY_FUSION_TYPE_ suffixes such as `individual_dot` or `dot+eltwise`; any other XLA
+option joins with `&`: `dot+reduce&xla_cpu_enable_concurrency_optimized_scheduler=false`
+(`true`/`false` and integers are passed as such, the rest as strings).
 """
 
 import numpy as np
@@ -25,15 +27,25 @@ flags.DEFINE_string("shape", "32x128", "batch x sequence")
 flags.DEFINE_integer("rounds", 10, "timed rounds (one step of every variant per round)")
 
 
+def _option_value(text: str):
+    """An option value from its text: a bool, an int, or the string itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def compiler_options(variant: str):
-    """The per-jit compile options of a variant name (None for the default)."""
+    """The per-jit compile options of a variant name (None for XLA's defaults)."""
     from jaxpeft.train import YNN_FUSION_OPTION, ynn_fusion_types
 
-    if variant == "default":
-        return None
-    if variant == "none":
-        return {YNN_FUSION_OPTION: ""}
-    return {YNN_FUSION_OPTION: ynn_fusion_types(*variant.split("+"))}
+    fusion, *others = variant.split("&")
+    options = dict((name, _option_value(value))
+                   for name, value in (o.split("=", 1) for o in others))
+    if fusion == "none":
+        options[YNN_FUSION_OPTION] = ""
+    elif fusion != "default":
+        options[YNN_FUSION_OPTION] = ynn_fusion_types(*fusion.split("+"))
+    return options or None
 
 
 def bench_method(f, method, batch, seq):

@@ -130,6 +130,28 @@ def test_gelu_is_pytorchs_exact_gelu():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (3, 7, 5), (2, 3, 4, 5)])
+def test_token_matmul_is_matmul_in_value_and_gradients(shape):
+    """`token_matmul` (products on flattened tokens, for XLA's CPU backward pass) is torch's
+    `x @ w` for any number of leading axes, and so are both of its gradients."""
+    import jax
+
+    from jaxpeft.models.encoder import token_matmul
+
+    rs = np.random.default_rng(0)
+    x = rs.standard_normal(shape).astype(np.float32)
+    w = rs.standard_normal((shape[-1], 6)).astype(np.float32)
+    dy = rs.standard_normal(shape[:-1] + (6,)).astype(np.float32)
+    y, vjp = jax.vjp(token_matmul, x, w)
+    dx, dw = vjp(dy)
+    tx, tw = (torch.tensor(a, requires_grad=True) for a in (x, w))
+    ty = tx @ tw
+    ty.backward(torch.tensor(dy))
+    assert y.shape == ty.shape
+    for ours, ref in ((y, ty.detach()), (dx, tx.grad), (dw, tw.grad)):
+        np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_base_model_checkpoint_loads_with_fresh_head(tmp_path, model_type, caplog):
     """A BertModel/RobertaModel checkpoint (no prefix, no head) loads; the head is reported."""

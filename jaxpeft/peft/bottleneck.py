@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.encoder import DenseHook
+from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.lora import target_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
@@ -50,8 +50,8 @@ class AdapterHook(DenseHook):
         if not dense.has_variable("params", "adapter_down"):
             return y
         get = lambda name: dense.get_variable("params", name).astype(y.dtype)  # noqa: E731
-        h = jax.nn.relu(y @ get("adapter_down") + get("adapter_down_bias"))
-        return y + h @ get("adapter_up") + get("adapter_up_bias")
+        h = jax.nn.relu(token_matmul(y, get("adapter_down")) + get("adapter_down_bias"))
+        return y + token_matmul(h, get("adapter_up")) + get("adapter_up_bias")
 
 
 class _Bottleneck(PeftMethod):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxpeft.models.encoder import DenseHook, Dropout
+from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
 from jaxpeft.peft.lora import lora_options_from_peft, Lora, add_lora
 
 
@@ -43,8 +43,8 @@ class DoraHook(DenseHook):
         h = Dropout(self.dropout)(x, deterministic=deterministic)
         # Without dropout the base product is already in y; with it, DoRA (like peft) uses
         # the dropped input for the magnitude correction too.
-        base = y - bias if h is x else h @ kernel
-        low_rank = (h @ a.astype(y.dtype)) @ b.astype(y.dtype)
+        base = y - bias if h is x else token_matmul(h, kernel)
+        low_rank = token_matmul(token_matmul(h, a.astype(y.dtype)), b.astype(y.dtype))
         return y + (ratio - 1) * base + ratio * low_rank * jnp.asarray(self.scale, y.dtype)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.encoder import DenseHook, Dropout
+from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
@@ -147,7 +147,7 @@ class LoraHook(DenseHook):
         a = dense.get_variable("params", "lora_a").astype(y.dtype)
         b = dense.get_variable("params", "lora_b").astype(y.dtype)
         h = Dropout(self.dropout)(x, deterministic=deterministic)
-        return y + ((h @ a) @ b) * jnp.asarray(self.scale, y.dtype)
+        return y + token_matmul(token_matmul(h, a), b) * jnp.asarray(self.scale, y.dtype)
 
 
 class Lora(PeftMethod):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.encoder import DenseHook, Dropout
+from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
 from jaxpeft.peft.lora import check_targets, peft_target_modules, target_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
@@ -62,7 +62,8 @@ class VeraHook(DenseHook):
         b = root.get_variable("params", "vera_B")[:y.shape[-1]].astype(y.dtype)
         get = lambda name: dense.get_variable("params", name).astype(y.dtype)  # noqa: E731
         h = Dropout(self.dropout)(x, deterministic=deterministic)
-        return y + get("vera_lambda_b") * ((get("vera_lambda_d") * (h @ a.T)) @ b.T)
+        down = get("vera_lambda_d") * token_matmul(h, a.T)
+        return y + get("vera_lambda_b") * token_matmul(down, b.T)
 
 
 def _kaiming_uniform(key, shape):
