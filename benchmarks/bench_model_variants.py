@@ -21,6 +21,8 @@ times random unpacked rows; `RxL:K` packs K equal examples into each row with ru
 packer (block-diagonal attention), 32 examples in all.
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +33,11 @@ from benchmarks.bench_train import (  # noqa: E402
     _random_batch, _train_setup, interleave, start_variant)
 from jaxpeft import hostmem
 from jaxpeft.models import encoder
-from jaxpeft.peft import bottleneck, dora, ia3, lora, vera
+from jaxpeft.peft import registry  # noqa: F401 - imports every method's module
 
 # Every module that calls `token_matmul`: a variant's product is patched into all of them.
-PRODUCT_USERS = (encoder, lora, dora, ia3, vera, bottleneck)
+PRODUCT_USERS = tuple(m for name, m in sorted(sys.modules.items()) if name.startswith("jaxpeft")
+                      and getattr(m, "token_matmul", None) is encoder.token_matmul)
 
 flags.DEFINE_list("variants", ["before", "now"],
                   "before, gelu_erf, head_major, batched_products, now")
@@ -71,10 +74,10 @@ VARIANTS = {  # variant -> (gelu, training attention, token-wise product)
 
 
 def _use(gelu, attention, product) -> None:
+    """Patches a variant's formulations in; a step traced afterwards uses them."""
     encoder.ACTIVATIONS["gelu"], encoder.dropout_attention = gelu, attention
     for module in PRODUCT_USERS:
         module.token_matmul = product
-
 
 
 def packed_batch(rows: int, length: int, per_row: int) -> dict:

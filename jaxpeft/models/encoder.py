@@ -171,7 +171,8 @@ class DenseHook:
     layer (to read them with `dense.get_variable("params", name)`, or to create dropout),
     its input `x` and output `y = x @ kernel + bias` (compute dtype) and returns the new
     output. It must return `y` unchanged for layers without its leaves. XLA drops `y` when a
-    hook recomputes the output from `x` instead.
+    hook recomputes the output from `x` instead. Products over the token axes belong in
+    `token_matmul` (faster gradients on CPU).
     """
 
     leaves: tuple = ()
