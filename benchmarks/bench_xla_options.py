@@ -12,6 +12,11 @@ YNNPACK: `default` (this jaxlib's choice), `none` (XLA's own kernels), or '+'-jo
 LIBRARY_FUSION_TYPE_ suffixes such as `individual_dot` or `dot+eltwise`; any other XLA
 option joins with `&`: `dot+reduce&xla_cpu_enable_concurrency_optimized_scheduler=false`
 (`true`/`false` and integers are passed as such, the rest as strings).
+
+Two full fine-tuning programs in one process sometimes give one of them a step of twice its
+usual time every second or third round (likely their 1.4 GB scratch buffers alternating; section
+5l): read the per-method medians of the full step with that in mind and confirm a close
+call with one process per variant (`bench_train --notorch`).
 """
 
 import numpy as np
