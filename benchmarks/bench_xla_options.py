@@ -14,8 +14,7 @@ option joins with `&`: `dot+reduce&xla_cpu_enable_concurrency_optimized_schedule
 (`true`/`false` and integers are passed as such, the rest as strings).
 
 Two full fine-tuning programs in one process sometimes give one of them a step of twice its
-usual time every second or third round (likely their 1.4 GB scratch buffers alternating; section
-5l): read the per-method medians of the full step with that in mind and confirm a close
+usual time every second or third round (time spent in the kernel; section 5l): read the per-method medians of the full step with that in mind and confirm a close
 call with one process per variant (`bench_train --notorch`).
 """
 
