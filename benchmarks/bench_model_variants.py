@@ -21,8 +21,9 @@ times random unpacked rows; `RxL:K` packs K equal examples into each row with ru
 packer (block-diagonal attention), 32 examples in all.
 
 Two full fine-tuning programs in one process sometimes give one of them a step of twice its
-usual time every second or third round (time spent in the kernel; section 5l): read the per-method medians of the full step with that in mind and confirm a close
-call with one process per variant (`bench_train --notorch`).
+usual time every second or third round (time spent in the kernel; section 5l): the `slow
+rounds` column counts a variant's steps over 1.5x its median; where it is not zero, confirm a
+close call with one process per variant (`bench_train --notorch`).
 """
 
 import sys
@@ -131,14 +132,15 @@ def main(_):
         raise app.UsageError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     print(f"malloc: {hostmem.use_tuned_malloc(f.tuned_malloc)}")
     print(f"{'method':>10} {'shape':>10} {'variant':>11} {'step ms':>9} "
-          f"{'vs ' + f.variants[0]:>10} {'max |loss diff|':>16}")
+          f"{'vs ' + f.variants[0]:>10} {'max |loss diff|':>16} {'slow rounds':>11}")
     for method in f.methods:
         res = bench_method(f, method)
         ref = res[f.variants[0]]
         for v, r in res.items():
             diff = float(np.max(np.abs(np.subtract(r["losses"], ref["losses"]))))
             print(f"{method:>10} {f.shape:>10} {v:>11} {r['step_s'] * 1e3:9.1f} "
-                  f"{r['step_s'] / ref['step_s']:10.3f} {diff:16.2e}", flush=True)
+                  f"{r['step_s'] / ref['step_s']:10.3f} {diff:16.2e} {r['slow_rounds']:11d}",
+                  flush=True)
 
 
 if __name__ == "__main__":

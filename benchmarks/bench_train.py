@@ -161,10 +161,15 @@ def start_variant(step, state, frozen, data, rng) -> dict:
             "compile_s": compile_s}
 
 
+SLOW_STEP = 1.5  # a step this many times its variant's median counts as a slow round
+
+
 def interleave(runs: dict, data, rng, rounds: int) -> dict:
     """Steps every variant of `runs` (name -> `start_variant` record) once per round, so a
     change in machine load hits them alike; per variant the median step seconds, compile
-    seconds and every loss."""
+    seconds, every loss, and how many rounds took over `SLOW_STEP` times the median (such
+    steps, seen with two full-step programs in one process, come from the kernel's side;
+    benchmarks/RESULTS.md 5l)."""
     import jax
 
     for _ in range(rounds):
@@ -174,8 +179,10 @@ def interleave(runs: dict, data, rng, rounds: int) -> dict:
             jax.block_until_ready(m)
             r["times"].append(time.perf_counter() - t0)
             r["losses"].append(float(m["loss"]))
-    return {v: {"step_s": float(np.median(r["times"])), "compile_s": r["compile_s"],
-                "losses": r["losses"]} for v, r in runs.items()}
+    medians = {v: float(np.median(r["times"])) for v, r in runs.items()}
+    return {v: {"step_s": medians[v], "compile_s": r["compile_s"], "losses": r["losses"],
+                "slow_rounds": sum(t > SLOW_STEP * medians[v] for t in r["times"])}
+            for v, r in runs.items()}
 
 
 def jax_worker(f, method, batch, seq):

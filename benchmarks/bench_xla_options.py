@@ -14,8 +14,9 @@ option joins with `&`: `dot+reduce&xla_cpu_enable_concurrency_optimized_schedule
 (`true`/`false` and integers are passed as such, the rest as strings).
 
 Two full fine-tuning programs in one process sometimes give one of them a step of twice its
-usual time every second or third round (time spent in the kernel; section 5l): read the per-method medians of the full step with that in mind and confirm a close
-call with one process per variant (`bench_train --notorch`).
+usual time every second or third round (time spent in the kernel; section 5l): the `slow
+rounds` column counts a variant's steps over 1.5x its median; where it is not zero, confirm a
+close call with one process per variant (`bench_train --notorch`).
 """
 
 import numpy as np
@@ -75,14 +76,15 @@ def main(_):
     base = f.variants[0]
     print(f"malloc: {hostmem.use_tuned_malloc(f.tuned_malloc)}")
     print(f"{'method':>10} {'variant':>16} {'step ms':>9} {'vs ' + base:>12} {'compile s':>9} "
-          f"{'max |loss diff|':>16}")
+          f"{'max |loss diff|':>16} {'slow rounds':>11}")
     for method in f.methods:
         res = bench_method(f, method, batch, seq)
         ref = res[base]
         for v, r in res.items():
             diff = float(np.max(np.abs(np.subtract(r["losses"], ref["losses"]))))
             print(f"{method:>10} {v:>16} {r['step_s'] * 1e3:9.1f} "
-                  f"{r['step_s'] / ref['step_s']:12.3f} {r['compile_s']:9.1f} {diff:16.2e}")
+                  f"{r['step_s'] / ref['step_s']:12.3f} {r['compile_s']:9.1f} {diff:16.2e} "
+                  f"{r['slow_rounds']:11d}")
 
 
 if __name__ == "__main__":
