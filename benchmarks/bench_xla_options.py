@@ -44,8 +44,7 @@ def compiler_options(variant: str):
     from jaxpeft.train import YNN_FUSION_OPTION, ynn_fusion_types
 
     fusion, *others = variant.split("&")
-    options = dict((name, _option_value(value))
-                   for name, value in (o.split("=", 1) for o in others))
+    options = {name: _option_value(value) for name, value in (o.split("=", 1) for o in others)}
     if fusion == "none":
         options[YNN_FUSION_OPTION] = ""
     elif fusion != "default":

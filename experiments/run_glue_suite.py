@@ -10,7 +10,8 @@ size, sequence length and learning rate unless the flag is given. Flags only; th
 """
 
 # Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
-# doing it before the imports below means the restart repeats none of them.
+# doing it before the imports below means the restart repeats none of them (console scripts:
+# experiments/__init__.py).
 from jaxpeft import hostmem
 
 if __name__ == "__main__":
@@ -43,8 +44,8 @@ def main(argv):
 
 
 def cli():
-    """Console-script entry point (`pip install` makes one per experiment script)."""
-    hostmem.restart_with_tuned_malloc()  # no-op after the restart above (python -m)
+    """Runs the command (the console script reaches it through `experiments`, which has
+    restarted the process with the malloc tuning first)."""
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

@@ -137,3 +137,20 @@ def test_hostmem_imports_without_jax():
     _, lines = _run("import sys, jaxpeft.hostmem; print(sorted({'jax', 'flax', 'numpy'} & "
                     "set(sys.modules)))", JAXPEFT_TUNE_MALLOC="0")
     assert lines == ["[]"]
+
+
+TUNED_COMMANDS = ("jaxpeft-glue", "jaxpeft-glue-suite", "jaxpeft-sweep", "jaxpeft-predict")
+
+
+def test_console_scripts_restart_before_loading_jax():
+    """The installed commands that run XLA steps start in `experiments` (which restarts with
+    the tuning, then imports the script): loading their entry points imports no JAX, so the
+    restart repeats no heavy import."""
+    program = f"""
+        import sys
+        from importlib.metadata import entry_points
+        found = {{e.name: e for e in entry_points(group="console_scripts")}}
+        print([found[n].load().__module__ for n in {TUNED_COMMANDS!r}], "jax" in sys.modules)
+    """
+    _, (line,) = _run(program)
+    assert line == f"{['experiments'] * len(TUNED_COMMANDS)} False"
