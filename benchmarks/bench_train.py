@@ -178,9 +178,12 @@ def step_stats(times) -> dict:
 def interleave(runs: dict, data, rng, rounds: int) -> dict:
     """Steps every variant of `runs` (name -> `start_variant` record) once per round, so a
     change in machine load hits them alike; per variant the median step seconds, compile
-    seconds, every loss, and how many rounds took over `SLOW_STEP` times the median (such
-    steps come from the host side of a VM with free page reporting, and fall unevenly on
-    the variants; benchmarks/RESULTS.md 5m)."""
+    seconds, every loss, and how many rounds took over `SLOW_STEP` times the median.
+
+    On a VM with free page reporting (the CI-class machine), a step that re-touches memory
+    XLA freed a second or two before waits for the host to hand it back and takes 1.4-2x its
+    usual time, unevenly between variants (benchmarks/RESULTS.md 5m; the `GLIBC_TUNABLES`
+    given there keep freed memory in the process and remove such steps)."""
     import jax
 
     for _ in range(rounds):

@@ -13,12 +13,9 @@ LIBRARY_FUSION_TYPE_ suffixes such as `individual_dot` or `dot+eltwise`; any oth
 option joins with `&`: `dot+reduce&xla_cpu_enable_concurrency_optimized_scheduler=false`
 (`true`/`false` and integers are passed as such, the rest as strings).
 
-On a VM with free page reporting (the CI-class machine), a step that re-touches memory XLA
-freed a second or two before waits for the host to hand it back and takes 1.4-2x its usual
-time, unevenly between variants (section 5m; the `GLIBC_TUNABLES` given there keep freed
-memory in the process and remove such steps). The `slow rounds` column counts a variant's
-steps over 1.25x its median; where it is not zero, confirm a close call with one process per
-variant (`bench_train --notorch`).
+The `slow rounds` column counts a variant's steps over 1.25x its median (why there are such
+steps: `benchmarks.bench_train.interleave`); where it is not zero, confirm a close call with
+one process per variant (`bench_train --notorch`).
 """
 
 import numpy as np
