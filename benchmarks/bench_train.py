@@ -168,8 +168,7 @@ SLOW_STEP = 1.25
 
 def step_stats(times) -> dict:
     """Median step seconds (the comparisons' figure), the mean (what a long run averages)
-    and how many steps took over `SLOW_STEP` times the median: on a VM that hands freed
-    memory back to its host, a step that re-touches such memory is slow (RESULTS 5m)."""
+    and how many steps took over `SLOW_STEP` times the median (why some do: `interleave`)."""
     median = float(np.median(times))
     return {"step_s": median, "mean_step_s": float(np.mean(times)),
             "slow_steps": int(sum(t > SLOW_STEP * median for t in times))}
