@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 import jaxpeft
-from jaxpeft import distributed
+from jaxpeft import distributed, hostmem
 from jaxpeft.checkpointing import Checkpointer
 from jaxpeft.config import RunConfig, check_fits_model, validate
 from jaxpeft.data import Task, load_split
@@ -101,7 +102,9 @@ class Setup:
             "versions": {"jaxpeft": jaxpeft.__version__, "jax": jax.__version__,
                          "python": sys.version.split()[0]},
             "devices": {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
-                        "processes": jax.process_count(), "platform": jax.default_backend()},
+                        "processes": jax.process_count(), "platform": jax.default_backend(),
+                        # The steps' speed depends on it (README, "malloc"), so say which.
+                        "malloc": hostmem.describe(os.environ)},
         }
 
 
