@@ -107,5 +107,6 @@ def use_tuned_malloc(tuned: bool) -> str:
 
 
 def describe(environ: Mapping[str, str]) -> str:
-    """`glibc.malloc.hugetlb=1` (or the value in force), or `default`: for benchmark output."""
-    return _hugetlb_setting(environ) or "default"
+    """The glibc tunables in force (`glibc.malloc.hugetlb=1`, with any the user set beside
+    it), or `default`: for benchmark output and a run's config.json."""
+    return environ.get("GLIBC_TUNABLES") or "default"

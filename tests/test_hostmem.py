@@ -128,7 +128,8 @@ def test_untuned_setting_reaches_children_and_is_described(monkeypatch):
     assert os.environ[hostmem.OPT_OUT] == "0"  # a jaxpeft command started now keeps glibc's
     assert hostmem.tuned_environ(os.environ, glibc=(2, 36), thp_usable=True) is None
     assert hostmem.describe({"GLIBC_TUNABLES": "a=1:glibc.malloc.hugetlb=1"}) == \
-        "glibc.malloc.hugetlb=1"
+        "a=1:glibc.malloc.hugetlb=1"
+    assert hostmem.describe({}) == "default"
 
 
 def test_hostmem_imports_without_jax():
