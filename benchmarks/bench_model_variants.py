@@ -138,7 +138,7 @@ def main(_):
         for v, r in res.items():
             diff = float(np.max(np.abs(np.subtract(r["losses"], ref["losses"]))))
             print(f"{method:>10} {f.shape:>10} {v:>11} {r['step_s'] * 1e3:9.1f} "
-                  f"{r['step_s'] / ref['step_s']:10.3f} {diff:16.2e} {r['slow_rounds']:11d}",
+                  f"{r['step_s'] / ref['step_s']:10.3f} {diff:16.2e} {r['slow_steps']:11d}",
                   flush=True)
 
 

@@ -176,8 +176,8 @@ def step_stats(times) -> dict:
 
 def interleave(runs: dict, data, rng, rounds: int) -> dict:
     """Steps every variant of `runs` (name -> `start_variant` record) once per round, so a
-    change in machine load hits them alike; per variant the median step seconds, compile
-    seconds, every loss, and how many rounds took over `SLOW_STEP` times the median.
+    change in machine load hits them alike; per variant `step_stats` of its rounds (median,
+    mean, slow rounds), compile seconds and every loss.
 
     On a VM with free page reporting (the CI-class machine), a step that re-touches memory
     XLA freed a second or two before waits for the host to hand it back and takes 1.4-2x its
@@ -192,9 +192,8 @@ def interleave(runs: dict, data, rng, rounds: int) -> dict:
             jax.block_until_ready(m)
             r["times"].append(time.perf_counter() - t0)
             r["losses"].append(float(m["loss"]))
-    stats = {v: step_stats(r["times"]) for v, r in runs.items()}
-    return {v: {"step_s": stats[v]["step_s"], "compile_s": r["compile_s"], "losses": r["losses"],
-                "slow_rounds": stats[v]["slow_steps"]} for v, r in runs.items()}
+    return {v: {**step_stats(r["times"]), "compile_s": r["compile_s"], "losses": r["losses"]}
+            for v, r in runs.items()}
 
 
 def jax_worker(f, method, batch, seq):

@@ -82,7 +82,7 @@ def main(_):
             diff = float(np.max(np.abs(np.subtract(r["losses"], ref["losses"]))))
             print(f"{method:>10} {v:>16} {r['step_s'] * 1e3:9.1f} "
                   f"{r['step_s'] / ref['step_s']:12.3f} {r['compile_s']:9.1f} {diff:16.2e} "
-                  f"{r['slow_rounds']:11d}")
+                  f"{r['slow_steps']:11d}")
 
 
 if __name__ == "__main__":
