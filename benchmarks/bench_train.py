@@ -305,13 +305,16 @@ def torch_worker(f, method, batch, seq):
 
 
 def _run_worker(spec):
-    """Runs one measurement in a fresh process (so peak memory is its own)."""
+    """Runs one measurement in a fresh process (so peak memory is its own); None, with the
+    worker's error printed, where it fails, so one broken method cannot cost the others'
+    figures (a lent GPU's minutes are few)."""
     args = [a for a in sys.argv[1:] if not a.startswith("--_worker")]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", *args,
                            f"--_worker={spec}"], capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
-        raise SystemExit(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+        print(f"worker {spec} failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -349,15 +352,21 @@ def main(_):
               f"{'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'compile s':>9} {'peak MiB':>9} "
               f"{'mean ms':>8} {'slow':>5}")
     print(header)
-    results = []
+    results, failed = [], []
     for shape in f.shapes:
         batch, seq = map(int, shape.split("x"))
         by_method = {}
         for method in f.methods:
-            rows = [_run_worker(f"jax:{method}:{shape}")]
+            mine = _run_worker(f"jax:{method}:{shape}")
+            if mine is None:
+                failed.append(f"jax:{method}:{shape}")
+                continue
+            rows = [mine]
             if have_torch:
                 peer = _run_worker(f"torch:{method}:{shape}")
-                if "skipped" in peer:
+                if peer is None:
+                    failed.append(f"torch:{method}:{shape}")
+                elif "skipped" in peer:
                     print(f"{shape:>8} {method:>7} {'torch+peft':>10} skipped: {peer['skipped']}")
                 else:
                     rows.append(peer)
@@ -396,7 +405,9 @@ def main(_):
     if f.out:
         with open(f.out, "w") as fh:
             json.dump({"model": f.model, "dtype": f.dtype, "matmul_peak_flops_per_s": peak,
-                       "malloc": malloc, "results": results}, fh, indent=2)
+                       "malloc": malloc, "results": results, "failed": failed}, fh, indent=2)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (errors above)")
 
 
 if __name__ == "__main__":
