@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 from absl import app, flags
@@ -49,6 +50,11 @@ flags.DEFINE_enum("xla_cpu_dot_fusion", "auto", ["auto", "default", "individual_
 flags.DEFINE_bool("tuned_malloc", True, "run everything (reference matmul, both sides) with "
                   "jaxpeft.hostmem's malloc tuning, as jaxpeft's commands run; false: glibc's "
                   "default for everything")
+flags.DEFINE_bool("in_process", False, "run every measurement in this process, one after "
+                  "another, rather than each in its own: no process start, CUDA set-up and "
+                  "imports per measurement (about half a lent GPU's minutes), but no peak "
+                  "memory per measurement, and on CPU both libraries' thread pools stay up "
+                  "(for GPUs)")
 flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
@@ -93,6 +99,10 @@ def _peak_memory_bytes(device=None):
         stats = device.memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mib(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
 def _random_batch(batch, seq, vocab, seed=0):
@@ -305,9 +315,21 @@ def torch_worker(f, method, batch, seq):
 
 
 def _run_worker(spec):
-    """Runs one measurement in a fresh process (so peak memory is its own); None, with the
-    worker's error printed, where it fails, so one broken method cannot cost the others'
-    figures (a lent GPU's minutes are few)."""
+    """Runs one measurement in a fresh process (so peak memory is its own), or here with
+    --in_process; None, with the worker's error printed, where it fails, so one broken
+    method cannot cost the others' figures (a lent GPU's minutes are few)."""
+    f = flags.FLAGS
+    if f.in_process:
+        impl, rest = spec.split(":", 1)
+        method, shape = rest.rsplit(":", 1)
+        try:
+            result = (jax_worker if impl == "jax" else torch_worker)(
+                f, method, *map(int, shape.split("x")))
+        except Exception:  # noqa: BLE001 - reported, and the other measurements go on
+            print(f"worker {spec} failed:\n{traceback.format_exc()[-3000:]}", flush=True)
+            return None
+        # A process's peak covers every measurement before this one.
+        return {**result, "peak_memory_bytes": None}
     args = [a for a in sys.argv[1:] if not a.startswith("--_worker")]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", *args,
                            f"--_worker={spec}"], capture_output=True, text=True)
@@ -380,7 +402,7 @@ def main(_):
                       f"{r['examples_per_s']:8.1f} {r['tokens_per_s']:9.0f} "
                       f"{r['model_flops_per_s'] / 1e9:8.1f} "
                       f"{100 * r['fraction_of_matmul_peak']:6.1f}% {r['compile_s']:9.1f} "
-                      f"{r['peak_memory_bytes'] / 2**20:9.0f} {r['mean_step_s'] * 1e3:8.1f} "
+                      f"{_mib(r['peak_memory_bytes']):>9} {r['mean_step_s'] * 1e3:8.1f} "
                       f"{r['slow_steps']:>2}/{f.steps}")
                 results.append(r)
             j = rows[0]
@@ -403,6 +425,7 @@ def main(_):
                     print(f"{shape} jaxpeft {m} step / full step = "
                           f"{jax_step[m] / jax_step['full']:.3f}")
     if f.out:
+        os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
         with open(f.out, "w") as fh:
             json.dump({"model": f.model, "dtype": f.dtype, "matmul_peak_flops_per_s": peak,
                        "malloc": malloc, "results": results, "failed": failed}, fh, indent=2)

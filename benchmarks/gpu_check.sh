@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU run for the `device` tool (about 6 minutes on an H100/H200): bf16 train
-# steps of a bert-base-sized model and of MiniLM, both from their configs with random
-# weights (benchmarks/configs: no hub, and the MiniLM weights package is too big to carry),
-# for full / LoRA / BitFit, then the rest of the family on MiniLM, each beside the PyTorch
-# transformers + peft peer on the same GPU, with the fraction of the GPU's measured bf16
-# matmul rate. Results: $OUT (or /tmp) bench_*.json and the console tables. A failing
-# method is reported and the rest still run; the exit status is non-zero if any failed.
+# One prepared GPU run for the `device` tool: about 9 minutes on an H200 (give it a 600 s
+# call; its 15 minutes a session allow no second try). In order of need:
+#   1. bf16 train steps of a bert-base-sized model (issue 15's GPU targets), full / LoRA /
+#      BitFit at 32x128 and 128x128, each beside the PyTorch transformers + peft peer;
+#   2. where the time goes (benchmarks.profile_step): kernels of bert-base full and LoRA at
+#      128x128;
+#   3. every method on MiniLM at 32x128 beside the peer.
+# Models are built from benchmarks/configs with random weights (no hub; MiniLM's weights
+# package is too big to carry), and every measurement runs in one process per model
+# (--in_process: a process per measurement spent half of a 510 s call on start-up and
+# CUDA set-up; peak memory per method needs a process each, so it reads n/a here).
+# Results: $OUT (or /tmp) bench_*.json, traces/*.json.gz (open in Perfetto), the console
+# tables. A failing method is reported and the rest still run; the exit status is non-zero
+# if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
@@ -16,16 +23,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
       'transformers', transformers.__version__, 'torch', torch.__version__, 'peft',
       peft.__version__, jax.devices())" || exit 1
+bert=(--random_weights --dtype=bfloat16 --model=bert-base
+      --config_json=benchmarks/configs/bert-base/config.json)
+minilm=(--random_weights --dtype=bfloat16 --model=minilm
+        --config_json=benchmarks/configs/minilm/config.json)
 status=0
-bench() {
-    "$py" -m benchmarks.bench_train --random_weights --dtype=bfloat16 \
-        --peak_shape=8192x8192x8192 "$@" || status=1
-}
-bench --model=bert-base --config_json=benchmarks/configs/bert-base/config.json \
-    --shapes=32x128,128x128 --steps=20 --out="$out/bench_bert_base_bf16.json"
-bench --model=minilm --config_json=benchmarks/configs/minilm/config.json \
-    --shapes=32x128,128x128 --steps=20 --out="$out/bench_minilm_bf16.json"
-bench --model=minilm --config_json=benchmarks/configs/minilm/config.json --shapes=32x128 \
-    --methods=dora,ia3,vera,ln_tuning,adapter_houlsby,adapter_pfeiffer,prompt:prompt_head=virtual --steps=10 \
-    --out="$out/bench_minilm_family_bf16.json"
+"$py" -m benchmarks.bench_train "${bert[@]}" --in_process --peak_shape=8192x8192x8192 \
+    --shapes=32x128,128x128 --steps=20 --out="$out/bench_bert_base_bf16.json" || status=1
+"$py" -m benchmarks.profile_step "${bert[@]}" --methods=full,lora --shapes=128x128 --steps=3 \
+    --trace_out="$out/traces" || status=1
+"$py" -m benchmarks.bench_train "${minilm[@]}" --in_process --peak_shape=8192x8192x8192 \
+    --shapes=32x128 --steps=10 --out="$out/bench_minilm_bf16.json" \
+    --methods=full,lora,bitfit,dora,ia3,vera,ln_tuning,adapter_houlsby,adapter_pfeiffer,prompt:prompt_head=virtual \
+    || status=1
 exit $status

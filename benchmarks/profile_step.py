@@ -1,0 +1,135 @@
+"""Where a train step's time goes on an accelerator: a `jax.profiler` trace of a few steps,
+the device's kernels summed by name.
+
+  python -m benchmarks.profile_step --random_weights --dtype=bfloat16 \
+      --config_json=benchmarks/configs/bert-base/config.json --methods=full,lora \
+      --shapes=32x128 --steps=3 --trace_out=/tmp/traces
+
+bench_train's flags choose the model, methods, shapes and dtype. Per method and shape: the
+untraced step (median of `--steps` steps), the device's busy time per traced step (kernel
+intervals merged, so the gap between the two is launch and host time), and the kernels
+taking most of it (ms per step, share of the busy time, launches per step), also summed by
+kind (the kernel name without its numbering). Kernels come from the trace's GPU stream
+tracks; the trace's other device tracks (XLA's module and op lines) repeat the same time
+and are listed once with their totals. On CPU there are no device tracks: benchmarks/
+RESULTS.md 5m shows how the CPU step was split.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks.bench_train import _random_batch, _train_setup  # noqa: F401 - and its flags
+
+flags.DEFINE_integer("top", 20, "kernels listed per method and shape")
+flags.DEFINE_string("trace_out", "", "copy each perfetto_trace.json.gz here (for Perfetto)")
+
+
+def device_kernels(trace: dict) -> tuple[dict, dict, float]:
+    """From a perfetto trace's events: `{kernel name: (total us, launches)}` on the GPU
+    stream tracks, `{track name: total us}` of every device track, and the busy time (us)
+    of the stream tracks with overlapping kernels counted once."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e["tid"])] = e["args"]["name"]
+    device = {pid for pid, name in process.items() if name.startswith("/device:")}
+    tracks = collections.Counter()
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    intervals = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device:
+            continue
+        track = thread.get((e["pid"], e.get("tid")), str(e.get("tid")))
+        tracks[f"{process[e['pid']]} {track}"] += e.get("dur", 0.0)
+        if "stream" in track.lower():
+            kernels[e["name"]][0] += e.get("dur", 0.0)
+            kernels[e["name"]][1] += 1
+            intervals.append((e["ts"], e["ts"] + e.get("dur", 0.0)))
+    busy, end = 0.0, -np.inf
+    for start, stop in sorted(intervals):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return {k: tuple(v) for k, v in kernels.items()}, dict(tracks), busy
+
+
+def kind(name: str) -> str:
+    """A kernel's name without XLA's numbering (`loop_add_fusion_12` -> `loop_add_fusion`)."""
+    return re.sub(r"([._]\d+)+$", "", name.split("(")[0])
+
+
+def profile(f, method: str, batch: int, seq: int) -> None:
+    """Times, traces and prints one method and shape."""
+    import jax
+
+    from jaxpeft.train import create_train_state, make_train_step, step_compile
+
+    model, params, mask, tx, cfg, peft = _train_setup(f, method)
+    state, frozen = create_train_state(params, mask, tx)
+    del params
+    step = make_train_step(model, tx, step_compile("auto", peft.cpu_dot_fusion))
+    data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
+    rng = jax.random.key(0)
+    times = []
+    for i in range(f.steps + 2):  # compilation and a warm step first
+        t0 = time.perf_counter()
+        state, m = step(state, data, rng, frozen)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    wall = float(np.median(times[2:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for i in range(f.steps):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, m = step(state, data, rng, frozen)
+                    jax.block_until_ready(m)
+        path = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        if f.trace_out:
+            os.makedirs(f.trace_out, exist_ok=True)
+            with open(path, "rb") as src, open(os.path.join(
+                    f.trace_out, f"{method.split(':')[0]}_{batch}x{seq}.json.gz"), "wb") as dst:
+                dst.write(src.read())
+        with gzip.open(path) as fh:
+            kernels, tracks, busy = device_kernels(json.load(fh))
+    n = f.steps
+    print(f"\n{method} {batch}x{seq}: step {wall * 1e3:.2f} ms untraced (compile "
+          f"{times[0]:.1f} s), device busy {busy / n / 1e3:.2f} ms a traced step")
+    for track, us in sorted(tracks.items()):
+        print(f"  track {track}: {us / n / 1e3:.2f} ms a step")
+    if not kernels:
+        print("  no kernels on GPU stream tracks (a CPU run?)")
+        return
+    by_kind = collections.defaultdict(lambda: [0.0, 0])
+    for name, (us, count) in kernels.items():
+        by_kind[kind(name)][0] += us
+        by_kind[kind(name)][1] += count
+    for title, table in (("kernels", kernels), ("kinds", by_kind)):
+        print(f"  {'ms/step':>8} {'share':>6} {'launches':>8}  {title}")
+        for name, (us, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:f.top]:
+            print(f"  {us / n / 1e3:8.3f} {100 * us / busy:5.1f}% {count / n:8.0f}  {name[:110]}")
+
+
+def main(_):
+    f = flags.FLAGS
+    import jax
+
+    print(f"device {jax.devices()[0].device_kind}, dtype {f.dtype}, model {f.model}")
+    for shape in f.shapes:
+        batch, seq = map(int, shape.split("x"))
+        for method in f.methods:
+            profile(f, method, batch, seq)
+
+
+if __name__ == "__main__":
+    app.run(main)
