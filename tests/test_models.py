@@ -210,30 +210,46 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path):
     np.testing.assert_allclose(logits, torch_forward(torch_model, *args)[0], atol=3e-2)
 
 
-def test_bfloat16_embedding_gradients_accumulate_in_float32(tmp_path):
-    """Every token adds to the token-type row's gradient. Summed in bfloat16 (a lookup in a
-    bfloat16 copy of the table), these 4096 terms came out twice as far from the float32
-    gradient as the furthest other leaf (MiniLM at 32x128: 33 % against 0.5 %); summed in
-    float32, as PyTorch's autocast does, they are closer than any other leaf."""
+@pytest.mark.parametrize("method", ["full", "ia3", "vera", "dora", "adapter_houlsby"])
+def test_bfloat16_gradients_accumulate_in_float32(tmp_path, method):
+    """A parameter applied per token (bias, scale, embedding row) has a gradient summed over
+    every token. Summed in bfloat16, 4096 such terms came out 10-50 % off their float32
+    values (MiniLM at 32x128; kernels 0.6 %, whose products accumulate in float32 anyway);
+    summed in float32, as PyTorch's autocast does, every trainable leaf of a bfloat16 step is
+    within 2 % of its float32 gradient (leaves whose gradient is zero aside: key biases)."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
 
+    from jaxpeft.config import RunConfig
+    from jaxpeft.peft import peft_from_run
+
     save_torch_model(transformers.BertForSequenceClassification, tiny_hf_config("bert"),
                      tmp_path)
-    ids, mask, types = random_batch("bert", batch=64, length=64)
+    ids, mask, types = random_batch("bert", batch=64, length=64, pairs=True)
+    peft = peft_from_run(RunConfig(method=method))
 
     def grads(dtype):
         pre = jaxpeft.load_pretrained(tmp_path, dtype=dtype, tokenizer=False)
-        loss = lambda p: jnp.sum(pre.model.apply({"params": p}, ids, mask, types))  # noqa: E731
-        return traverse_util.flatten_dict(jax.grad(loss)(pre.params))
+        model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+        # Move every leaf off its initial value, so that no gradient is zero by construction
+        # (LoRA's b = 0 zeroes a's).
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        params = jax.tree.unflatten(tree, [v + 0.05 * jax.random.normal(k, v.shape)
+                                           for v, k in zip(leaves, keys)])
+        loss = lambda p: jnp.sum(model.apply({"params": p}, ids, mask, types))  # noqa: E731
+        trainable = traverse_util.flatten_dict(peft.mask(params))
+        flat = traverse_util.flatten_dict(jax.grad(loss)(params))
+        return {k: np.asarray(v, np.float64) for k, v in flat.items() if trainable[k]}
 
     exact, half = grads("float32"), grads("bfloat16")
-    rel = {k: np.linalg.norm(np.asarray(half[k], np.float64) - exact[k])
-           / np.linalg.norm(exact[k]) for k in exact if "embeddings" in k or "kernel" in k}
-    token_type = rel[("bert", "embeddings", "token_type_embeddings", "embedding")]
-    others = max(v for k, v in rel.items() if "token_type_embeddings" not in k)
-    assert token_type < others < 0.05, (token_type, others)
+    largest = max(np.linalg.norm(g) for g in exact.values())
+    rel = {"/".join(k): np.linalg.norm(half[k] - g) / np.linalg.norm(g)
+           for k, g in exact.items() if np.linalg.norm(g) > 1e-4 * largest}
+    assert len(rel) >= 5
+    worst = max(rel, key=rel.get)
+    assert rel[worst] < 0.02, (worst, rel[worst])
 
 
 def test_minilm_alias_loads_real_weights(minilm_dir):

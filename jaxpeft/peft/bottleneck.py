@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.encoder import DenseHook, token_matmul
+from jaxpeft.models.encoder import DenseHook, per_token, token_matmul
 from jaxpeft.peft.lora import target_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
@@ -49,9 +49,11 @@ class AdapterHook(DenseHook):
     def __call__(self, dense, x, y, kernel, bias, deterministic):
         if not dense.has_variable("params", "adapter_down"):
             return y
-        get = lambda name: dense.get_variable("params", name).astype(y.dtype)  # noqa: E731
-        h = jax.nn.relu(token_matmul(y, get("adapter_down")) + get("adapter_down_bias"))
-        return y + token_matmul(h, get("adapter_up")) + get("adapter_up_bias")
+        get = lambda name: dense.get_variable("params", name)  # noqa: E731
+        down = token_matmul(y, get("adapter_down").astype(y.dtype))
+        h = jax.nn.relu(down + per_token(get("adapter_down_bias"), down))
+        up = token_matmul(h, get("adapter_up").astype(y.dtype))
+        return y + up + per_token(get("adapter_up_bias"), up)
 
 
 class _Bottleneck(PeftMethod):

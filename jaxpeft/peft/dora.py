@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
+from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
 from jaxpeft.peft.lora import lora_options_from_peft, Lora, add_lora
 
 
@@ -39,7 +39,7 @@ class DoraHook(DenseHook):
         get = lambda name: dense.get_variable("params", name)  # noqa: E731
         a, b, m = get("lora_a"), get("lora_b"), get("lora_magnitude")
         norm = jax.lax.stop_gradient(_column_norm(get("kernel"), a, b, self.scale))
-        ratio = (m / norm).astype(y.dtype)
+        ratio = per_token(m / norm, y)
         h = Dropout(self.dropout)(x, deterministic=deterministic)
         # Without dropout the base product is already in y; with it, DoRA (like peft) uses
         # the dropped input for the magnitude correction too.

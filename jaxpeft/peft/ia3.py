@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.encoder import DenseHook, token_matmul
+from jaxpeft.models.encoder import DenseHook, per_token, token_matmul
 from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules, targets_of_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
@@ -48,10 +48,10 @@ class Ia3Hook(DenseHook):
     def __call__(self, dense, x, y, kernel, bias, deterministic):
         if dense.has_variable("params", "ia3_in"):
             # XLA drops the unscaled product y, which is no longer used.
-            scaled = x * dense.get_variable("params", "ia3_in").astype(x.dtype)
+            scaled = x * per_token(dense.get_variable("params", "ia3_in"), x)
             y = token_matmul(scaled, kernel) + bias
         if dense.has_variable("params", "ia3_out"):
-            y = y * dense.get_variable("params", "ia3_out").astype(y.dtype)
+            y = y * per_token(dense.get_variable("params", "ia3_out"), y)
         return y
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
+from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
 from jaxpeft.peft.lora import check_targets, peft_target_modules, target_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod
 
@@ -60,10 +60,12 @@ class VeraHook(DenseHook):
         root = dense.scope.root  # the shared projections live once, at the tree's root
         a = root.get_variable("params", "vera_A")[:, :x.shape[-1]].astype(y.dtype)
         b = root.get_variable("params", "vera_B")[:y.shape[-1]].astype(y.dtype)
-        get = lambda name: dense.get_variable("params", name).astype(y.dtype)  # noqa: E731
+        get = lambda name: dense.get_variable("params", name)  # noqa: E731
         h = Dropout(self.dropout)(x, deterministic=deterministic)
-        down = get("vera_lambda_d") * token_matmul(h, a.T)
-        return y + get("vera_lambda_b") * token_matmul(down, b.T)
+        down = token_matmul(h, a.T)
+        down = per_token(get("vera_lambda_d"), down) * down
+        up = token_matmul(down, b.T)
+        return y + per_token(get("vera_lambda_b"), up) * up
 
 
 def _kaiming_uniform(key, shape):
