@@ -170,9 +170,11 @@ def per_token(vector: jax.Array, like: jax.Array) -> jax.Array:
     """A float32 parameter `vector` (a bias, a scale) broadcast to `like`'s shape, then cast
     to `like`'s dtype: the same values as casting first, but its gradient, a sum over every
     token, accumulates in float32. Cast first, a bfloat16 step summed those thousands of
-    terms in bfloat16: MiniLM's bias gradients at 32x128 came out 12-54 % off their float32
-    values where every token contributes (kernels 0.6 %). Every parameter applied per token
-    goes through here (or through a product, which accumulates in float32 itself)."""
+    terms in bfloat16: MiniLM's bias gradients at 32x128 came out up to 32 % (median 12 %)
+    off their float32 values, IA3's and DoRA's vectors up to 21 % and 19 %, against 1.5 %
+    for kernels (benchmarks/bench_bf16_grads.py; now within 2.1 %). Every parameter
+    applied per token goes through here (or through a product, which accumulates in float32
+    itself)."""
     return jnp.broadcast_to(vector, like.shape).astype(like.dtype)
 
 
@@ -377,9 +379,10 @@ class Embed(nn.Module):
 
     `nn.Embed(dtype=bfloat16)` casts the whole table and gathers from the copy, so the
     gradient is a bfloat16 scatter-add: the token-type row, which every token hits, summed
-    a batch's thousands of terms in bfloat16 and came out 33 % off its float32 value
-    (MiniLM, 32x128; kernels 0.6 %). Gathering in float32 accumulates the gradient
-    in float32, as PyTorch's autocast does, and never copies the table.
+    a batch's thousands of terms in bfloat16 and came out 31 % off its float32 value
+    (MiniLM, 32x128, benchmarks/bench_bf16_grads.py; now 0.9 %). Gathering in float32
+    accumulates the gradient in float32, as PyTorch's autocast does, and never copies the
+    table.
     """
 
     num: int

@@ -1,0 +1,87 @@
+"""How far a bfloat16 step's gradients are from float32 ones, per kind of trainable leaf.
+
+  python -m benchmarks.bench_bf16_grads --model=minilm --methods=full,ia3 --shapes=32x128
+
+bench_train's flags choose the model (`--random_weights --config_json=...` for one from its
+config), methods and shapes. For each method and shape: one batch of random tokens
+(sentence pairs: token types 0 and 1), every trainable leaf moved slightly off its initial
+value (so that none has a zero gradient by construction), and the gradient of the mean
+log-probability of class 0 in float32 and in bfloat16 compute; per kind of leaf (bias,
+kernel, LayerNorm scale, each embedding table, each method's own leaves) the largest and
+median relative difference, `|g_bf16 - g_f32| / |g_f32|`. Leaves whose float32 gradient is
+essentially zero (BERT's key biases: softmax ignores them) are counted apart, since a
+relative difference means nothing there.
+"""
+
+import collections
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks.bench_train import _load, _peft  # noqa: F401 - and its flags
+
+
+def leaf_kind(path: tuple) -> str:
+    """`bias`, `kernel`, `LayerNorm/scale`, `word_embeddings`, `ia3_out`, ..."""
+    if path[-1] == "embedding" and len(path) > 1:
+        return path[-2]
+    if len(path) > 1 and path[-2] == "LayerNorm":
+        return "LayerNorm/" + path[-1]
+    return path[-1]
+
+
+def relative_errors(f, method: str, batch: int, seq: int) -> dict:
+    """`{leaf path: relative difference}` of one method's trainable leaves, and the paths
+    left out (zero float32 gradient)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    rs = np.random.default_rng(0)
+    ids = jnp.asarray(rs.integers(1000, 20000, (batch, seq)), jnp.int32)
+    types = jnp.asarray(np.arange(seq)[None, :] >= seq // 2, jnp.int32).repeat(batch, 0)
+    peft = _peft(method)
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        f.dtype = dtype
+        model, params, _ = _load(f)
+        model, params = peft.init(model, params, jax.random.key(0))
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        params = jax.tree.unflatten(tree, [v + 0.02 * jax.random.normal(k, v.shape)
+                                           for v, k in zip(leaves, keys)])
+        mask = traverse_util.flatten_dict(peft.mask(params))
+
+        def loss(p):
+            logits = model.apply({"params": p}, ids, jnp.ones_like(ids), types)
+            return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[:, 0])
+
+        flat = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(params))
+        grads[dtype] = {k: np.asarray(v, np.float64) for k, v in flat.items() if mask[k]}
+    exact, half = grads["float32"], grads["bfloat16"]
+    largest = max(np.linalg.norm(g) for g in exact.values())
+    zero = [k for k, g in exact.items() if np.linalg.norm(g) <= 1e-6 * largest]
+    return {k: np.linalg.norm(half[k] - g) / np.linalg.norm(g)
+            for k, g in exact.items() if k not in zero}, zero
+
+
+def main(_):
+    f = flags.FLAGS
+    print(f"model {f.model}: |g_bf16 - g_f32| / |g_f32| per kind of trainable leaf")
+    for shape in f.shapes:
+        batch, seq = map(int, shape.split("x"))
+        for method in f.methods:
+            rel, zero = relative_errors(f, method, batch, seq)
+            kinds = collections.defaultdict(list)
+            for path, r in rel.items():
+                kinds[leaf_kind(path)].append(r)
+            print(f"\n{method} {shape} ({len(zero)} leaves with a zero float32 gradient "
+                  "left out)")
+            print(f"  {'leaf kind':<24} {'leaves':>6} {'largest':>8} {'median':>8}")
+            for kind, values in sorted(kinds.items()):
+                print(f"  {kind:<24} {len(values):6d} {max(values):8.4f} "
+                      f"{np.median(values):8.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
