@@ -18,7 +18,7 @@ import collections
 import numpy as np
 from absl import app, flags
 
-from benchmarks.bench_train import _load, _peft  # noqa: F401 - and its flags
+from benchmarks.bench_train import _load, _peft, each_measurement  # noqa: F401 - and flags
 
 
 def leaf_kind(path: tuple) -> str:
@@ -68,19 +68,16 @@ def relative_errors(f, method: str, batch: int, seq: int) -> dict:
 def main(_):
     f = flags.FLAGS
     print(f"model {f.model}: |g_bf16 - g_f32| / |g_f32| per kind of trainable leaf")
-    for shape in f.shapes:
-        batch, seq = map(int, shape.split("x"))
-        for method in f.methods:
-            rel, zero = relative_errors(f, method, batch, seq)
-            kinds = collections.defaultdict(list)
-            for path, r in rel.items():
-                kinds[leaf_kind(path)].append(r)
-            print(f"\n{method} {shape} ({len(zero)} leaves with a zero float32 gradient "
-                  "left out)")
-            print(f"  {'leaf kind':<24} {'leaves':>6} {'largest':>8} {'median':>8}")
-            for kind, values in sorted(kinds.items()):
-                print(f"  {kind:<24} {len(values):6d} {max(values):8.4f} "
-                      f"{np.median(values):8.4f}")
+    for method, batch, seq in each_measurement(f):
+        rel, zero = relative_errors(f, method, batch, seq)
+        kinds = collections.defaultdict(list)
+        for path, r in rel.items():
+            kinds[leaf_kind(path)].append(r)
+        print(f"\n{method} {batch}x{seq} ({len(zero)} leaves with a zero float32 gradient "
+              "left out)")
+        print(f"  {'leaf kind':<24} {'leaves':>6} {'largest':>8} {'median':>8}")
+        for kind, values in sorted(kinds.items()):
+            print(f"  {kind:<24} {len(values):6d} {max(values):8.4f} {np.median(values):8.4f}")
 
 
 if __name__ == "__main__":

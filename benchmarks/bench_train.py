@@ -105,6 +105,14 @@ def _mib(nbytes) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
+def each_measurement(f):
+    """`(method, batch, seq)` for every --shapes entry and, within it, every --methods one."""
+    for shape in f.shapes:
+        batch, seq = map(int, shape.split("x"))
+        for method in f.methods:
+            yield method, batch, seq
+
+
 def _random_batch(batch, seq, vocab, seed=0):
     rs = np.random.default_rng(seed)
     return {"input_ids": rs.integers(1000, min(vocab, 20000), (batch, seq)).astype(np.int32),

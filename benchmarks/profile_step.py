@@ -27,7 +27,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.bench_train import _random_batch, _train_setup  # noqa: F401 - and its flags
+from benchmarks.bench_train import (  # noqa: F401 - and its flags
+    _random_batch, _train_setup, each_measurement)
 
 flags.DEFINE_integer("top", 20, "kernels listed per method and shape")
 flags.DEFINE_string("trace_out", "", "copy each perfetto_trace.json.gz here (for Perfetto)")
@@ -125,10 +126,8 @@ def main(_):
     import jax
 
     print(f"device {jax.devices()[0].device_kind}, dtype {f.dtype}, model {f.model}")
-    for shape in f.shapes:
-        batch, seq = map(int, shape.split("x"))
-        for method in f.methods:
-            profile(f, method, batch, seq)
+    for method, batch, seq in each_measurement(f):
+        profile(f, method, batch, seq)
 
 
 if __name__ == "__main__":
