@@ -10,8 +10,9 @@
 # package is too big to carry), and every measurement runs in one process per model
 # (--in_process: a process per measurement spent half of a 510 s call on start-up and
 # CUDA set-up; peak memory per method needs a process each, so it reads n/a here).
-# Results: $OUT (or /tmp) bench_*.json, traces/*.json.gz (open in Perfetto), the console
-# tables. A failing method is reported and the rest still run; the exit status is non-zero
+# Results: $OUT (or /tmp) bench_*.json, traces/*.json.gz (open in Perfetto) beside each
+# step's optimized XLA program (traces/*.hlo.txt.gz, which names the kernels), the console
+# tables: six files, and a seventh if the caller tees the log there (8 come back at most). A failing method is reported and the rest still run; the exit status is non-zero
 # if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
