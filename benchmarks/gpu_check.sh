@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU run for the `device` tool: about 9 minutes on an H200 (give it a 600 s
-# call; its 15 minutes a session allow no second try). In order of need:
-#   1. bf16 train steps of a bert-base-sized model (issue 15's GPU targets), full / LoRA /
+# One prepared GPU run for the `device` tool: about 9-10 minutes on an H200 (give it a 600 s
+# call; what a session's 15 minutes leave after it is a short second call on the still-warm
+# machine: `bash benchmarks/gpu_check.sh minilm` reruns one stage). Stages, in order of need:
+#   bert: bf16 train steps of a bert-base-sized model (issue 15's GPU targets), full / LoRA /
 #      BitFit at 32x128 and 128x128, each beside the PyTorch transformers + peft peer;
-#   2. where the time goes (benchmarks.profile_step): kernels of bert-base full and LoRA at
-#      128x128;
-#   3. every method on MiniLM at 32x128 beside the peer.
+#   profile: where the time goes (benchmarks.profile_step): kernels of bert-base full and
+#      LoRA at 128x128;
+#   minilm: every method on MiniLM at 32x128 beside the peer.
 # Models are built from benchmarks/configs with random weights (no hub; MiniLM's weights
 # package is too big to carry), and every measurement runs in one process per model
 # (--in_process: a process per measurement spent half of a 510 s call on start-up and
 # CUDA set-up; peak memory per method needs a process each, so it reads n/a here).
 # Results: $OUT (or /tmp) bench_*.json, traces/*.json.gz (open in Perfetto) beside each
 # step's optimized XLA program (traces/*.hlo.txt.gz, which names the kernels), the console
-# tables: six files, and a seventh if the caller tees the log there (8 come back at most). A failing method is reported and the rest still run; the exit status is non-zero
-# if any failed.
+# tables: six files, and a seventh if the caller tees the log there (8 come back at most).
+# A failing method is reported and the rest still run; the exit status is non-zero if any
+# failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
@@ -29,12 +31,21 @@ bert=(--random_weights --dtype=bfloat16 --model=bert-base
 minilm=(--random_weights --dtype=bfloat16 --model=minilm
         --config_json=benchmarks/configs/minilm/config.json)
 status=0
-"$py" -m benchmarks.bench_train "${bert[@]}" --in_process --peak_shape=8192x8192x8192 \
-    --shapes=32x128,128x128 --steps=20 --out="$out/bench_bert_base_bf16.json" || status=1
-"$py" -m benchmarks.profile_step "${bert[@]}" --methods=full,lora --shapes=128x128 --steps=3 \
-    --trace_out="$out/traces" || status=1
-"$py" -m benchmarks.bench_train "${minilm[@]}" --in_process --peak_shape=8192x8192x8192 \
-    --shapes=32x128 --steps=10 --out="$out/bench_minilm_bf16.json" \
-    --methods=full,lora,bitfit,dora,ia3,vera,ln_tuning,adapter_houlsby,adapter_pfeiffer,prompt:prompt_head=virtual \
-    || status=1
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(bert profile minilm)
+for stage in "${stages[@]}"; do
+    case $stage in
+    bert) "$py" -m benchmarks.bench_train "${bert[@]}" --in_process \
+            --peak_shape=8192x8192x8192 --shapes=32x128,128x128 --steps=20 \
+            --out="$out/bench_bert_base_bf16.json" || status=1 ;;
+    profile) "$py" -m benchmarks.profile_step "${bert[@]}" --methods=full,lora \
+            --shapes=128x128 --steps=3 --trace_out="$out/traces" || status=1 ;;
+    minilm) "$py" -m benchmarks.bench_train "${minilm[@]}" --in_process \
+            --peak_shape=8192x8192x8192 --shapes=32x128 --steps=10 \
+            --out="$out/bench_minilm_bf16.json" \
+            --methods=full,lora,bitfit,dora,ia3,vera,ln_tuning,adapter_houlsby,adapter_pfeiffer,prompt:prompt_head=virtual \
+            || status=1 ;;
+    *) echo "unknown stage $stage (bert, profile, minilm)"; exit 2 ;;
+    esac
+done
 exit $status
