@@ -8,8 +8,8 @@ the device's kernels summed by name.
 bench_train's flags choose the model, methods, shapes and dtype. Per method and shape: the
 untraced step (median of `--steps` steps), the device's busy time per traced step (kernel
 intervals merged, so the gap between the two is launch and host time), and the kernels
-taking most of it (ms per step, share of the busy time, launches per step), also summed by
-kind (the kernel name without its numbering). Kernels come from the trace's GPU stream
+taking most of it (ms per step, share of the busy time, launches per step, and for XLA's
+fusions their output and ops), also summed by kind (the kernel name without its numbering). Kernels come from the trace's GPU stream
 tracks; the trace's other device tracks (XLA's module and op lines) repeat the same time
 and are listed once with their totals. On CPU there are no device tracks: benchmarks/
 RESULTS.md 5m shows how the CPU step was split.
@@ -66,6 +66,35 @@ def device_kernels(trace: dict) -> tuple[dict, dict, float]:
     return {k: tuple(v) for k, v in kernels.items()}, dict(tracks), busy
 
 
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\{$")
+_FUSION = re.compile(r"%([\w.\-]+) = (\S+) fusion\(.*?kind=(\w+), calls=%([\w.\-]+)")
+_OPCODE = re.compile(r"= \S+ ([a-z][\w\-]*)\(")
+_PLUMBING = {"parameter", "constant", "bitcast", "broadcast", "tuple", "get-tuple-element",
+             "copy", "reshape", "iota"}
+
+
+def fusion_ops(hlo: str) -> dict:
+    """`{kernel name: "shape kind: ops"}` from an optimized XLA program's text: what each
+    fusion computes, under the name its kernel has in a GPU trace (the instruction's name
+    with '.' and '-' as '_'); ops in order of first use, without data movement."""
+    bodies, current = {}, None
+    for line in hlo.splitlines():
+        start = _COMPUTATION.match(line)
+        if start and not line.startswith("ENTRY"):
+            current = bodies.setdefault(start.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            op = _OPCODE.search(line)
+            if op and op.group(1) not in _PLUMBING and op.group(1) not in current:
+                current.append(op.group(1))
+    described = {}
+    for name, shape, fusion_kind, body in _FUSION.findall(hlo):
+        ops = " ".join(bodies.get(body, [])[:8])
+        described[re.sub(r"[.\-]", "_", name)] = f"{shape.split('{')[0]} {fusion_kind}: {ops}"
+    return described
+
+
 def kind(name: str) -> str:
     """A kernel's name without XLA's numbering (`loop_add_fusion_12` -> `loop_add_fusion`)."""
     return re.sub(r"([._]\d+)+$", "", name.split("(")[0])
@@ -85,8 +114,10 @@ def profile(f, method: str, batch: int, seq: int) -> None:
     rng = jax.random.key(0)
     name = f"{method.split(':')[0]}_{batch}x{seq}"
     t0 = time.perf_counter()
+    described = {}
     if hasattr(step, "lower"):  # one jit (always off CPU): compile once, keep its program
         step = step.lower(state, data, rng, frozen).compile()
+        described = fusion_ops(step.as_text())
         if f.trace_out:
             # XLA's optimized program names the trace's kernels (fusions) after its ops.
             os.makedirs(f.trace_out, exist_ok=True)
@@ -129,6 +160,8 @@ def profile(f, method: str, batch: int, seq: int) -> None:
         print(f"  {'ms/step':>8} {'share':>6} {'launches':>8}  {title}")
         for name, (us, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:f.top]:
             print(f"  {us / n / 1e3:8.3f} {100 * us / busy:5.1f}% {count / n:8.0f}  {name[:110]}")
+            if name in described:
+                print(f"{'':28}{described[name][:100]}")
 
 
 def main(_):
