@@ -144,11 +144,17 @@ def profile(f, method: str, batch: int, seq: int) -> None:
                 dst.write(src.read())
         with gzip.open(path) as fh:
             kernels, tracks, busy = device_kernels(json.load(fh))
-    n = f.steps
     print(f"\n{method} {batch}x{seq}: step {wall * 1e3:.2f} ms untraced (compile "
-          f"{times[0]:.1f} s), device busy {busy / n / 1e3:.2f} ms a traced step")
+          f"{times[0]:.1f} s), device busy {busy / f.steps / 1e3:.2f} ms a traced step")
+    report(kernels, tracks, busy, described, f.steps, f.top)
+
+
+def report(kernels: dict, tracks: dict, busy: float, described: dict, steps: int,
+           top: int) -> None:
+    """Prints `device_kernels`' figures per step: each device track's total, then the `top`
+    kernels and kinds of kernel by time, with what `fusion_ops` says each fusion computes."""
     for track, us in sorted(tracks.items()):
-        print(f"  track {track}: {us / n / 1e3:.2f} ms a step")
+        print(f"  track {track}: {us / steps / 1e3:.2f} ms a step")
     if not kernels:
         print("  no kernels on GPU stream tracks (a CPU run?)")
         return
@@ -158,8 +164,9 @@ def profile(f, method: str, batch: int, seq: int) -> None:
         by_kind[kind(name)][1] += count
     for title, table in (("kernels", kernels), ("kinds", by_kind)):
         print(f"  {'ms/step':>8} {'share':>6} {'launches':>8}  {title}")
-        for name, (us, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:f.top]:
-            print(f"  {us / n / 1e3:8.3f} {100 * us / busy:5.1f}% {count / n:8.0f}  {name[:110]}")
+        for name, (us, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"  {us / steps / 1e3:8.3f} {100 * us / busy:5.1f}% {count / steps:8.0f}  "
+                  f"{name[:110]}")
             if name in described:
                 print(f"{'':28}{described[name][:100]}")
 
