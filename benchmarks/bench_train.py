@@ -322,17 +322,22 @@ def torch_worker(f, method, batch, seq):
             "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}
 
 
+def _measure(f, spec: str) -> dict:
+    """Runs the measurement `spec` names ('jax:lora:32x128', 'torch:prompt:k=v:8x64') here."""
+    impl, rest = spec.split(":", 1)
+    method, shape = rest.rsplit(":", 1)
+    batch, seq = map(int, shape.split("x"))
+    return (jax_worker if impl == "jax" else torch_worker)(f, method, batch, seq)
+
+
 def _run_worker(spec):
     """Runs one measurement in a fresh process (so peak memory is its own), or here with
     --in_process; None, with the worker's error printed, where it fails, so one broken
     method cannot cost the others' figures (a lent GPU's minutes are few)."""
     f = flags.FLAGS
     if f.in_process:
-        impl, rest = spec.split(":", 1)
-        method, shape = rest.rsplit(":", 1)
         try:
-            result = (jax_worker if impl == "jax" else torch_worker)(
-                f, method, *map(int, shape.split("x")))
+            result = _measure(f, spec)
         except Exception:  # noqa: BLE001 - reported, and the other measurements go on
             print(f"worker {spec} failed:\n{traceback.format_exc()[-3000:]}", flush=True)
             return None
@@ -351,11 +356,7 @@ def _run_worker(spec):
 def main(_):
     f = flags.FLAGS
     if f._worker:
-        impl, rest = f._worker.split(":", 1)
-        method, shape = rest.rsplit(":", 1)
-        batch, seq = map(int, shape.split("x"))
-        fn = jax_worker if impl == "jax" else torch_worker
-        print("RESULT " + json.dumps(fn(f, method, batch, seq)))
+        print("RESULT " + json.dumps(_measure(f, f._worker)))
         return
     # Workers inherit the environment: the reference matmul and both sides of every
     # comparison run under one allocator setting.
