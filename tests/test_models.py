@@ -8,6 +8,7 @@ import pytest
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
+from jaxpeft.peft import METHODS
 from tests.helpers import jax_forward, random_batch, save_torch_model, tiny_hf_config, torch_forward
 
 torch = pytest.importorskip("torch")
@@ -210,13 +211,15 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path):
     np.testing.assert_allclose(logits, torch_forward(torch_model, *args)[0], atol=3e-2)
 
 
-@pytest.mark.parametrize("method", ["full", "ia3", "vera", "dora", "adapter_houlsby"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_bfloat16_gradients_accumulate_in_float32(tmp_path, method):
     """A parameter applied per token (bias, scale, embedding row) has a gradient summed over
-    every token. Summed in bfloat16, 4096 such terms came out up to 32 % off their float32
-    values (MiniLM at 32x128; kernels 1.5 %, whose products accumulate in float32 anyway);
-    summed in float32, as PyTorch's autocast does, every trainable leaf of a bfloat16 step is
-    within 2 % of its float32 gradient (leaves whose gradient is zero aside: key biases)."""
+    every token. Summed in bfloat16, a MiniLM batch's 4096 such terms came out up to 32 % off
+    their float32 values (kernels 1.5 %, whose products accumulate in float32 anyway), and
+    here the seven methods with such parameters failed (2.9-23 %); summed in float32, as
+    PyTorch's autocast does, every trainable leaf of a bfloat16 step is within 1.5 % of its
+    float32 gradient (leaves whose gradient is near zero aside). Every registered method, so
+    a new one's hooks are held to it too (`per_token`)."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
@@ -226,7 +229,8 @@ def test_bfloat16_gradients_accumulate_in_float32(tmp_path, method):
 
     save_torch_model(transformers.BertForSequenceClassification, tiny_hf_config("bert"),
                      tmp_path)
-    ids, mask, types = random_batch("bert", batch=64, length=64, pairs=True)
+    # 48 slots: a soft prompt's 20 more still fit the 72 positions
+    ids, mask, types = random_batch("bert", batch=192, length=48, pairs=True)
     peft = peft_from_run(RunConfig(method=method))
 
     def grads(dtype):
@@ -247,9 +251,9 @@ def test_bfloat16_gradients_accumulate_in_float32(tmp_path, method):
     largest = max(np.linalg.norm(g) for g in exact.values())
     rel = {"/".join(k): np.linalg.norm(half[k] - g) / np.linalg.norm(g)
            for k, g in exact.items() if np.linalg.norm(g) > 1e-4 * largest}
-    assert len(rel) >= 5
+    assert len(rel) >= len(exact) / 2, sorted(rel)
     worst = max(rel, key=rel.get)
-    assert rel[worst] < 0.02, (worst, rel[worst])
+    assert rel[worst] < 0.015, (worst, rel[worst])
 
 
 def test_minilm_alias_loads_real_weights(minilm_dir):
