@@ -11,9 +11,15 @@ kernel, LayerNorm scale, each embedding table, each method's own leaves) the lar
 median relative difference, `|g_bf16 - g_f32| / |g_f32|`. Leaves whose float32 gradient is
 essentially zero (BERT's key biases: softmax ignores them) are counted apart, since a
 relative difference means nothing there.
+
+With torch and peft installed, the same for the PyTorch peer (transformers + peft, the
+method built as `bench_train` builds it, from the same weights, `torch.autocast(bfloat16)`
+against float32), per kind of its parameters: how precise the reference's own bfloat16
+gradients are.
 """
 
 import collections
+import os
 
 import numpy as np
 from absl import app, flags
@@ -65,19 +71,94 @@ def relative_errors(f, method: str, batch: int, seq: int) -> dict:
             for k, g in exact.items() if k not in zero}, zero
 
 
+def torch_kind(name: str) -> str:
+    """Our kind of a transformers / peft parameter name (`...attention.self.query.bias` ->
+    `bias`, `...lora_A.default.weight` -> `lora_A`)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.endswith("_embeddings"):
+            return part
+        if part == "LayerNorm":
+            return "LayerNorm/" + {"weight": "scale"}.get(parts[-1], parts[-1])
+        if part.startswith(("lora_", "ia3_", "vera_")):
+            return part
+        if part == "prompt_encoder":
+            return "prompt_embeddings"
+    return {"weight": "kernel"}.get(parts[-1], parts[-1])
+
+
+def torch_relative_errors(f, method: str, batch: int, seq: int):
+    """As `relative_errors`, for the PyTorch peer: `({name: relative difference}, zero)`,
+    or None where peft has no such method."""
+    import torch
+    import transformers
+
+    from benchmarks.torch_peer import torch_model_for
+    from jaxpeft.models.checkpoint import resolve_model_dir
+
+    transformers.logging.set_verbosity_error()  # the new head's load report
+    transformers.utils.logging.disable_progress_bar()
+    rs = np.random.default_rng(0)
+    ids = torch.tensor(rs.integers(1000, 20000, (batch, seq)))
+    types = torch.tensor(np.arange(seq)[None, :] >= seq // 2).long().repeat(batch, 1)
+    source = (os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
+              else resolve_model_dir(f.model))
+    torch.manual_seed(0)
+    if f.random_weights:
+        cfg = transformers.AutoConfig.from_pretrained(source, num_labels=2)
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=2)
+    try:
+        model = torch_model_for(model, _peft(method))
+    except NotImplementedError:
+        return None
+    model.eval()  # no dropout: the two passes must see the same function
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.02 * torch.randn_like(p))
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(input_ids=ids, token_type_ids=types,
+                           attention_mask=torch.ones_like(ids)).logits
+        torch.log_softmax(logits.float(), -1)[:, 0].mean().backward()
+        grads[dtype] = {n: p.grad.double().numpy().copy() for n, p in trainable.items()}
+    exact, half = grads["float32"], grads["bfloat16"]
+    largest = max(np.linalg.norm(g) for g in exact.values())
+    zero = [n for n, g in exact.items() if np.linalg.norm(g) <= 1e-6 * largest]
+    return {n: np.linalg.norm(half[n] - g) / np.linalg.norm(g)
+            for n, g in exact.items() if n not in zero}, zero
+
+
+def _print_kinds(title: str, rel: dict, zero: list, kind_of) -> None:
+    kinds = collections.defaultdict(list)
+    for name, r in rel.items():
+        kinds[kind_of(name)].append(r)
+    print(f"\n{title} ({len(zero)} leaves with a zero float32 gradient left out)")
+    print(f"  {'leaf kind':<24} {'leaves':>6} {'largest':>8} {'median':>8}")
+    for kind, values in sorted(kinds.items()):
+        print(f"  {kind:<24} {len(values):6d} {max(values):8.4f} {np.median(values):8.4f}")
+
+
 def main(_):
     f = flags.FLAGS
     print(f"model {f.model}: |g_bf16 - g_f32| / |g_f32| per kind of trainable leaf")
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        have_torch = f.torch
+    except ImportError:
+        have_torch = False
     for method, batch, seq in each_measurement(f):
-        rel, zero = relative_errors(f, method, batch, seq)
-        kinds = collections.defaultdict(list)
-        for path, r in rel.items():
-            kinds[leaf_kind(path)].append(r)
-        print(f"\n{method} {batch}x{seq} ({len(zero)} leaves with a zero float32 gradient "
-              "left out)")
-        print(f"  {'leaf kind':<24} {'leaves':>6} {'largest':>8} {'median':>8}")
-        for kind, values in sorted(kinds.items()):
-            print(f"  {kind:<24} {len(values):6d} {max(values):8.4f} {np.median(values):8.4f}")
+        _print_kinds(f"{method} {batch}x{seq}, jaxpeft", *relative_errors(f, method, batch, seq),
+                     leaf_kind)
+        peer = have_torch and torch_relative_errors(f, method, batch, seq)
+        if peer:
+            _print_kinds(f"{method} {batch}x{seq}, torch+peft (autocast)", *peer, torch_kind)
 
 
 if __name__ == "__main__":
