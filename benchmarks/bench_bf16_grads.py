@@ -19,12 +19,12 @@ gradients are.
 """
 
 import collections
-import os
 
 import numpy as np
 from absl import app, flags
 
-from benchmarks.bench_train import _load, _peft, each_measurement  # noqa: F401 - and flags
+from benchmarks.bench_train import (  # noqa: F401 - and its flags
+    _load, _peft, each_measurement, peer_available, torch_peer_model)
 
 
 def leaf_kind(path: tuple) -> str:
@@ -36,16 +36,30 @@ def leaf_kind(path: tuple) -> str:
     return path[-1]
 
 
-def relative_errors(f, method: str, batch: int, seq: int) -> dict:
-    """`{leaf path: relative difference}` of one method's trainable leaves, and the paths
-    left out (zero float32 gradient)."""
+def _pairs(batch: int, seq: int):
+    """Random token ids and token types (the second half of each row is sentence 1)."""
+    ids = np.random.default_rng(0).integers(1000, 20000, (batch, seq))
+    types = np.repeat((np.arange(seq) >= seq // 2)[None].astype(np.int64), batch, 0)
+    return ids, types
+
+
+def _compare(grads: dict):
+    """`({name: relative difference}, names left out)` of the float32 and bfloat16 gradients
+    in `grads`; left out: those whose float32 gradient is essentially zero."""
+    exact, half = grads["float32"], grads["bfloat16"]
+    largest = max(np.linalg.norm(g) for g in exact.values())
+    zero = [k for k, g in exact.items() if np.linalg.norm(g) <= 1e-6 * largest]
+    return {k: np.linalg.norm(half[k] - g) / np.linalg.norm(g)
+            for k, g in exact.items() if k not in zero}, zero
+
+
+def relative_errors(f, method: str, batch: int, seq: int):
+    """`_compare` of one method's trainable leaves (by path)."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
 
-    rs = np.random.default_rng(0)
-    ids = jnp.asarray(rs.integers(1000, 20000, (batch, seq)), jnp.int32)
-    types = jnp.asarray(np.arange(seq)[None, :] >= seq // 2, jnp.int32).repeat(batch, 0)
+    ids, types = (jnp.asarray(a, jnp.int32) for a in _pairs(batch, seq))
     peft = _peft(method)
     grads = {}
     for dtype in ("float32", "bfloat16"):
@@ -64,18 +78,14 @@ def relative_errors(f, method: str, batch: int, seq: int) -> dict:
 
         flat = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(params))
         grads[dtype] = {k: np.asarray(v, np.float64) for k, v in flat.items() if mask[k]}
-    exact, half = grads["float32"], grads["bfloat16"]
-    largest = max(np.linalg.norm(g) for g in exact.values())
-    zero = [k for k, g in exact.items() if np.linalg.norm(g) <= 1e-6 * largest]
-    return {k: np.linalg.norm(half[k] - g) / np.linalg.norm(g)
-            for k, g in exact.items() if k not in zero}, zero
+    return _compare(grads)
 
 
 def torch_kind(name: str) -> str:
     """Our kind of a transformers / peft parameter name (`...attention.self.query.bias` ->
     `bias`, `...lora_A.default.weight` -> `lora_A`)."""
     parts = name.split(".")
-    for i, part in enumerate(parts):
+    for part in parts:
         if part.endswith("_embeddings"):
             return part
         if part == "LayerNorm":
@@ -88,30 +98,16 @@ def torch_kind(name: str) -> str:
 
 
 def torch_relative_errors(f, method: str, batch: int, seq: int):
-    """As `relative_errors`, for the PyTorch peer: `({name: relative difference}, zero)`,
-    or None where peft has no such method."""
+    """`_compare` for the PyTorch peer's trainable parameters (by name), or None where peft
+    has no such method."""
     import torch
     import transformers
 
-    from benchmarks.torch_peer import torch_model_for
-    from jaxpeft.models.checkpoint import resolve_model_dir
-
     transformers.logging.set_verbosity_error()  # the new head's load report
     transformers.utils.logging.disable_progress_bar()
-    rs = np.random.default_rng(0)
-    ids = torch.tensor(rs.integers(1000, 20000, (batch, seq)))
-    types = torch.tensor(np.arange(seq)[None, :] >= seq // 2).long().repeat(batch, 1)
-    source = (os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
-              else resolve_model_dir(f.model))
-    torch.manual_seed(0)
-    if f.random_weights:
-        cfg = transformers.AutoConfig.from_pretrained(source, num_labels=2)
-        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
-    else:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=2)
+    ids, types = (torch.tensor(a) for a in _pairs(batch, seq))
     try:
-        model = torch_model_for(model, _peft(method))
+        model = torch_peer_model(f, method)
     except NotImplementedError:
         return None
     model.eval()  # no dropout: the two passes must see the same function
@@ -127,11 +123,7 @@ def torch_relative_errors(f, method: str, batch: int, seq: int):
                            attention_mask=torch.ones_like(ids)).logits
         torch.log_softmax(logits.float(), -1)[:, 0].mean().backward()
         grads[dtype] = {n: p.grad.double().numpy().copy() for n, p in trainable.items()}
-    exact, half = grads["float32"], grads["bfloat16"]
-    largest = max(np.linalg.norm(g) for g in exact.values())
-    zero = [n for n, g in exact.items() if np.linalg.norm(g) <= 1e-6 * largest]
-    return {n: np.linalg.norm(half[n] - g) / np.linalg.norm(g)
-            for n, g in exact.items() if n not in zero}, zero
+    return _compare(grads)
 
 
 def _print_kinds(title: str, rel: dict, zero: list, kind_of) -> None:
@@ -147,12 +139,7 @@ def _print_kinds(title: str, rel: dict, zero: list, kind_of) -> None:
 def main(_):
     f = flags.FLAGS
     print(f"model {f.model}: |g_bf16 - g_f32| / |g_f32| per kind of trainable leaf")
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        have_torch = f.torch
-    except ImportError:
-        have_torch = False
+    have_torch = peer_available(f)
     for method, batch, seq in each_measurement(f):
         _print_kinds(f"{method} {batch}x{seq}, jaxpeft", *relative_errors(f, method, batch, seq),
                      leaf_kind)

@@ -258,18 +258,25 @@ def jax_worker(f, method, batch, seq):
             "compiler_options": options or {}}
 
 
-def torch_worker(f, method, batch, seq):
-    """Times the transformers + peft train step for one method and shape."""
+def peer_available(f) -> bool:
+    """Whether the PyTorch peer runs: --torch, and torch and peft importable."""
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return f.torch
+
+
+def torch_peer_model(f, method: str):
+    """The transformers + peft model of a --methods entry, from the same weights or config
+    as jaxpeft's side, SDPA attention; NotImplementedError where peft has no such method."""
     import torch
     import transformers
 
     from benchmarks.torch_peer import torch_model_for
     from jaxpeft.models.checkpoint import resolve_model_dir
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    # Threads and attention kernel set explicitly, so the peer is never handicapped by a
-    # default (XLA uses every core; SDPA is transformers' fused attention).
-    torch.set_num_threads(f.threads or os.cpu_count())
     torch.manual_seed(0)
     if f.random_weights:
         cfg = transformers.AutoConfig.from_pretrained(
@@ -281,8 +288,19 @@ def torch_worker(f, method, batch, seq):
     else:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             resolve_model_dir(f.model), num_labels=2, attn_implementation="sdpa")
+    return torch_model_for(model, _peft(method))
+
+
+def torch_worker(f, method, batch, seq):
+    """Times the transformers + peft train step for one method and shape."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # Threads and attention kernel set explicitly, so the peer is never handicapped by a
+    # default (XLA uses every core; SDPA is transformers' fused attention).
+    torch.set_num_threads(f.threads or os.cpu_count())
     try:
-        model = torch_model_for(model, _peft(method))
+        model = torch_peer_model(f, method)
     except NotImplementedError as e:
         return {"impl": "torch+peft", "method": method, "skipped": str(e)}
     model.to(dev).train()
@@ -369,13 +387,7 @@ def main(_):
 
     cfg = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
     peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32", f.peak_shape)
-    have_torch = f.torch
-    if have_torch:
-        try:
-            import peft  # noqa: F401
-            import torch  # noqa: F401
-        except ImportError:
-            have_torch = False
+    have_torch = peer_available(f)
     print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"malloc {malloc}")

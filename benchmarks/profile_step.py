@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 
@@ -28,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.bench_train import (  # noqa: F401 - and its flags
-    _random_batch, _train_setup, each_measurement)
+    _random_batch, _train_setup, each_measurement, interleave, start_variant)
 
 flags.DEFINE_integer("top", 20, "kernels listed per method and shape")
 flags.DEFINE_string("trace_out", "", "copy each perfetto_trace.json.gz here (for Perfetto), "
@@ -113,23 +114,22 @@ def profile(f, method: str, batch: int, seq: int) -> None:
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     name = f"{method.split(':')[0]}_{batch}x{seq}"
-    t0 = time.perf_counter()
-    described = {}
+    if f.trace_out:
+        os.makedirs(f.trace_out, exist_ok=True)
+    described, lower_s = {}, 0.0
     if hasattr(step, "lower"):  # one jit (always off CPU): compile once, keep its program
+        t0 = time.perf_counter()
         step = step.lower(state, data, rng, frozen).compile()
-        described = fusion_ops(step.as_text())
+        lower_s = time.perf_counter() - t0
+        hlo = step.as_text()
+        described = fusion_ops(hlo)
         if f.trace_out:
             # XLA's optimized program names the trace's kernels (fusions) after its ops.
-            os.makedirs(f.trace_out, exist_ok=True)
             with gzip.open(os.path.join(f.trace_out, f"{name}.hlo.txt.gz"), "wt") as fh:
-                fh.write(step.as_text())
-    times = []
-    for i in range(f.steps + 2):  # compilation (if not done above) and a warm step first
-        state, m = step(state, data, rng, frozen)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-    wall = float(np.median(times[2:]))
+                fh.write(hlo)
+    run = start_variant(step, state, frozen, data, rng)  # compiles here if not above
+    timed = interleave({name: run}, data, rng, f.steps)[name]
+    state = run["state"]
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for i in range(f.steps):
@@ -138,14 +138,12 @@ def profile(f, method: str, batch: int, seq: int) -> None:
                     jax.block_until_ready(m)
         path = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)[0]
         if f.trace_out:
-            os.makedirs(f.trace_out, exist_ok=True)
-            with open(path, "rb") as src, open(os.path.join(
-                    f.trace_out, f"{name}.json.gz"), "wb") as dst:
-                dst.write(src.read())
+            shutil.copyfile(path, os.path.join(f.trace_out, f"{name}.json.gz"))
         with gzip.open(path) as fh:
             kernels, tracks, busy = device_kernels(json.load(fh))
-    print(f"\n{method} {batch}x{seq}: step {wall * 1e3:.2f} ms untraced (compile "
-          f"{times[0]:.1f} s), device busy {busy / f.steps / 1e3:.2f} ms a traced step")
+    print(f"\n{method} {batch}x{seq}: step {timed['step_s'] * 1e3:.2f} ms untraced (compile "
+          f"{lower_s + timed['compile_s']:.1f} s), device busy {busy / f.steps / 1e3:.2f} ms "
+          "a traced step")
     report(kernels, tracks, busy, described, f.steps, f.top)
 
 
