@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -373,28 +372,6 @@ class Layer(nn.Module):
         return Residual(self.config, self.runtime, name="output")(h, x, deterministic)
 
 
-class Embed(nn.Module):
-    """An embedding table (`embedding: (num, features)`, float32) and its lookup, in float32
-    whatever the compute dtype.
-
-    `nn.Embed(dtype=bfloat16)` casts the whole table and gathers from the copy, so the
-    gradient is a bfloat16 scatter-add: the token-type row, which every token hits, summed
-    a batch's thousands of terms in bfloat16 and came out 31 % off its float32 value
-    (MiniLM, 32x128, benchmarks/bench_bf16_grads.py; now 0.9 %). Gathering in float32
-    accumulates the gradient in float32, as PyTorch's autocast does, and never copies the
-    table.
-    """
-
-    num: int
-    features: int
-    init: Callable
-
-    @nn.compact
-    def __call__(self, ids):
-        table = self.param("embedding", self.init, (self.num, self.features), jnp.float32)
-        return jnp.take(table, ids, axis=0)
-
-
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings (summed in float32), LayerNorm (output in the
     compute dtype), dropout."""
@@ -407,7 +384,13 @@ class Embeddings(nn.Module):
         cfg = self.config
 
         def embed(num, name):
-            return Embed(num, cfg.hidden_size, _normal(cfg), name=name)
+            # Looked up in float32 whatever the compute dtype: with `dtype=bfloat16`,
+            # nn.Embed gathers from a bfloat16 copy of the table, so its gradient is a
+            # bfloat16 scatter-add, and the token-type row, which every token hits, came out
+            # 31 % off its float32 value (MiniLM at 32x128, benchmarks/bench_bf16_grads.py;
+            # now 0.9 %), besides copying the whole table every step.
+            return nn.Embed(num, cfg.hidden_size, embedding_init=_normal(cfg),
+                            dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
         hooks = self.runtime.hooks_of(EmbeddingHook)
         # Virtual slots (negative ids) look up word 0; their hook replaces it.
