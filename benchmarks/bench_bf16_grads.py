@@ -63,8 +63,7 @@ def relative_errors(f, method: str, batch: int, seq: int):
     peft = _peft(method)
     grads = {}
     for dtype in ("float32", "bfloat16"):
-        f.dtype = dtype
-        model, params, _ = _load(f)
+        model, params, _ = _load(f, dtype)
         model, params = peft.init(model, params, jax.random.key(0))
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(1), len(leaves))

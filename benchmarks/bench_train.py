@@ -122,10 +122,13 @@ def _random_batch(batch, seq, vocab, seed=0):
             "weights": np.ones(batch, np.float32)}
 
 
-def _load(f):
+def _load(f, dtype=None):
+    """`(model, params, config)` of --model (or --config_json with --random_weights),
+    computing in `dtype` (default --dtype)."""
     import jaxpeft
     from jaxpeft.models.checkpoint import resolve_model_dir
 
+    dtype = dtype or f.dtype
     if f.random_weights:
         import jax
         import jax.numpy as jnp
@@ -133,10 +136,10 @@ def _load(f):
 
         cfg_d = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
         cfg = EncoderConfig.from_hf_dict(cfg_d, num_labels=2)
-        model = SequenceClassifier(cfg, Runtime(dtype=f.dtype))
+        model = SequenceClassifier(cfg, Runtime(dtype=dtype))
         params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
         return model, params, cfg
-    pre = jaxpeft.load_pretrained(f.model, num_labels=2, dtype=f.dtype, tokenizer=False)
+    pre = jaxpeft.load_pretrained(f.model, num_labels=2, dtype=dtype, tokenizer=False)
     return pre.model, pre.params, pre.config
 
 
@@ -400,15 +403,16 @@ def main(_):
         batch, seq = map(int, shape.split("x"))
         by_method = {}
         for method in f.methods:
-            mine = _run_worker(f"jax:{method}:{shape}")
+            spec, peer_spec = f"jax:{method}:{shape}", f"torch:{method}:{shape}"
+            mine = _run_worker(spec)
             if mine is None:
-                failed.append(f"jax:{method}:{shape}")
+                failed.append(spec)
                 continue
             rows = [mine]
             if have_torch:
-                peer = _run_worker(f"torch:{method}:{shape}")
+                peer = _run_worker(peer_spec)
                 if peer is None:
-                    failed.append(f"torch:{method}:{shape}")
+                    failed.append(peer_spec)
                 elif "skipped" in peer:
                     print(f"{shape:>8} {method:>7} {'torch+peft':>10} skipped: {peer['skipped']}")
                 else:
