@@ -5,13 +5,14 @@
 
 For each task, in this order and one at a time: `experiments.run_glue` (packed batches, its
 defaults, 300 steps x 32, compilation included: the persistent compilation cache is off and
-the tokenized-data cache is a fresh folder) and `benchmarks.peer_torch` (transformers + peft,
+the tokenized-data cache is a fresh folder) and `benchmarks.torch_run_glue` (transformers + peft,
 dynamic padding, the same optimizer, learning rate and steps). Prints each side's training
 wall time (the training loop with compilation, without evaluation), examples/s and the dev
 metric after the last step, and the speed ratio.
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-from jaxpeft import hostmem
 from jaxpeft.data import get_task
 from jaxpeft.peft import METHODS
 
@@ -30,8 +30,6 @@ flags.DEFINE_string("method", "lora", "method (one both sides have)")
 flags.DEFINE_float("learning_rate", 5e-4, "peak learning rate, both sides")
 flags.DEFINE_integer("max_steps", 300, "optimizer steps")
 flags.DEFINE_integer("seed", 0, "seed, both sides")
-flags.DEFINE_bool("tuned_malloc", True, "both sides with jaxpeft.hostmem's malloc tuning (as "
-                  "run_glue runs by itself); false: glibc's default for both")
 flags.DEFINE_string("out", "", "write the rows as JSON here")
 
 
@@ -47,7 +45,7 @@ def main(_):
     if f.method not in METHODS:
         raise SystemExit(f"unknown method {f.method!r}")
     # Both sides inherit the environment: one allocator setting for each.
-    malloc = hostmem.use_tuned_malloc(f.tuned_malloc)
+    malloc = os.environ.get("GLIBC_TUNABLES") or "default"
     print(f"malloc: {malloc} (both sides)")
     rows = []
     print(f"{'task':>5} {'impl':>10} {'train s':>8} {'ex/s':>7} {'dev metric (final)':>24}")
@@ -63,7 +61,7 @@ def main(_):
                   f"--cache_dir={Path(tmp) / 'cache'}", "--nocompilation_cache",
                   "--progress=false", "--checkpoint_every=0"])
             ours = json.loads((out / "results.json").read_text())
-            _run(["benchmarks.peer_torch", f"--task={name}", f"--method={f.method}",
+            _run(["benchmarks.torch_run_glue", f"--task={name}", f"--method={f.method}",
                   f"--model={f.model}", f"--data_dir={f.data_dir}",
                   f"--learning_rate={f.learning_rate}", f"--max_steps={f.max_steps}",
                   f"--seed={f.seed}", f"--out={Path(tmp) / 'peer.json'}"])

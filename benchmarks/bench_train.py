@@ -44,12 +44,8 @@ flags.DEFINE_bool("random_weights", False, "build the model from its config with
 flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
 flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmul (the "
                     "default is model-shaped for MiniLM; use a large one on GPUs)")
-flags.DEFINE_enum("xla_cpu_dot_fusion", "auto", ["auto", "default", "individual_dot",
-                                                  "dot_reduce"],
-                  "as run_glue's flag: auto is each method's measured choice on CPU")
-flags.DEFINE_bool("tuned_malloc", True, "run everything (reference matmul, both sides) with "
-                  "jaxpeft.hostmem's malloc tuning, as jaxpeft's commands run; false: glibc's "
-                  "default for everything")
+flags.DEFINE_list("train_step_xla_options", [], "as run_glue's flag: XLA options "
+                  "(name=value) for the train step's program")
 flags.DEFINE_bool("in_process", False, "run every measurement in this process, one after "
                   "another, rather than each in its own: no process start, CUDA set-up and "
                   "imports per measurement (about half a lent GPU's minutes), but no peak "
@@ -183,7 +179,7 @@ def start_variant(step, state, frozen, data, rng) -> dict:
 
 
 # A step this many times its median counts as slow: steps that re-touch memory the VM handed
-# back to its host take 1.4-2x the median (RESULTS 5m); ordinary spread stays under 1.1x.
+# back to its host take 1.4-2x the median; ordinary spread stays under 1.1x.
 SLOW_STEP = 1.25
 
 
@@ -202,8 +198,8 @@ def interleave(runs: dict, data, rng, rounds: int) -> dict:
 
     On a VM with free page reporting (the CI-class machine), a step that re-touches memory
     XLA freed a second or two before waits for the host to hand it back and takes 1.4-2x its
-    usual time, unevenly between variants (benchmarks/RESULTS.md 5m; the `GLIBC_TUNABLES`
-    given there keep freed memory in the process and remove such steps)."""
+    usual time, unevenly between variants (docs/performance.md: the malloc settings that
+    keep freed memory in the process remove such steps)."""
     import jax
 
     for _ in range(rounds):
@@ -223,7 +219,7 @@ def jax_worker(f, method, batch, seq):
 
     from flax import traverse_util
 
-    from jaxpeft.train import create_train_state, make_train_step, step_compile
+    from jaxpeft.train import create_train_state, make_train_step
 
     model, params, mask, tx, cfg, peft = _train_setup(f, method)
     counts = peft.count(params)
@@ -231,28 +227,17 @@ def jax_worker(f, method, batch, seq):
                        if p[-1] == "kernel" and p[0] != "classifier")
     state, frozen = create_train_state(params, mask, tx)
     del params
-    compile_with = step_compile(f.xla_cpu_dot_fusion, peft.cpu_dot_fusion)
-    step = make_train_step(model, tx, compile_with)
-    options = compile_with.options_for(batch, seq)
+    options = dict(o.split("=", 1) for o in f.train_step_xla_options)
+    step = make_train_step(model, tx, options)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
-    rng = jax.random.key(0)
-    t0 = time.perf_counter()
-    state, m = step(state, data, rng, frozen)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    state, m = step(state, data, rng, frozen)  # one more warm step
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(f.steps):
-        t0 = time.perf_counter()
-        state, m = step(state, data, rng, frozen)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    run = start_variant(step, state, frozen, data, jax.random.key(0))
+    timed = interleave({method: run}, data, jax.random.key(0), f.steps)[method]
+    state = run["state"]
     nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
     # The model's own sequence: a soft prompt adds its virtual tokens to every row.
     return {"impl": "jaxpeft", "method": method, "batch": batch, "seq": seq,
             "model_seq": seq + peft.virtual_tokens,
-            **step_stats(times), "compile_s": compile_s,
+            **{k: timed[k] for k in ("step_s", "mean_step_s", "slow_steps", "compile_s")},
             "trainable": counts.trainable, "kernel_grads": kernel_grads,
             "trainable_bytes": nbytes(state.trainable), "opt_state_bytes": nbytes(state.opt_state),
             "frozen_bytes": nbytes(frozen),
@@ -277,7 +262,7 @@ def torch_peer_model(f, method: str):
     import torch
     import transformers
 
-    from benchmarks.torch_peer import torch_model_for
+    from benchmarks.torch_model import torch_model_for
     from jaxpeft.models.checkpoint import resolve_model_dir
 
     torch.manual_seed(0)
@@ -380,10 +365,8 @@ def main(_):
         print("RESULT " + json.dumps(_measure(f, f._worker)))
         return
     # Workers inherit the environment: the reference matmul and both sides of every
-    # comparison run under one allocator setting.
-    from jaxpeft import hostmem
-
-    malloc = hostmem.use_tuned_malloc(f.tuned_malloc)
+    # comparison run under one allocator setting (docs/performance.md: GLIBC_TUNABLES).
+    malloc = os.environ.get("GLIBC_TUNABLES") or "default"
     import jax
 
     from jaxpeft.models.checkpoint import resolve_model_dir

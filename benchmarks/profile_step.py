@@ -11,8 +11,8 @@ intervals merged, so the gap between the two is launch and host time), and the k
 taking most of it (ms per step, share of the busy time, launches per step, and for XLA's
 fusions their output and ops), also summed by kind (the kernel name without its numbering). Kernels come from the trace's GPU stream
 tracks; the trace's other device tracks (XLA's module and op lines) repeat the same time
-and are listed once with their totals. On CPU there are no device tracks: benchmarks/
-RESULTS.md 5m shows how the CPU step was split.
+and are listed once with their totals. On CPU there are no device tracks (the trace's host
+threads hold XLA:CPU's work).
 """
 
 import collections
@@ -105,29 +105,27 @@ def profile(f, method: str, batch: int, seq: int) -> None:
     """Times, traces and prints one method and shape."""
     import jax
 
-    from jaxpeft.train import create_train_state, make_train_step, step_compile
+    from jaxpeft.train import create_train_state, make_train_step
 
     model, params, mask, tx, cfg, peft = _train_setup(f, method)
     state, frozen = create_train_state(params, mask, tx)
     del params
-    step = make_train_step(model, tx, step_compile(f.xla_cpu_dot_fusion, peft.cpu_dot_fusion))
+    step = make_train_step(model, tx, dict(o.split("=", 1) for o in f.train_step_xla_options))
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     name = f"{method.split(':')[0]}_{batch}x{seq}"
     if f.trace_out:
         os.makedirs(f.trace_out, exist_ok=True)
-    described, lower_s = {}, 0.0
-    if hasattr(step, "lower"):  # one jit (always off CPU): compile once, keep its program
-        t0 = time.perf_counter()
-        step = step.lower(state, data, rng, frozen).compile()
-        lower_s = time.perf_counter() - t0
-        hlo = step.as_text()
-        described = fusion_ops(hlo)
-        if f.trace_out:
-            # XLA's optimized program names the trace's kernels (fusions) after its ops.
-            with gzip.open(os.path.join(f.trace_out, f"{name}.hlo.txt.gz"), "wt") as fh:
-                fh.write(hlo)
-    run = start_variant(step, state, frozen, data, rng)  # compiles here if not above
+    # Compile once and keep the step's optimized program: it names the trace's kernels.
+    t0 = time.perf_counter()
+    step = step.lower(state, data, rng, frozen).compile()
+    lower_s = time.perf_counter() - t0
+    hlo = step.as_text()
+    described = fusion_ops(hlo)
+    if f.trace_out:
+        with gzip.open(os.path.join(f.trace_out, f"{name}.hlo.txt.gz"), "wt") as fh:
+            fh.write(hlo)
+    run = start_variant(step, state, frozen, data, rng)
     timed = interleave({name: run}, data, rng, f.steps)[name]
     state = run["state"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,21 +7,13 @@ Writes `index`, `label` (the label name; STS-B: the score) and one probability c
 class. Flags only; the work is `jaxpeft.predict.predict_file`.
 """
 
-# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
-# doing it before the imports below means the restart repeats none of them (console scripts:
-# experiments/__init__.py).
-from jaxpeft import hostmem
+import functools
+import sys
 
-if __name__ == "__main__":
-    hostmem.restart_with_tuned_malloc()
+from absl import app, flags
 
-import functools  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-
-from jaxpeft import config  # noqa: E402
-from jaxpeft.predict import predict_cli  # noqa: E402
+from jaxpeft import config
+from jaxpeft.predict import predict_cli
 
 flags.DEFINE_string("run", None, "A run folder (its best/ adapter) or an adapter folder.",
                     required=True)
@@ -43,8 +35,7 @@ def main(argv):
 
 
 def cli():
-    """Runs the command (the console script reaches it through `experiments`, which has
-    restarted the process with the malloc tuning first)."""
+    """Console-script entry point."""
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

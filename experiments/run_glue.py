@@ -7,21 +7,13 @@ Flags only, generated from `jaxpeft.config.RunConfig`; the work is
 `jaxpeft.run.train_and_evaluate`.
 """
 
-# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
-# doing it before the imports below means the restart repeats none of them (console scripts:
-# experiments/__init__.py).
-from jaxpeft import hostmem
+import functools
+import sys
 
-if __name__ == "__main__":
-    hostmem.restart_with_tuned_malloc()
+from absl import app, flags
 
-import functools  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-
-from jaxpeft import config  # noqa: E402
-from jaxpeft.run import cli_main  # noqa: E402
+from jaxpeft import config
+from jaxpeft.run import cli_main
 
 config.define_flags()
 flags.adopt_module_key_flags(config)  # --help lists them as this script's flags
@@ -34,8 +26,7 @@ def main(argv):
 
 
 def cli():
-    """Runs the command (the console script reaches it through `experiments`, which has
-    restarted the process with the malloc tuning first)."""
+    """Console-script entry point."""
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

@@ -9,22 +9,14 @@ size, sequence length and learning rate unless the flag is given. Flags only; th
 `jaxpeft.suite.run_suite`.
 """
 
-# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
-# doing it before the imports below means the restart repeats none of them (console scripts:
-# experiments/__init__.py).
-from jaxpeft import hostmem
+import functools
+import sys
 
-if __name__ == "__main__":
-    hostmem.restart_with_tuned_malloc()
+from absl import app, flags
 
-import functools  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-
-from experiments import run_glue  # noqa: E402
-from jaxpeft import config  # noqa: E402
-from jaxpeft.suite import GLUE_TASKS, RECIPES, suite_cli  # noqa: E402
+from experiments import run_glue
+from jaxpeft import config
+from jaxpeft.suite import GLUE_TASKS, RECIPES, suite_cli
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag applies to each task
 
@@ -44,8 +36,7 @@ def main(argv):
 
 
 def cli():
-    """Runs the command (the console script reaches it through `experiments`, which has
-    restarted the process with the malloc tuning first)."""
+    """Console-script entry point."""
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

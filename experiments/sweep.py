@@ -8,22 +8,14 @@ Every run_glue flag sets the base configuration; --grid varies some of them. Fin
 are skipped, failed ones reported. Flags only; the work is `jaxpeft.sweep.run_sweep`.
 """
 
-# Commands that run XLA steps restart once with glibc's malloc tuned for them (jaxpeft.hostmem);
-# doing it before the imports below means the restart repeats none of them (console scripts:
-# experiments/__init__.py).
-from jaxpeft import hostmem
+import functools
+import sys
 
-if __name__ == "__main__":
-    hostmem.restart_with_tuned_malloc()
+from absl import app, flags
 
-import functools  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-
-from experiments import run_glue  # noqa: E402
-from jaxpeft import config  # noqa: E402
-from jaxpeft.sweep import sweep_cli  # noqa: E402
+from experiments import run_glue
+from jaxpeft import config
+from jaxpeft.sweep import sweep_cli
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag sets the base run (--help shows them)
 
@@ -42,8 +34,7 @@ def main(argv):
 
 
 def cli():
-    """Runs the command (the console script reaches it through `experiments`, which has
-    restarted the process with the malloc tuning first)."""
+    """Console-script entry point."""
     app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
 
 

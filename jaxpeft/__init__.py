@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 __all__ = ["EncoderConfig", "JaxpeftError", "Pretrained", "Runtime", "SequenceClassifier",
            "load_pretrained", "__version__"]
 
-# The model API loads on first use, so that importing a light module (jaxpeft.hostmem, which
-# the commands use to restart before anything else) does not import JAX.
+# The model API loads on first use, so that importing a light module (jaxpeft.errors,
+# jaxpeft.data.tasks) does not import JAX.
 _FROM_MODELS = {"EncoderConfig", "Pretrained", "Runtime", "SequenceClassifier", "load_pretrained"}
 
 

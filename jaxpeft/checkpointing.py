@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.train import TrainState
 
 log = logging.getLogger("jaxpeft")
@@ -69,7 +69,7 @@ class Checkpointer:
             try:
                 return self.restore(like, step)
             except Exception as e:  # orbax raises many types for damaged files
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                reason = first_line(e)[:160]
                 log.warning("checkpoint %s/%d is damaged (%s); trying the previous one",
                             self.directory, step, reason)
                 self._drop(step)

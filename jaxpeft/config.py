@@ -111,14 +111,11 @@ class RunConfig:
         True, "Keep XLA compilations in <cache_dir>/xla (JAX's persistent compilation cache), "
         "so the next run of the same shapes, e.g. in a sweep, skips compiling.",
         resumable=True, **_IO)
-    xla_cpu_dot_fusion: str = _option(
-        "auto", "On CPU, which ops XLA hands to YNNPACK in the train step: auto (the method's "
-        "measured best: individual_dot for lora, dora, vera and prompt on batches of >= 4,096 "
-        "tokens, dot_reduce for full and bitfit, default otherwise), default (jaxlib's fusions), "
-        "individual_dot (matmuls alone), dot_reduce (matmuls and reductions, no "
-        "elementwise-only fusions); a named one applies to every batch. Speed only; ignored "
-        "on GPU/TPU and where this jaxlib lacks the option.",
-        choices=lambda: ("auto", "default", "individual_dot", "dot_reduce"), resumable=True,
+    train_step_xla_options: tuple = _option(
+        (), "XLA compiler options for the train step's program, as name=value (e.g. "
+        "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT); speed "
+        "only: they pick kernels, not the math (docs/performance.md has measured ones).",
+        check=(lambda v: all("=" in o for o in v), "a list of name=value"), resumable=True,
         **_IO)
     cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
                              "(empty: no cache).",
@@ -163,6 +160,10 @@ class RunConfig:
             return self
         task = self.task.lower().replace("-", "")
         return dataclasses.replace(self, output_dir=f"runs/{task}-{self.method}")
+
+    def xla_options(self) -> dict:
+        """`--train_step_xla_options` as the `compiler_options` dict of the step's jit."""
+        return dict(o.split("=", 1) for o in self.train_step_xla_options)
 
     def resolved_learning_rate(self) -> float:
         """The learning rate in force (the method's default when none was given)."""

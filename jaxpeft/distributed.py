@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, first_line
 
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -49,7 +49,7 @@ def initialize(multihost: bool) -> None:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:
         raise JaxpeftError(f"--multihost: could not join the other processes "
-                           f"({str(e).strip().splitlines()[0]})") from None
+                           f"({first_line(e)})") from None
 
 
 def agree(fn: Callable[[], Any]) -> Any:

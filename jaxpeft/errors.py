@@ -20,3 +20,10 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): how a
+    library's multi-line error is quoted inside one `error:` line."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -29,7 +29,7 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 import jaxpeft
-from jaxpeft import distributed, hostmem
+from jaxpeft import distributed
 from jaxpeft.checkpointing import Checkpointer
 from jaxpeft.config import RunConfig, check_fits_model, validate
 from jaxpeft.data import Task, load_split
@@ -43,8 +43,9 @@ from jaxpeft.optim import OptimConfig, learning_rate_at, make_optimizer
 from jaxpeft.outputs import RunLock, check_output_dir, prepare_output_dir
 from jaxpeft.peft import (ParamCounts, Peft, combine, export_merged, export_peft, load_adapter,
                           peft_from_run, save_adapter)
-from jaxpeft.train import (STEP_STATS, CompileCounter, StepCompile, create_train_state,
-                           make_eval_step, make_train_step, step_compile, use_compilation_cache)
+from jaxpeft.train import (STEP_STATS, CompileCounter, check_compiler_options,
+                           create_train_state, make_eval_step, make_train_step,
+                           use_compilation_cache)
 from jaxpeft.writer import RESULTS, RunWriter
 
 
@@ -76,10 +77,6 @@ class Setup:
         """Padded lengths of unpacked batches."""
         return bucket_lengths(self.cfg.max_seq_length)
 
-    @property
-    def step_compile(self) -> StepCompile:
-        """The train step's XLA options from --xla_cpu_dot_fusion (`auto`: the method's)."""
-        return step_compile(self.cfg.xla_cpu_dot_fusion, self.peft.cpu_dot_fusion)
 
     def config_dict(self) -> dict:
         """`config.json`: every option, what was resolved from them, model and machine."""
@@ -95,16 +92,15 @@ class Setup:
                          "bucket_lengths": list(self.buckets), "model_path": str(pre.path),
                          "newly_initialized": list(pre.newly_initialized),
                          "peft": self.peft.to_dict(), "target_mean_std": self.target,
-                         "main_metric": main_metric_key(self.task),
-                         "train_step_compile": self.step_compile.to_dict()},
+                         "main_metric": main_metric_key(self.task)},
             "model_config": pre.config.to_dict(),
             "params": self.counts.to_dict(),
             "versions": {"jaxpeft": jaxpeft.__version__, "jax": jax.__version__,
                          "python": sys.version.split()[0]},
             "devices": {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
                         "processes": jax.process_count(), "platform": jax.default_backend(),
-                        # The steps' speed depends on it (README, "malloc"), so say which.
-                        "malloc": hostmem.describe(os.environ)},
+                        # The steps' speed depends on it (docs/performance.md), so say which.
+                        "malloc": os.environ.get("GLIBC_TUNABLES") or "default"},
         }
 
 
@@ -247,7 +243,7 @@ class TrainLoop:
         self.state, self.frozen = self.sharder.replicate(state), self.sharder.replicate(frozen)
         self._base_paths = set(traverse_util.flatten_dict(setup.pre.params))
         setup.params, setup.pre = None, dataclasses.replace(setup.pre, params=None)
-        self.train_step = make_train_step(setup.model, tx, setup.step_compile)
+        self.train_step = make_train_step(setup.model, tx, self.cfg.xla_options())
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets,
                                    setup.pre.tokenizer.pad_token_id, self.sharder,
@@ -480,6 +476,7 @@ def train_and_evaluate(cfg: RunConfig,
     def check():
         task = validate(cfg, jax.device_count())
         check_output_dir(cfg)  # before the model loads: a mistake here costs seconds
+        check_compiler_options(cfg.xla_options())
         return task
 
     # With several processes, a user error on any of them stops all with its message.

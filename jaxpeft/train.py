@@ -18,7 +18,6 @@ A batch is a dict of numpy arrays: `input_ids`, `attention_mask`, `token_type_id
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.models.heads import SequenceClassifier
 from jaxpeft.peft.masks import combine, partition
 
@@ -128,94 +128,26 @@ def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
             "loss": per_example_loss(logits, batch["labels"], is_regression)}
 
 
-@dataclasses.dataclass(frozen=True)
-class StepCompile:
-    """XLA compile options for the train step, and the smallest batch (rows × row length,
-    in tokens) that gets them; smaller batches compile with XLA's defaults."""
-
-    options: Optional[dict] = None
-    min_tokens: int = 0
-
-    def options_for(self, rows: int, length: int) -> Optional[dict]:
-        """The options a batch of `rows` × `length` tokens compiles with (None: defaults)."""
-        return self.options if self.options and rows * length >= self.min_tokens else None
-
-    def to_dict(self) -> dict:
-        """Plain-dict view, for config.json."""
-        return {"options": self.options or {}, "min_tokens": self.min_tokens}
-
-
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
-                    compile_with: StepCompile = StepCompile()):
+                    compiler_options: Optional[dict] = None):
     """`train_step` with the model and optimizer bound, jitted once, donating the state
-    (never the frozen weights, which every step reads).
-
-    With `compile_with.options`, batches of at least `min_tokens` tokens run a second jit of
-    the same function compiled with those options; the choice is by shape, so each shape
-    still compiles once.
-    """
+    (never the frozen weights, which every step reads). `compiler_options` are XLA options
+    for this one program (`--train_step_xla_options`); they change which kernels run, not
+    the math."""
     step = functools.partial(train_step, model=model, tx=tx)
-    plain = jax.jit(step, donate_argnums=0)
-    if not compile_with.options:
-        return plain
-    tuned = jax.jit(step, donate_argnums=0, compiler_options=compile_with.options)
-
-    def dispatch(state, batch, rng, frozen):
-        use = tuned if compile_with.options_for(*batch["input_ids"].shape) else plain
-        return use(state, batch, rng, frozen)
-
-    return dispatch
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None)
 
 
-# XLA CPU's `xla_cpu_experimental_ynn_fusion_type` values per --xla_cpu_dot_fusion choice.
-# "default" leaves the option unset (jaxlib's choice); "individual_dot" hands YNNPACK the
-# matmuls alone; "dot_reduce" names its DOT and REDUCE fusion types but not ELTWISE, so
-# elementwise-only fusions stay XLA's. The option is experimental and belongs to this
-# jaxlib, hence the probe in `step_compile`.
-def ynn_fusion_types(*kinds: str) -> str:
-    """The option's value naming YNNPACK fusion kinds (`"dot", "reduce"`: XLA's
-    `LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE`)."""
-    return ",".join("LIBRARY_FUSION_TYPE_" + kind.upper() for kind in kinds)
-
-
-CPU_DOT_FUSIONS = {"default": None,
-                   "individual_dot": ynn_fusion_types("individual_dot"),
-                   "dot_reduce": ynn_fusion_types("dot", "reduce")}
-YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-# Under `auto`, the smallest batch (tokens) that gets a method's choice. LoRA's step with
-# jaxlib's default fusions slows down out of proportion from 4,096 tokens a batch (MiniLM:
-# 724 ms at 24x128, 1,104 ms at 32x128); with matmuls alone it stays linear (743, 1,032) and
-# is 1-3 % slower below that (benchmarks/RESULTS.md §5g). The full and BitFit steps gain
-# from dot_reduce at every size measured, 512 to 4,096 tokens (§5i).
-AUTO_MIN_TOKENS = {"individual_dot": 4096, "dot_reduce": 0}
-
-
-@functools.lru_cache(maxsize=None)
-def _compiles_with(option: str, value: str) -> bool:
+def check_compiler_options(options: dict) -> None:
+    """Compiles a tiny program with `options`, so an option this jaxlib or backend rejects
+    is one clear error before anything loads, not a failure at the first step."""
+    if not options:
+        return
     try:
-        jax.jit(lambda x: x @ x, compiler_options={option: value}).lower(
-            jnp.ones((2, 2))).compile()
-        return True
-    except Exception:  # noqa: BLE001 - any rejection means "not this jaxlib"
-        return False
-
-
-def step_compile(choice: str, method_fusion: str = "default") -> StepCompile:
-    """The train step's `StepCompile` for --xla_cpu_dot_fusion `choice` ("auto": the
-    method's measured `method_fusion`, from its `AUTO_MIN_TOKENS` tokens a batch on;
-    otherwise a `CPU_DOT_FUSIONS` key for every batch).
-
-    No options (XLA's defaults) off CPU, for "default", and where this jaxlib does not know
-    the option, so an unknown option can never stop a run; the choice only changes which
-    kernels run, not the math (float reassociation aside).
-    """
-    fusion = method_fusion if choice == "auto" else choice
-    min_tokens = AUTO_MIN_TOKENS.get(fusion, 0) if choice == "auto" else 0
-    value = CPU_DOT_FUSIONS[fusion]
-    if (value is None or jax.default_backend() != "cpu"
-            or not _compiles_with(YNN_FUSION_OPTION, value)):
-        return StepCompile()
-    return StepCompile({YNN_FUSION_OPTION: value}, min_tokens)
+        jax.jit(lambda x: x @ x, compiler_options=options).lower(jnp.ones((2, 2))).compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises several kinds for an unknown option
+        raise JaxpeftError(f"--train_step_xla_options {options}: XLA on "
+                           f"{jax.default_backend()} refuses them ({first_line(e)})") from None
 
 
 def use_compilation_cache(directory: Optional[str]) -> None:

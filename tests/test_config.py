@@ -23,7 +23,7 @@ def test_roles_come_from_the_fields():
     # What a resumed run may change: where and how it reports, and the steps after training.
     assert {"resume", "overwrite", "progress", "multihost", "output_dir", "do_predict",
             "export_peft", "export_merged", "tensorboard", "compilation_cache",
-            "xla_cpu_dot_fusion"} == set(
+            "train_step_xla_options"} == set(
         config.names_where("resumable"))
     not_settings = set(config.names_where("setting", False))
     assert {"cache_dir", "eval_batch_size", "output_dir"} <= not_settings

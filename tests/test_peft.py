@@ -13,8 +13,8 @@ from jaxpeft.models import EncoderConfig, Runtime, SequenceClassifier
 from jaxpeft.optim import OptimConfig, make_optimizer
 from jaxpeft.peft import (METHODS, LoraConfig, add_lora, combine, export_peft, load_adapter,
                           make_peft, merge_lora, partition, path_str, save_adapter)
-from jaxpeft.train import (AUTO_MIN_TOKENS, CPU_DOT_FUSIONS, StepCompile, create_train_state,
-                           make_train_step, step_compile, update_stats)
+from jaxpeft.train import (check_compiler_options, create_train_state, make_train_step,
+                           update_stats)
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
 
 torch = pytest.importorskip("torch")
@@ -177,27 +177,17 @@ def test_steps_change_only_trainable_leaves(tiny_dirs, method):
     assert int(state.step) == 3
 
 
-def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
-    """--xla_cpu_dot_fusion only picks kernels: LoRA steps with matmuls handed to YNNPACK
-    alone, or without elementwise YNNPACK fusions, follow the default program's losses and
-    weights to float rounding."""
-    from jaxpeft.config import choices
-
-    assert set(choices("xla_cpu_dot_fusion")) == {"auto", *CPU_DOT_FUSIONS}
-    assert {m.cpu_dot_fusion for m in METHODS.values()} <= set(CPU_DOT_FUSIONS)
-    assert step_compile("default", "individual_dot") == StepCompile()
-    assert step_compile("auto", "default") == StepCompile()
-    forced, auto = step_compile("individual_dot"), step_compile("auto", "individual_dot")
+def test_train_step_xla_options_change_kernels_not_results(tiny_dirs):
+    """--train_step_xla_options only picks kernels: LoRA steps compiled with matmuls handed
+    to YNNPACK alone follow the default program's losses and weights to float rounding; an
+    option XLA rejects is one clear error before anything runs."""
+    with pytest.raises(JaxpeftError, match="refuses them"):
+        check_compiler_options({"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
+                               if jax.default_backend() == "cpu" else {"not_an_option": "1"})
     if jax.default_backend() != "cpu":
-        assert forced == auto == StepCompile()
         return
     options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-    assert forced == StepCompile(options, 0), "this jaxlib lost the option"
-    assert auto == StepCompile(options, AUTO_MIN_TOKENS["individual_dot"])
-    # full fine-tuning's choice applies to every batch size, through the same one-jit path
-    assert step_compile("auto", METHODS["full"].cpu_dot_fusion) == StepCompile(
-        {"xla_cpu_experimental_ynn_fusion_type":
-         "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}, 0)
+    check_compiler_options(options)
     pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
     peft = make_peft("lora", LoraConfig(rank=4, dropout=0.1))
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
@@ -207,28 +197,16 @@ def test_cpu_dot_fusion_changes_kernels_not_results(tiny_dirs):
     batch = {"input_ids": ids, "attention_mask": attn, "token_type_ids": types,
              "labels": np.arange(8) % 2, "weights": np.ones(8, np.float32)}
     runs = []
-    for compile_with in (StepCompile(), forced, step_compile("dot_reduce")):
+    for compiler_options in (None, options):
         state, frozen = create_train_state(params, mask, tx)
-        step, losses = make_train_step(model, tx, compile_with), []
+        step, losses = make_train_step(model, tx, compiler_options), []
         for _ in range(3):
             state, metrics = step(state, batch, jax.random.key(42), frozen)
             losses.append(float(metrics["loss"]))
         runs.append((losses, jax.device_get(state.trainable)))
-    for losses, trainable in runs[1:]:
-        np.testing.assert_allclose(losses, runs[0][0], rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                     trainable, runs[0][1])
-    # The options reach exactly the batches of min_tokens or more: an option XLA rejects
-    # leaves a smaller batch running and stops one at the threshold.
-    tokens = ids.shape[0] * ids.shape[1]
-    bogus = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
-    state, frozen = create_train_state(params, mask, tx)
-    make_train_step(model, tx, StepCompile(bogus, tokens + 1))(state, batch, jax.random.key(0),
-                                                               frozen)
-    state, frozen = create_train_state(params, mask, tx)
-    with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
-        make_train_step(model, tx, StepCompile(bogus, tokens))(state, batch, jax.random.key(0),
-                                                              frozen)
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 runs[1][1], runs[0][1])
 
 
 def test_optimizer_refuses_an_update_for_a_frozen_leaf(tiny_dirs):

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from jaxpeft import hostmem
 from jaxpeft.config import RunConfig
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.run import cli_main, train_and_evaluate
@@ -65,7 +64,7 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["run"]["learning_rate"] == 1e-3 and config["resolved"]["total_steps"] == 12
     assert config["devices"]["count"] >= 1 and "jax" in config["versions"]
-    assert config["devices"]["malloc"] == hostmem.describe(os.environ)
+    assert config["devices"]["malloc"] == (os.environ.get("GLIBC_TUNABLES") or "default")
     train_rows, eval_rows = read_metrics(out)
     assert [r["step"] for r in train_rows] == [4, 8, 12]
     assert [r["step"] for r in eval_rows] == [5, 6, 10, 12]  # every 5 steps, each epoch end

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 
 from jaxpeft.data.tasks import TSV_LABELS, Task, TsvLayout, get_task
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, first_line
 
 log = logging.getLogger("jaxpeft")
 
@@ -183,7 +183,7 @@ def load_hub_split(task: Task, split: str, dataset: str = HUB_DATASET) -> Split:
     try:
         ds = datasets.load_dataset(dataset, _hub_config(task), split=split)
     except Exception as e:  # offline, missing config, ...: the user's remedy is the same
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise JaxpeftError(
             f"could not load {task.name}/{split} from the hub dataset {dataset!r} ({reason}); "
             "without hub access pass --data_dir with a folder in the GLUE layout") from None

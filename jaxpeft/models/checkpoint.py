@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import DTYPES, Runtime
 from jaxpeft.models.heads import SequenceClassifier
@@ -114,7 +114,7 @@ def _download(repo_id: str) -> Path:
             f"{repo_id}: no such model on the Hugging Face hub (and no such local folder)"
         ) from None
     except Exception as e:  # offline, DNS, proxy, HTTP errors: all mean "hub unreachable"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise JaxpeftError(
             f"{repo_id}: could not download it from the Hugging Face hub ({reason}). Without "
             "hub access, pass a local folder holding config.json, model.safetensors and the "
@@ -192,7 +192,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                 for key in st.keys():
                     tensors[key] = np.asarray(st.get_tensor(key))
         except Exception as e:  # SafetensorError, OSError: a truncated or damaged file
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = first_line(e)
             raise JaxpeftError(f"{f}: not a readable safetensors file ({reason}); download or "
                                "save the model again") from None
     return tensors
@@ -329,6 +329,6 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike]):
         return AutoTokenizer.from_pretrained(name, use_fast=True)
     except (OSError, ValueError) as e:
         raise JaxpeftError(
-            f"{name}: could not load a tokenizer ({str(e).strip().splitlines()[0]}); the "
+            f"{name}: could not load a tokenizer ({first_line(e)}); the "
             "folder needs tokenizer.json or vocab files (tokenizer.save_pretrained(folder) "
             "writes them)") from None

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxpeft.errors import JaxpeftError
+from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 from jaxpeft.models.checkpoint import Pretrained
 from jaxpeft.models.heads import SequenceClassifier
@@ -138,7 +138,7 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
     try:
         saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     except Exception as e:  # SafetensorError, OSError: a truncated, damaged or missing file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise JaxpeftError(f"{Path(directory) / ADAPTER_WEIGHTS}: not a readable safetensors "
                            f"file ({reason})") from None
     flat = dict(traverse_util.flatten_dict(params))

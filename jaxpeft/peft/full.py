@@ -11,7 +11,6 @@ class Full(PeftMethod):
     name = "full"
     summary = "train every parameter"
     default_learning_rate = 2e-5
-    cpu_dot_fusion = "dot_reduce"  # 0.92-0.98x the default step, 4x128 to 32x128 (§5i)
 
     def rules(self, options):
         return [(".*", True)]

@@ -72,12 +72,6 @@ class PeftMethod:
     mergeable: ClassVar[bool] = True
     # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
     peft_prefix: ClassVar[str] = "base_model.model."
-    # Which ops XLA's CPU backend hands to YNNPACK in this method's train step (see
-    # `jaxpeft.train.CPU_DOT_FUSIONS`): "default" (jaxlib's choice), "individual_dot"
-    # (matmuls alone, on large batches: `AUTO_MIN_TOKENS`) or "dot_reduce" (no
-    # elementwise-only YNNPACK fusions). A measured property, not a semantic one:
-    # benchmarks/bench_xla_options.py times them per method (benchmarks/RESULTS.md §5g, §5i).
-    cpu_dot_fusion: ClassVar[str] = "default"
 
     def options_from(self, run: Any) -> Any:
         """The method's options from a run configuration (an object with the flag fields)."""
@@ -171,11 +165,6 @@ class Peft:
         """Bool tree of trainable leaves: the head (and pooler, if asked), then the method's."""
         return mask_from_rules(params, head_rules(self.train_pooler)
                                + list(self.method.rules(self.options)))
-
-    @property
-    def cpu_dot_fusion(self) -> str:
-        """The method's measured best YNNPACK fusion for the CPU train step."""
-        return self.method.cpu_dot_fusion
 
     @property
     def virtual_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """The PyTorch peer: the same fine-tuning run with transformers + peft, for comparison.
 
-  python -m benchmarks.peer_torch --task=sst2 --method=lora --model=minilm \
+  python -m benchmarks.torch_run_glue --task=sst2 --method=lora --model=minilm \
       --data_dir=../shared/glue_data --max_steps=300 --out=/tmp/peer-sst2-lora.json
 
 Same data (read by jaxpeft's loader), same model, AdamW with the same hyper-parameters
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from benchmarks.torch_peer import torch_model_for
+from benchmarks.torch_model import torch_model_for
 from jaxpeft.data import get_task, load_split
 from jaxpeft.metrics import compute_metrics
 from jaxpeft.models.checkpoint import resolve_model_dir
