@@ -31,8 +31,8 @@ def torch_model_for(model, peft: Peft):
     """`model` (a transformers *ForSequenceClassification) set up to train what `peft` does."""
     import peft as hf_peft
 
-    if peft.method.peft_type is not None:
-        why = peft.method.peft_unsupported(peft.options)
+    if peft.method.codec is not None:
+        why = peft.method.codec.unsupported(peft.options)
         if why:
             raise NotImplementedError(f"{peft.name}: no PyTorch peer with these options ({why})")
         config = hf_peft.get_peft_config(peft_config_dict(peft, model.name_or_path,

@@ -30,7 +30,7 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    explicit = frozenset(name for name in config.FIELDS if f[name].present)
+    explicit = frozenset(name for name in config.options() if f[name].present)
     sys.exit(suite_cli(config.from_flags(), tuple(t.lower().replace("-", "") for t in f.tasks),
                        f.recipe, explicit))
 

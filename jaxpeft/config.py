@@ -6,8 +6,9 @@ Each field's metadata is the single source for:
 - validation (`validate`): choices and per-field checks, then the few cross-field rules;
 - what resuming may change (`resumable`), what the sweep may vary (`sweepable`) and what the
   report treats as a setting that changes results (`setting`).
-Options of PEFT methods are fields here too (`lora_*`); each method reads its own
-(`PeftMethod.options_from`).
+Options of PEFT methods are declared by each method's `Options` dataclass (`flag(...)` in
+`jaxpeft.peft.method`) and join these through `options()`; a `RunConfig` carries their values
+(`cfg.<flag>`) without naming any of them here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
 from jaxpeft.data.glue import split_path
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DTYPES
-from jaxpeft.peft import METHODS, get_method, peft_from_run
+from jaxpeft.peft import METHODS, get_method, method_flags, peft_from_run
 
 
 def _option(default, help: str, *, choices: Optional[Callable[[], tuple]] = None,
@@ -37,9 +38,14 @@ _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _IO = dict(setting=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class RunConfig:
-    """Everything that defines a run; `experiments/run_glue.py` exposes each as a flag."""
+    """Everything that defines a run; `experiments/run_glue.py` exposes each as a flag.
+
+    `RunConfig(task="sst2", **{flag: value})` takes the fields below and every registered
+    method's flags by name; the latter are kept in `method_flags` (every one, defaults
+    included) and read as attributes (`cfg.<flag>`).
+    """
 
     # get_task validates (it also takes 'SST-2', 'sts-b', ...).
     task: str = _option("sst2", f"GLUE task: {', '.join(TASKS)}.")
@@ -48,27 +54,6 @@ class RunConfig:
                          "offline).")
     method: str = _option("lora", "What to train: " + "; ".join(
         f"{m.name}: {m.summary}" for m in METHODS.values()) + ".", choices=lambda: tuple(METHODS))
-    lora_rank: int = _option(8, "LoRA rank r.")
-    lora_alpha: float = _option(16.0, "LoRA alpha; the update is scaled by alpha/r.")
-    lora_dropout: float = _option(0.0, "Dropout on the LoRA input.")
-    lora_targets: tuple = _option(("query", "value"), "Layers that get LoRA: query, key, value, "
-                                  "attention_output, intermediate, output.")
-    lora_rslora: bool = _option(False, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
-    loraplus_lr_ratio: float = _option(0.0, "LoRA+ (lora, dora): lora_b learns at this multiple "
-                                       "of the learning rate (Hayou et al. suggest 16; 0: off).")
-    vera_rank: int = _option(256, "VeRA rank r of the shared random projections (targets: "
-                             "--lora_targets, dropout: --lora_dropout).")
-    ia3_targets: tuple = _option(("key", "value", "output"), "Layers IA3 scales (names as "
-                                 "--lora_targets): output and attention_output scale their "
-                                 "input, the others their output. Add attention_output for "
-                                 "peft's default set and count.")
-    adapter_size: int = _option(64, "Bottleneck width of adapter_houlsby / adapter_pfeiffer.")
-    num_virtual_tokens: int = _option(20, "Soft-prompt length of --method=prompt (slots before "
-                                      "each example, beyond --max_seq_length).")
-    prompt_head: str = _option(
-        "real", "Where the head reads with --method=prompt: real (the example's own first "
-        "token) or virtual (the first prompt token, as peft does; needed for --export_peft).",
-        choices=lambda: ("real", "virtual"))
     train_pooler: bool = _option(False, "Also train BERT's pooler (PEFT methods; not peft's "
                                  "default, so it changes the trainable count).")
     standardize_targets: bool = _option(
@@ -139,9 +124,9 @@ class RunConfig:
                                resumable=True, **_IO)
     export_peft: bool = _option(False, "Export the best adapter in Hugging Face peft format "
                                 "(methods peft has: " + ", ".join(
-                                    m.name for m in METHODS.values() if m.peft_type) +
-                                "; prompt with --prompt_head=virtual). --resume on a "
-                                "finished run just exports.", resumable=True, **_IO)
+                                    m.name for m in METHODS.values() if m.codec) +
+                                "). --resume on a finished run just exports.", resumable=True,
+                                **_IO)
     export_merged: bool = _option(False, "Also write the best model with the method merged "
                                   "into the weights as a plain Hugging Face folder (no peft "
                                   "needed to load it; methods that merge).",
@@ -153,6 +138,34 @@ class RunConfig:
                                 resumable=True, **_IO)
     progress: bool = _option(True, "Show tqdm progress bars (only when stderr is a "
                              "terminal, so logs keep a clean table).", resumable=True, **_IO)
+    # `(flag name, value)` pairs of every method flag, sorted: hashable and comparable.
+    method_flags: tuple = dataclasses.field(default=(), metadata={"internal": True})
+
+    def __init__(self, **values):
+        given = dict(values.pop("method_flags", ()))
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("internal"):
+                object.__setattr__(self, f.name, values.pop(f.name, f.default))
+        specs = method_flags()
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise TypeError(f"RunConfig has no option {', '.join(unknown)}")
+        flags = {n: spec.default for n, spec in specs.items()} | given | values
+        object.__setattr__(self, "method_flags", tuple(sorted(
+            (n, tuple(v) if isinstance(v, list) else v) for n, v in flags.items())))
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names that are not fields: the method flags.
+        for flag, value in self.__dict__.get("method_flags", ()):
+            if flag == name:
+                return value
+        raise AttributeError(f"RunConfig has no option {name!r}")
+
+    def to_dict(self) -> dict:
+        """Every option by flag name, method flags included (config.json's `run`)."""
+        core = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.metadata.get("internal")}
+        return core | dict(self.method_flags)
 
     def with_output_dir(self) -> "RunConfig":
         """The same config with an empty `output_dir` made `runs/<task>-<method>`."""
@@ -172,34 +185,61 @@ class RunConfig:
         return get_method(self.method).default_learning_rate
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One run option as the flags, validation, sweeps and the report see it: a `RunConfig`
+    field or a method's flag."""
+
+    name: str
+    default: Any
+    kind: type  # int, float, bool, str or tuple
+    help: str
+    choices: Optional[Callable[[], tuple]] = None
+    check: Optional[tuple[Callable[[Any], bool], str]] = None
+    setting: bool = True
+    resumable: bool = False
+    sweepable: bool = True
+
+
 # The Python type of each field's values (annotations are strings here).
 _KINDS = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple,
           "Optional[float]": float}
 
 
+def options() -> dict[str, Option]:
+    """Every option by name: `RunConfig`'s fields, then the registered methods' flags."""
+    out = {f.name: Option(f.name, f.default, _KINDS[f.type], **{
+        k: f.metadata[k] for k in ("help", "choices", "check", "setting", "resumable",
+                                   "sweepable")})
+        for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")}
+    for name, spec in method_flags().items():
+        out[name] = Option(name, spec.default, spec.kind,
+                           f"{spec.help} (--method={', '.join(spec.methods)})", spec.choices)
+    return out
+
+
 def field_kind(name: str) -> type:
-    """int, float, bool, str or tuple: what the field `name` holds."""
-    return _KINDS[FIELDS[name].type]
+    """int, float, bool, str or tuple: what the option `name` holds."""
+    return options()[name].kind
 
 
 def choices(name: str) -> Optional[tuple]:
-    """The allowed values of field `name`, or None if any value of its type is allowed."""
-    make = FIELDS[name].metadata["choices"]
+    """The allowed values of option `name`, or None if any value of its type is allowed."""
+    make = options()[name].choices
     return make() if make else None
 
 
 def help_text(name: str) -> str:
-    """The field's help, with its choices."""
-    text, allowed = FIELDS[name].metadata["help"], choices(name)
+    """The option's help, with its choices."""
+    text, allowed = options()[name].help, choices(name)
     if not allowed or all(a in text for a in allowed):
         return text
     return f"{text} One of: {', '.join(allowed)}."
 
 
 def names_where(role: str, value: bool = True) -> tuple:
-    """Field names whose metadata `role` ('setting', 'resumable', 'sweepable') is `value`."""
-    return tuple(n for n, f in FIELDS.items() if f.metadata[role] == value)
+    """Option names whose `role` ('setting', 'resumable', 'sweepable') is `value`."""
+    return tuple(n for n, o in options().items() if getattr(o, role) == value)
 
 
 def parse_value(name: str, raw: str) -> Any:
@@ -223,8 +263,8 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
     if not task.has_train:
         raise JaxpeftError(f"task {task.name} is test-only (diagnostic); train on mnli and "
                            "predict ax with its model")
-    for name, field in FIELDS.items():
-        value, allowed, check = getattr(cfg, name), choices(name), field.metadata["check"]
+    for name, option in options().items():
+        value, allowed, check = getattr(cfg, name), choices(name), option.check
         if allowed and value not in allowed:
             raise JaxpeftError(f"--{name}={value!r} is not one of: {', '.join(allowed)}")
         if check and not check[0](value):
@@ -269,15 +309,17 @@ def check_fits_model(cfg: RunConfig, max_length: int, virtual_tokens: int = 0) -
 
 # ---- absl flags, generated from the fields ---------------------------------------------------
 
-def define_flags() -> None:
-    """Defines one absl flag per `RunConfig` field (name, type, default, help)."""
+def define_flags(flag_values=None) -> None:
+    """Defines one absl flag per option (name, type, default, help) in `flag_values` (default:
+    absl's global `FLAGS`)."""
     from absl import flags
 
     define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               str: flags.DEFINE_string, tuple: flags.DEFINE_list}
-    for name, field in FIELDS.items():
-        default = list(field.default) if field_kind(name) is tuple else field.default
-        define[field_kind(name)](name, default, help_text(name))
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    for name, option in options().items():
+        default = list(option.default) if option.kind is tuple else option.default
+        define[option.kind](name, default, help_text(name), flag_values=flag_values)
 
 
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "--helpxml")
@@ -306,9 +348,11 @@ def parse_flags(argv: list, module: str = "__main__") -> list:
         sys.exit(1)
 
 
-def from_flags() -> RunConfig:
-    """The RunConfig the parsed absl flags describe."""
+def from_flags(flag_values=None) -> RunConfig:
+    """The RunConfig the parsed absl flags describe (default: absl's global `FLAGS`)."""
     from absl import flags
 
-    values = {name: getattr(flags.FLAGS, name) for name in FIELDS}
-    return RunConfig(**{n: tuple(v) if field_kind(n) is tuple else v for n, v in values.items()})
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    kinds = {n: o.kind for n, o in options().items()}
+    return RunConfig(**{n: tuple(flag_values[n].value) if kind is tuple
+                        else flag_values[n].value for n, kind in kinds.items()})

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxpeft.config import FIELDS, names_where
+from jaxpeft.config import names_where, options
 from jaxpeft.writer import CONFIG, RESULTS, read_metrics
 
 
@@ -40,7 +40,7 @@ _OWN_COLUMNS = {"task", "method", "learning_rate", "lora_rank"}
 
 def _settings(run) -> dict:
     # A run written before a field existed ran with that field's default.
-    c = {**{n: f.default for n, f in FIELDS.items()}, **run["config"]["run"]}
+    c = {**{n: o.default for n, o in options().items()}, **run["config"]["run"]}
     out = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()
            if k not in _NOT_SETTINGS}
     out["learning_rate"] = run["results"]["learning_rate"]  # the resolved one (default per method)

@@ -82,7 +82,7 @@ class Setup:
         """`config.json`: every option, what was resolved from them, model and machine."""
         cfg, pre = self.cfg, self.pre
         return {
-            "run": dataclasses.asdict(cfg),
+            "run": cfg.to_dict(),
             "resolved": {"learning_rate": self.optim.learning_rate,
                          "total_steps": self.optim.total_steps,
                          "warmup_steps": self.optim.warmup_steps,

@@ -11,10 +11,10 @@ from jaxpeft.writer import read_metrics
 
 
 def test_every_field_has_help_and_a_known_type():
-    for name, field in config.FIELDS.items():
-        assert field.metadata["help"].strip(), name
+    for name, option in config.options().items():
+        assert option.help.strip(), name
         assert config.field_kind(name) in (int, float, bool, str, tuple), name
-        default = field.default
+        default = option.default
         assert default is None or isinstance(default, config.field_kind(name)), name
 
 

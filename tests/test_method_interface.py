@@ -1,8 +1,9 @@
 """The PEFT-method interface: a new method is one class and a registry entry, nothing else.
 
 `ValueScaling` below is an IA3-like toy written only against `jaxpeft.peft.method` and
-`DenseHook`: registered for the test, it trains, evaluates, saves its adapter with its
-options, reloads and merges through the unchanged run loop, adapter files and registry.
+`DenseHook`: registered for the test, its option becomes the run flag `--toy_init`, and it
+trains, evaluates, saves its adapter with its options, reloads and merges through the
+unchanged flags, run loop, adapter files and registry.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import jaxpeft
 from jaxpeft.config import RunConfig
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook
-from jaxpeft.peft import (METHODS, MethodOptions, PeftMethod, load_adapter, make_peft,
+from jaxpeft.peft import (METHODS, MethodOptions, PeftMethod, flag, load_adapter, make_peft,
                           peft_from_dict)
 from jaxpeft.run import train_and_evaluate
 from tests.helpers import random_batch
@@ -26,9 +27,9 @@ from tests.test_run import tiny_model  # noqa: F401  (fixture)
 
 @dataclasses.dataclass(frozen=True)
 class ScaleOptions(MethodOptions):
-    """The toy's one option: the initial value of its scaling vectors."""
+    """The toy's one option, also the run flag --toy_init: its scaling vectors' start."""
 
-    init: float = 1.0
+    init: float = flag("toy_init", 1.0, "Initial value of the toy's scaling vectors.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,19 +78,32 @@ def toy_registered(monkeypatch):
 
 def test_a_registered_method_runs_end_to_end(toy_registered, tiny_model, glue_dir,  # noqa: F811
                                              tmp_path):
-    cfg = RunConfig(task="sst2", model=str(tiny_model), method="toy_scale",
-                    data_dir=str(glue_dir), max_train_samples=64, batch_size=16, max_steps=4,
-                    log_every=2, eval_every=2, max_eval_samples=64, max_seq_length=64,
-                    cache_dir="", output_dir=str(tmp_path / "run"), progress=False)
+    from absl import flags
+
+    from jaxpeft import config
+
+    # The toy's option is a flag like any other: defined, parsed, carried by RunConfig.
+    flag_values = flags.FlagValues()
+    config.define_flags(flag_values)
+    flag_values(["run_glue", "--method=toy_scale", "--toy_init=0.5", "--task=sst2"])
+    assert "Initial value of the toy's scaling vectors" in config.help_text("toy_init")
+    assert "toy_init" in config.names_where("sweepable")
+    parsed = config.from_flags(flag_values)
+    assert parsed.toy_init == 0.5 and parsed.method == "toy_scale"
+    cfg = dataclasses.replace(
+        parsed, model=str(tiny_model), data_dir=str(glue_dir), max_train_samples=64,
+        batch_size=16, max_steps=4, log_every=2, eval_every=2, max_eval_samples=64,
+        max_seq_length=64, cache_dir="", output_dir=str(tmp_path / "run"), progress=False)
     results = train_and_evaluate(cfg)
     # two layers x hidden 32 scaling entries, plus BERT's classifier (32 x 2 + 2)
     assert results["params"]["trainable"] == 2 * 32 + 32 * 2 + 2
     assert results["learning_rate"] == 1e-2  # the method's default
     pre = jaxpeft.load_pretrained(tiny_model, num_labels=2, tokenizer=False)
     model, params, peft = load_adapter(tmp_path / "run" / "best", pre)
-    assert peft == make_peft("toy_scale", ScaleOptions())
+    assert peft == make_peft("toy_scale", ScaleOptions(init=0.5))
     scales = [v for p, v in traverse_util.flatten_dict(params).items() if p[-1] == "toy_scale"]
-    assert len(scales) == 2 and any(np.abs(np.asarray(s) - 1).max() > 0 for s in scales)
+    assert len(scales) == 2 and any(np.abs(np.asarray(s) - 0.5).max() > 0 for s in scales)
+    assert all(np.abs(np.asarray(s) - 0.5).max() < 0.1 for s in scales)  # started at 0.5
     args = random_batch("bert", vocab=30522)
     unmerged = model.apply({"params": params}, *args, deterministic=True)
     plain, merged = peft.merge(model, params)

@@ -206,10 +206,10 @@ def test_cli_help_documents_every_flag():
     for block in text.split("\n  --")[1:]:
         name = block.split(":", 1)[0].removeprefix("[no]")
         blocks[name] = " ".join(block.split())
-    for name, field in config.FIELDS.items():
+    for name, option in config.options().items():
         assert name in blocks, name
-        assert " ".join(field.metadata["help"].split())[:40] in blocks[name], name
-        if field.default is None:  # the help says what None means
+        assert " ".join(option.help.split())[:40] in blocks[name], name
+        if option.default is None:  # the help says what None means
             assert "Default per method: full 2e-05, lora 0.0005, bitfit 0.001" in blocks[name]
         else:
             assert "(default: " in blocks[name], name

@@ -7,10 +7,14 @@ from jaxpeft.peft.hf_import import import_peft
 from jaxpeft.peft.lora import LoraConfig, add_lora, merge_lora
 from jaxpeft.peft.masks import (ParamCounts, combine, count_params, mask_from_rules, partition,
                                 path_str)
-from jaxpeft.peft.method import MethodOptions, NoOptions, Peft, PeftMethod
-from jaxpeft.peft.registry import METHODS, get_method, make_peft, peft_from_dict, peft_from_run
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.method import MethodOptions, NoOptions, Peft, PeftMethod, flag, shared_flag
+from jaxpeft.peft.registry import (METHODS, get_method, make_peft, method_flags, peft_from_dict,
+                                   peft_from_run)
 
-__all__ = ["METHODS", "LoraConfig", "MethodOptions", "NoOptions", "ParamCounts", "Peft", "PeftMethod",
-           "add_lora", "combine", "count_params", "export_merged", "export_peft", "get_method", "import_peft", "load_adapter",
-           "make_peft", "mask_from_rules", "merge_lora", "partition", "path_str",
-           "peft_from_dict", "peft_from_run", "read_adapter_config", "save_adapter"]
+__all__ = ["METHODS", "LoraConfig", "MethodOptions", "NoOptions", "ParamCounts", "Peft",
+           "PeftCodec", "PeftMethod", "add_lora", "combine", "count_params", "export_merged",
+           "export_peft", "flag", "get_method", "import_peft", "load_adapter", "make_peft",
+           "mask_from_rules", "merge_lora", "method_flags", "partition", "path_str",
+           "peft_from_dict", "peft_from_run", "read_adapter_config", "save_adapter",
+           "shared_flag"]

@@ -25,14 +25,15 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, per_token, token_matmul
 from jaxpeft.peft.lora import target_modules
-from jaxpeft.peft.method import MethodOptions, PeftMethod
+from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig(MethodOptions):
     """Bottleneck adapter options: `size`, the bottleneck width k."""
 
-    size: int = 64
+    size: int = flag("adapter_size", 64, "Bottleneck width of adapter_houlsby / "
+                     "adapter_pfeiffer.")
     label: ClassVar[str] = "adapter"
 
     def __post_init__(self):
@@ -63,9 +64,6 @@ class _Bottleneck(PeftMethod):
     Options = AdapterConfig
     default_learning_rate = 1e-3
     mergeable = False
-
-    def options_from(self, run):
-        return AdapterConfig(size=run.adapter_size)
 
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))

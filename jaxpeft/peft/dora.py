@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
-from jaxpeft.peft.lora import lora_options_from_peft, Lora, add_lora
+from jaxpeft.peft.lora import Lora, LoraCodec, add_lora
 
 
 def _column_norm(kernel, a, b, scale):
@@ -48,11 +48,29 @@ class DoraHook(DenseHook):
         return y + (ratio - 1) * base + ratio * low_rank * jnp.asarray(self.scale, y.dtype)
 
 
+class DoraCodec(LoraCodec):
+    """peft's LORA with `use_dora`: LoRA's tensors and `lora_magnitude_vector`."""
+
+    label = "DoRA"
+
+    def config(self, options):
+        return {**super().config(options), "use_dora": True}
+
+    def matches(self, config):
+        return config.get("peft_type") == "LORA" and bool(config.get("use_dora"))
+
+    def leaf(self, path, value):
+        if path[-1] == "lora_magnitude":
+            return "lora_magnitude_vector", value
+        return super().leaf(path, value)
+
+
 class Dora(Lora):
     """LoRA leaves plus a trained magnitude per output column of each targeted kernel."""
 
     name = "dora"
     summary = "weight-decomposed LoRA: LoRA direction plus a magnitude vector (Liu et al., 2024)"
+    codec = DoraCodec()
 
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(add_lora(params, options, rng)))
@@ -77,17 +95,3 @@ class Dora(Lora):
             adapted = kernel + (a @ b) * options.scale
             flat[mod + ("kernel",)] = adapted * (m / _column_norm(kernel, a, b, options.scale))
         return traverse_util.unflatten_dict(flat)
-
-    def peft_config(self, options):
-        return {**super().peft_config(options), "use_dora": True}
-
-    def matches_peft(self, config):
-        return config.get("peft_type") == "LORA" and bool(config.get("use_dora"))
-
-    def options_from_peft(self, config, modules):
-        return lora_options_from_peft(config, modules, "DoRA")
-
-    def peft_leaf(self, path, value):
-        if path[-1] == "lora_magnitude":
-            return "lora_magnitude_vector", value
-        return super().peft_leaf(path, value)

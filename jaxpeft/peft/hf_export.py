@@ -5,7 +5,7 @@ The folder `PeftModel.from_pretrained(base_model, folder)` loads:
   adapter_config.json        the method's peft config (task SEQ_CLS, head in `modules_to_save`)
   adapter_model.safetensors  `base_model.model.<transformers key>` (prompt learning:
                              `base_model.<key>`); the method names its own leaves
-                             (`PeftMethod.peft_leaf`), every other trainable leaf is a plain
+                             (`PeftCodec.leaf`), every other trainable leaf is a plain
                              transformers tensor (the head, BERT's pooler if trained)
 """
 
@@ -45,9 +45,10 @@ def fold_target(params: Any, mean: float, std: float) -> Any:
 
 def peft_items(peft: Peft, leaves: dict) -> dict[str, tuple]:
     """`{peft key: (our path, value in peft's layout)}` for `{path: value}` leaves."""
-    items, prefix = {}, peft.method.peft_prefix
+    codec = peft.method.codec
+    items, prefix = {}, codec.prefix
     for path, value in leaves.items():
-        own = peft.method.peft_leaf(path, value)
+        own = codec.leaf(path, value)
         if own is not None and len(path) == 1:
             key, value = own  # one of peft's own top-level tensors
         elif own is not None:
@@ -62,7 +63,7 @@ def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
     """The trainable leaves under peft's state-dict keys, in PyTorch layout."""
     leaves = {p: v.astype(np.float32) for p, v in peft.trainable_leaves(params).items()}
     tensors = {key: value for key, (_, value) in peft_items(peft, leaves).items()}
-    extra = peft.method.peft_extra(params, peft.options)
+    extra = peft.method.codec.extra(params, peft.options)
     tensors.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in extra.items()})
     return tensors
 
@@ -70,8 +71,9 @@ def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
 def peft_config_dict(peft: Peft, base_model: str, inference_mode: bool = True) -> dict:
     """peft's `adapter_config.json` for this method, options and head (task SEQ_CLS)."""
     peft.require_peft_export()
-    return {"peft_type": peft.method.peft_type, "task_type": "SEQ_CLS",
-            "base_model_name_or_path": base_model, **peft.method.peft_config(peft.options),
+    codec = peft.method.codec
+    return {"peft_type": codec.peft_type, "task_type": "SEQ_CLS",
+            "base_model_name_or_path": base_model, **codec.config(peft.options),
             "modules_to_save": ["classifier"] + (["pooler"] if peft.train_pooler else []),
             "inference_mode": inference_mode}
 

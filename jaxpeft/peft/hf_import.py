@@ -2,9 +2,9 @@
 classification: `adapter_config.json` + `adapter_model.safetensors`, head in
 `modules_to_save`.
 
-The method comes from the config (`PeftMethod.matches_peft`; LoRA, DoRA, IA3, LN-tuning and
+The method comes from the config (`PeftCodec.matches`; LoRA, DoRA, IA3, LN-tuning and
 prompt tuning import), its options from the config and from the modules the tensors sit in
-(`options_from_peft`). The tensors are placed by running the export's own naming
+(`PeftCodec.options_from`). The tensors are placed by running the export's own naming
 (`hf_export.peft_items`) on index arrays: each element of each of our trainable leaves learns
 its peft key and position, so import is the exact inverse of export, with no second naming
 rule to keep in step. Every key peft saved must be used and every trainable leaf filled.
@@ -61,14 +61,14 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
     if config.get("task_type") != "SEQ_CLS":
         raise JaxpeftError(f"{directory / CONFIG}: task_type {config.get('task_type')!r}; "
                            "jaxpeft imports sequence-classification adapters (SEQ_CLS)")
-    method = next((m for m in METHODS.values() if m.matches_peft(config)), None)
+    method = next((m for m in METHODS.values() if m.codec and m.codec.matches(config)), None)
     if method is None:
-        supported = sorted({m.peft_type for m in METHODS.values() if m.peft_type})
+        supported = sorted({m.codec.peft_type for m in METHODS.values() if m.codec})
         raise JaxpeftError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} has no "
                            f"jaxpeft method (peft types here: {', '.join(supported)})")
     saved = load_file(str(directory / WEIGHTS))
     model_type = pre.config.model_type
-    options = method.options_from_peft(config, _module_paths(saved, model_type))
+    options = method.codec.options_from(config, _module_paths(saved, model_type))
     train_pooler = any(".pooler." in k for k in saved)
     peft = Peft(method, options, train_pooler)
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))

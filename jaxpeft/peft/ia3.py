@@ -22,7 +22,8 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, per_token, token_matmul
 from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules, targets_of_modules
-from jaxpeft.peft.method import MethodOptions, PeftMethod
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
 # Targets whose input is scaled (transformers' `output.dense` modules).
 INPUT_SCALED = ("output", "attention_output")
@@ -32,7 +33,10 @@ INPUT_SCALED = ("output", "attention_output")
 class Ia3Config(MethodOptions):
     """IA3 options: `targets`, any of LoRA's target names."""
 
-    targets: tuple = ("key", "value", "output")
+    targets: tuple = flag("ia3_targets", ("key", "value", "output"), "Layers IA3 scales "
+                          "(names as --lora_targets): output and attention_output scale their "
+                          "input, the others their output. Add attention_output for peft's "
+                          "default set and count.")
     label: ClassVar[str] = "IA3"
 
     def __post_init__(self):
@@ -59,6 +63,41 @@ def _regex(targets) -> str:
     return r".*\.layer\.\d+\.(?:" + "|".join(PEFT_MODULE[t] for t in targets) + ")"
 
 
+class Ia3Codec(PeftCodec):
+    """peft's IA3: `ia3_l` per target, `feedforward_modules` the input-scaled ones."""
+
+    peft_type = "IA3"
+
+    def config(self, options):
+        return {"target_modules": _regex(options.targets),
+                "feedforward_modules": _regex([t for t in options.targets
+                                               if t in INPUT_SCALED] or ["output"]),
+                "fan_in_fan_out": False, "init_ia3_weights": True}
+
+    def options_from(self, config, modules):
+        targets = targets_of_modules(modules, "IA3")
+        # peft scales the input of its feedforward modules (a regex, or name suffixes); ours
+        # are output and attention_output.
+        ff = config.get("feedforward_modules") or []
+        for t in targets:
+            name = "bert.encoder.layer.0." + PEFT_MODULE[t].replace("\\", "")
+            is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(
+                name == f or name.endswith("." + f) for f in ff)
+            if is_ff != (t in INPUT_SCALED):
+                raise JaxpeftError(f"IA3 adapter scales the {'input' if is_ff else 'output'} of "
+                                   f"{t}; jaxpeft scales the input of output/attention_output "
+                                   "and the output of the others")
+        return Ia3Config(targets=targets)
+
+    def leaf(self, path, value):
+        # peft: ia3_l (1, in) on feed-forward layers, (out, 1) on the others
+        if path[-1] == "ia3_in":
+            return "ia3_l", value.reshape(1, -1)
+        if path[-1] == "ia3_out":
+            return "ia3_l", value.reshape(-1, 1)
+        return None
+
+
 class Ia3(PeftMethod):
     """Scaling vectors on the `--ia3_targets` layers (and the head) train."""
 
@@ -66,10 +105,7 @@ class Ia3(PeftMethod):
     summary = "learned scaling vectors on keys, values and the FFN activation (Liu et al., 2022)"
     Options = Ia3Config
     default_learning_rate = 3e-3  # the IA3 paper's (T-Few) learning rate
-    peft_type = "IA3"
-
-    def options_from(self, run):
-        return Ia3Config(targets=tuple(run.ia3_targets))
+    codec = Ia3Codec()
 
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
@@ -96,32 +132,3 @@ class Ia3(PeftMethod):
                 flat[mod + ("kernel",)] = flat[mod + ("kernel",)] * s[None, :]
                 flat[mod + ("bias",)] = flat[mod + ("bias",)] * s
         return traverse_util.unflatten_dict(flat)
-
-    def peft_config(self, options):
-        return {"target_modules": _regex(options.targets),
-                "feedforward_modules": _regex([t for t in options.targets
-                                               if t in INPUT_SCALED] or ["output"]),
-                "fan_in_fan_out": False, "init_ia3_weights": True}
-
-    def options_from_peft(self, config, modules):
-        targets = targets_of_modules(modules, "IA3")
-        # peft scales the input of its feedforward modules (a regex, or name suffixes); ours
-        # are output and attention_output.
-        ff = config.get("feedforward_modules") or []
-        for t in targets:
-            name = "bert.encoder.layer.0." + PEFT_MODULE[t].replace("\\", "")
-            is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(
-                name == f or name.endswith("." + f) for f in ff)
-            if is_ff != (t in INPUT_SCALED):
-                raise JaxpeftError(f"IA3 adapter scales the {'input' if is_ff else 'output'} of "
-                                   f"{t}; jaxpeft scales the input of output/attention_output "
-                                   "and the output of the others")
-        return Ia3Config(targets=targets)
-
-    def peft_leaf(self, path, value):
-        # peft: ia3_l (1, in) on feed-forward layers, (out, 1) on the others
-        if path[-1] == "ia3_in":
-            return "ia3_l", value.reshape(1, -1)
-        if path[-1] == "ia3_out":
-            return "ia3_l", value.reshape(-1, 1)
-        return None

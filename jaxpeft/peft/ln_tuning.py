@@ -6,7 +6,25 @@ each `LayerNorm` (`<module>.ln_tuning_layers.weight/bias`), which the export wri
 
 from __future__ import annotations
 
-from jaxpeft.peft.method import PeftMethod
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.method import NoOptions, PeftMethod
+
+
+class LnTuningCodec(PeftCodec):
+    """peft's LN_TUNING: a trained copy of each LayerNorm (`ln_tuning_layers`)."""
+
+    peft_type = "LN_TUNING"
+
+    def options_from(self, config, modules):
+        return NoOptions()
+
+    def config(self, options):
+        return {"target_modules": ["LayerNorm"]}
+
+    def leaf(self, path, value):
+        if len(path) > 1 and path[-2] == "LayerNorm":
+            return f"ln_tuning_layers.{'weight' if path[-1] == 'scale' else 'bias'}", value
+        return None
 
 
 class LnTuning(PeftMethod):
@@ -15,18 +33,7 @@ class LnTuning(PeftMethod):
     name = "ln_tuning"
     summary = "train the LayerNorm scales and biases (Qi et al., 2022)"
     default_learning_rate = 1e-3
-    peft_type = "LN_TUNING"
+    codec = LnTuningCodec()
 
     def rules(self, options):
         return [(r".*/LayerNorm/(scale|bias)", True), (".*", False)]
-
-    def options_from_peft(self, config, modules):
-        return self.Options()
-
-    def peft_config(self, options):
-        return {"target_modules": ["LayerNorm"]}
-
-    def peft_leaf(self, path, value):
-        if len(path) > 1 and path[-2] == "LayerNorm":
-            return f"ln_tuning_layers.{'weight' if path[-1] == 'scale' else 'bias'}", value
-        return None

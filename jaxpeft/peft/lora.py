@@ -21,7 +21,8 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
 from jaxpeft.peft.masks import path_str
-from jaxpeft.peft.method import MethodOptions, PeftMethod
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
 # Target name -> regex over the path of the Dense module (inside an encoder layer).
 TARGETS = {
@@ -74,12 +75,15 @@ class LoraConfig(MethodOptions):
     learning rate (0: off, plain LoRA). A training option; the forward pass ignores it.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple = ("query", "value")
-    use_rslora: bool = False
-    loraplus_lr_ratio: float = 0.0
+    rank: int = flag("lora_rank", 8, "LoRA rank r.")
+    alpha: float = flag("lora_alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = flag("lora_dropout", 0.0, "Dropout on the LoRA input.")
+    targets: tuple = flag("lora_targets", ("query", "value"), "Layers that get LoRA: query, "
+                          "key, value, attention_output, intermediate, output.")
+    use_rslora: bool = flag("lora_rslora", False, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
+    loraplus_lr_ratio: float = flag("loraplus_lr_ratio", 0.0, "LoRA+: lora_b learns at this "
+                                    "multiple of the learning rate (Hayou et al. suggest 16; "
+                                    "0: off).")
     label: ClassVar[str] = "LoRA"
 
     def __post_init__(self):
@@ -150,6 +154,29 @@ class LoraHook(DenseHook):
         return y + token_matmul(token_matmul(h, a), b) * jnp.asarray(self.scale, y.dtype)
 
 
+class LoraCodec(PeftCodec):
+    """peft's LORA: `lora_A.weight` (r, in) and `lora_B.weight` (out, r) per target."""
+
+    peft_type = "LORA"
+    label = "LoRA"
+
+    def config(self, options):
+        return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
+                "use_rslora": options.use_rslora, "target_modules": peft_target_modules(options),
+                "fan_in_fan_out": False, "init_lora_weights": True, "bias": "none"}
+
+    def matches(self, config):
+        return config.get("peft_type") == "LORA" and not config.get("use_dora")
+
+    def options_from(self, config, modules):
+        return lora_options_from_peft(config, modules, self.label)
+
+    def leaf(self, path, value):
+        # ours: a (in, r), b (r, out); peft: lora_A.weight (r, in), lora_B.weight (out, r)
+        names = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+        return (names[path[-1]], value.T) if path[-1] in names else None
+
+
 class Lora(PeftMethod):
     """LoRA on the `--lora_targets` Dense layers; `lora_a`/`lora_b` (and the head) train."""
 
@@ -157,12 +184,7 @@ class Lora(PeftMethod):
     summary = "low-rank updates of chosen Dense layers (Hu et al., 2021)"
     Options = LoraConfig
     default_learning_rate = 5e-4
-    peft_type = "LORA"
-
-    def options_from(self, run):
-        return LoraConfig(rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
-                          targets=tuple(run.lora_targets), use_rslora=run.lora_rslora,
-                          loraplus_lr_ratio=run.loraplus_lr_ratio)
+    codec = LoraCodec()
 
     def augment(self, params, options, rng):
         return add_lora(params, options, rng)
@@ -178,22 +200,6 @@ class Lora(PeftMethod):
 
     def merge(self, params, options):
         return merge_lora(params, options)
-
-    def peft_config(self, options):
-        return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-                "use_rslora": options.use_rslora, "target_modules": peft_target_modules(options),
-                "fan_in_fan_out": False, "init_lora_weights": True, "bias": "none"}
-
-    def matches_peft(self, config):
-        return config.get("peft_type") == "LORA" and not config.get("use_dora")
-
-    def options_from_peft(self, config, modules):
-        return lora_options_from_peft(config, modules, "LoRA")
-
-    def peft_leaf(self, path, value):
-        # ours: a (in, r), b (r, out); peft: lora_A.weight (r, in), lora_B.weight (out, r)
-        names = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
-        return (names[path[-1]], value.T) if path[-1] in names else None
 
 
 def targets_of_modules(modules: set, method: str) -> tuple:

@@ -2,8 +2,10 @@
 
 A method is one module under `jaxpeft/peft/` defining a `PeftMethod` subclass and one line in
 `registry.py`. It says:
-- `Options`: its config dataclass (frozen, with `to_dict`/`from_dict`), built from the run's
-  flags by `options_from`;
+- `Options`: its config dataclass (frozen, with `to_dict`/`from_dict`); fields declared with
+  `flag(...)` are run flags (`--lora_rank`), generated into `RunConfig`, `--help`, sweeps and
+  validation by the registry, and read back by `options_from`; `shared_flag(...)` reuses a
+  flag another method declares (VeRA's targets are `--lora_targets`);
 - `augment`: the leaves it adds to the parameter tree (LoRA's `lora_a`/`lora_b`);
 - `rules`: path rules deciding which leaves train (the head's rules come first, always);
 - `hooks`: what the forward pass needs (`DenseHook`s / `EmbeddingHook`s installed in the
@@ -11,8 +13,8 @@ A method is one module under `jaxpeft/peft/` defining a `PeftMethod` subclass an
   prompts);
 - `lr_multipliers`: per-leaf learning-rate factors (LoRA+), if any;
 - `merge`: folding its leaves into plain weights, where the method allows it;
-- `peft_config`/`peft_leaf`/`peft_extra`/`peft_prefix`: its Hugging Face peft export, where
-  peft has it (`peft_unsupported` says when options rule it out).
+- `codec`: its naming in Hugging Face peft's files (`jaxpeft.peft.codec.PeftCodec`), where
+  peft has the method.
 
 Everything else (the run loop, adapter files, the peft export's shared parts, counts, the
 benchmark, the tests) works through `Peft`, never through a method's name. A `Peft` is what
@@ -23,7 +25,7 @@ the options it was trained with.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import jax
 import numpy as np
@@ -31,7 +33,69 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.masks import ParamCounts, Rules, count_params, head_rules, mask_from_rules
+
+
+def flag(name: str, default: Any, help: str, *,
+         choices: Optional[Callable[[], tuple]] = None) -> Any:
+    """An option field that is also the run flag `--name` (its default and help are the
+    flag's). The field's own `__post_init__` checks stay the place for value checks."""
+    return dataclasses.field(default=default, metadata={"flag": name, "help": help,
+                                                        "choices": choices})
+
+
+def shared_flag(name: str, default: Any) -> Any:
+    """An option field read from the flag `--name` that another method declares with `flag`
+    (one flag, one help text: VeRA's targets are LoRA's `--lora_targets`)."""
+    return dataclasses.field(default=default, metadata={"flag": name, "help": None,
+                                                        "choices": None})
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagSpec:
+    """A method flag as the run configuration sees it: name, default, Python type (`int`,
+    `float`, `bool`, `str`, `tuple`), help, allowed values, the methods reading it."""
+
+    name: str
+    default: Any
+    kind: type
+    help: str
+    choices: Optional[Callable[[], tuple]]
+    methods: tuple
+
+
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
+
+
+def option_flags(options_cls: type) -> dict:
+    """`{option field name: flag name}` of an `Options` dataclass's flag fields."""
+    return {f.name: f.metadata["flag"] for f in dataclasses.fields(options_cls)
+            if "flag" in f.metadata}
+
+
+def flag_specs(methods) -> dict:
+    """`{flag name: FlagSpec}` declared by `methods`' `Options`, in declaration order; a
+    flag two methods read must have one default, and one of them must declare its help."""
+    specs: dict = {}
+    for method in methods:
+        for f in dataclasses.fields(method.Options):
+            if "flag" not in f.metadata:
+                continue
+            name, meta = f.metadata["flag"], f.metadata
+            kind = f.type if isinstance(f.type, type) else _KINDS[str(f.type)]
+            old = specs.get(name)
+            if old is not None and old.default != f.default:
+                raise ValueError(f"--{name}: {method.name} and {old.methods} declare the "
+                                 f"defaults {f.default!r} and {old.default!r}")
+            specs[name] = FlagSpec(name, f.default, kind,
+                                   meta["help"] or (old.help if old else None),
+                                   meta["choices"] or (old.choices if old else None),
+                                   (old.methods if old else ()) + (method.name,))
+    unexplained = [n for n, spec in specs.items() if not spec.help]
+    if unexplained:
+        raise ValueError(f"shared flags no method declares: {unexplained}")
+    return specs
 
 
 class MethodOptions:
@@ -66,16 +130,17 @@ class PeftMethod:
     summary: ClassVar[str] = ""  # one line, for --help and the README
     Options: ClassVar[type] = NoOptions
     default_learning_rate: ClassVar[float] = 1e-3
-    # Hugging Face peft's `peft_type` for this method; None where peft does not have it.
-    peft_type: ClassVar[Optional[str]] = None
     # Whether `merge` can fold the method into plain weights (not: adapters, prompts).
     mergeable: ClassVar[bool] = True
-    # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
-    peft_prefix: ClassVar[str] = "base_model.model."
+    # Its naming in Hugging Face peft's files; None where peft does not have the method.
+    codec: ClassVar[Optional[PeftCodec]] = None
 
     def options_from(self, run: Any) -> Any:
-        """The method's options from a run configuration (an object with the flag fields)."""
-        return self.Options()
+        """The method's options from a run configuration (an object with the flags as
+        attributes): each `flag` field from its flag, the others at their defaults."""
+        values = {field: getattr(run, name) for field, name in option_flags(self.Options).items()}
+        return self.Options(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in values.items()})
 
     def augment(self, params: Any, options: Any, rng: jax.Array) -> Any:
         """The parameter tree with this method's leaves added (default: unchanged)."""
@@ -101,36 +166,6 @@ class PeftMethod:
         """The tree with this method's leaves folded into plain weights (default: unchanged,
         for methods that add no leaves)."""
         return params
-
-    def peft_unsupported(self, options: Any) -> Optional[str]:
-        """Why these options have no peft export, or None when they have one."""
-        if self.peft_type is None:
-            return f"Hugging Face peft has no {self.name!r} method; export works for methods " \
-                "peft implements"
-        return None
-
-    def peft_config(self, options: Any) -> dict:
-        """The method's fields of peft's `adapter_config.json` (beside task and head)."""
-        raise NotImplementedError
-
-    def peft_leaf(self, path: tuple, value: Any) -> Optional[tuple[str, Any]]:
-        """`(peft key below the module, value)` for a trainable leaf peft names its own way
-        (a leaf the method added, or a base leaf peft keeps a copy of); None otherwise. A
-        leaf at the tree's root maps to one of peft's top-level keys (a soft prompt)."""
-        return None
-
-    def matches_peft(self, config: Mapping) -> bool:
-        """Whether a peft `adapter_config.json` describes this method (import)."""
-        return self.peft_type is not None and config.get("peft_type") == self.peft_type
-
-    def options_from_peft(self, config: Mapping, modules: set) -> Any:
-        """The options of a peft adapter (`modules`: our paths of the modules its tensors
-        sit in); a clear error for what jaxpeft cannot reproduce."""
-        raise JaxpeftError(f"importing peft {self.peft_type} adapters is not supported")
-
-    def peft_extra(self, params: Any, options: Any) -> dict:
-        """Frozen tensors peft's file also needs, by full peft key (VeRA's projections)."""
-        return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +236,8 @@ class Peft:
     def require_peft_export(self) -> None:
         """Raises a clear error if Hugging Face peft has no format for this method and
         options."""
-        why = self.method.peft_unsupported(self.options)
+        codec = self.method.codec
+        why = (f"Hugging Face peft has no {self.name!r} method; export works for methods peft "
+               "implements") if codec is None else codec.unsupported(self.options)
         if why:
             raise JaxpeftError(f"--export_peft: {why}")

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import EmbeddingHook
-from jaxpeft.peft.method import MethodOptions, PeftMethod
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
 LEAF = "prompt_embeddings"
 HEADS = ("real", "virtual")
@@ -41,8 +42,12 @@ HEADS = ("real", "virtual")
 class PromptConfig(MethodOptions):
     """Prompt-tuning options: the number of virtual tokens and where the head reads."""
 
-    num_virtual_tokens: int = 20
-    head: str = "real"
+    num_virtual_tokens: int = flag("num_virtual_tokens", 20, "Soft-prompt length of "
+                                   "--method=prompt (slots before each example, beyond "
+                                   "--max_seq_length).")
+    head: str = flag("prompt_head", "real", "Where the head reads with --method=prompt: real "
+                     "(the example's own first token) or virtual (the first prompt token, as "
+                     "peft does; needed for --export_peft).", choices=lambda: HEADS)
     label: ClassVar[str] = "prompt"
 
     def __post_init__(self):
@@ -72,6 +77,31 @@ def _word_embeddings(params) -> jax.Array:
     return params[backbone]["embeddings"]["word_embeddings"]["embedding"]
 
 
+class PromptCodec(PeftCodec):
+    """peft's PROMPT_TUNING: `prompt_embeddings` at the top, the head one level higher."""
+
+    peft_type = "PROMPT_TUNING"
+    prefix = "base_model."  # peft keys prompt-learning models' head one level higher
+
+    def unsupported(self, options) -> Optional[str]:
+        if options.head == "real":
+            return ("peft's prompt tuning reads the head from the first virtual token; train "
+                    "with --prompt_head=virtual to export to peft")
+        return None
+
+    def config(self, options):
+        # token_dim, num_layers and num_attention_heads: peft fills them from the model.
+        return {"num_virtual_tokens": options.num_virtual_tokens, "num_transformer_submodules": 1,
+                "prompt_tuning_init": "SAMPLE_VOCAB"}
+
+    def options_from(self, config, modules):
+        # peft's classifier reads the first virtual token.
+        return PromptConfig(num_virtual_tokens=int(config["num_virtual_tokens"]), head="virtual")
+
+    def leaf(self, path, value):
+        return (LEAF, value) if path == (LEAF,) else None
+
+
 class Prompt(PeftMethod):
     """A soft prompt before every example; the prompt and the head train."""
 
@@ -80,12 +110,8 @@ class Prompt(PeftMethod):
                "(Lester et al., 2021)")
     Options = PromptConfig
     default_learning_rate = 3e-2
-    peft_type = "PROMPT_TUNING"
+    codec = PromptCodec()
     mergeable = False
-    peft_prefix = "base_model."  # peft keys prompt-learning models' head one level higher
-
-    def options_from(self, run):
-        return PromptConfig(num_virtual_tokens=run.num_virtual_tokens, head=run.prompt_head)
 
     def virtual_tokens(self, options) -> int:
         return options.num_virtual_tokens
@@ -105,21 +131,3 @@ class Prompt(PeftMethod):
     def merge(self, params, options):
         raise JaxpeftError("prompt: a soft prompt lengthens the input; there are no weights "
                            "to merge it into")
-
-    def peft_unsupported(self, options) -> Optional[str]:
-        if options.head == "real":
-            return ("peft's prompt tuning reads the head from the first virtual token; train "
-                    "with --prompt_head=virtual to export to peft")
-        return None
-
-    def peft_config(self, options):
-        # token_dim, num_layers and num_attention_heads: peft fills them from the model.
-        return {"num_virtual_tokens": options.num_virtual_tokens, "num_transformer_submodules": 1,
-                "prompt_tuning_init": "SAMPLE_VOCAB"}
-
-    def options_from_peft(self, config, modules):
-        # peft's classifier reads the first virtual token.
-        return PromptConfig(num_virtual_tokens=int(config["num_virtual_tokens"]), head="virtual")
-
-    def peft_leaf(self, path, value):
-        return (LEAF, value) if path == (LEAF,) else None

@@ -18,7 +18,7 @@ from jaxpeft.peft.ln_tuning import LnTuning
 from jaxpeft.peft.lora import Lora
 from jaxpeft.peft.prompt import Prompt
 from jaxpeft.peft.vera import Vera
-from jaxpeft.peft.method import Peft, PeftMethod
+from jaxpeft.peft.method import FlagSpec, Peft, PeftMethod, flag_specs
 
 METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Full(),
@@ -32,6 +32,12 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     AdapterPfeiffer(),
     Prompt(),
 )}
+
+
+def method_flags() -> dict[str, FlagSpec]:
+    """`{flag name: FlagSpec}` of every registered method's options (`--lora_rank`, ...), read
+    anew on each call so that a method registered later brings its flags along."""
+    return flag_specs(METHODS.values())
 
 
 def get_method(name: str) -> PeftMethod:

@@ -6,7 +6,8 @@ uniform from `projection_seed` (peft's layout and init; regenerated from the see
 files need not hold them), and beside each `--lora_targets` kernel `vera_lambda_d` (r,),
 initialised to 0.1, and `vera_lambda_b` (out,), zeros, so training starts at the base model.
 A layer adds `lambda_b ⊙ ((lambda_d ⊙ (dropout(x) A[:, :in]ᵀ)) B[:out]ᵀ)`. `--vera_rank`
-(default 256) sets r; the dropout is `--lora_dropout`. The peft export writes the projections
+(default 256) sets r; the targets and dropout are LoRA's flags, `--lora_targets` and
+`--lora_dropout`. The peft export writes the projections
 too (`save_projection=True`).
 """
 
@@ -23,7 +24,8 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
 from jaxpeft.peft.lora import check_targets, peft_target_modules, target_modules
-from jaxpeft.peft.method import MethodOptions, PeftMethod
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
 
 D_INITIAL = 0.1  # peft's and the paper's initial lambda_d
 
@@ -32,9 +34,9 @@ D_INITIAL = 0.1  # peft's and the paper's initial lambda_d
 class VeraConfig(MethodOptions):
     """VeRA options: rank r of the shared projections, targets, dropout, projection seed."""
 
-    rank: int = 256
-    targets: tuple = ("query", "value")
-    dropout: float = 0.0
+    rank: int = flag("vera_rank", 256, "VeRA rank r of the shared random projections.")
+    targets: tuple = shared_flag("lora_targets", ("query", "value"))
+    dropout: float = shared_flag("lora_dropout", 0.0)
     projection_seed: int = 0
     label: ClassVar[str] = "VeRA"
 
@@ -74,6 +76,29 @@ def _kaiming_uniform(key, shape):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+class VeraCodec(PeftCodec):
+    """peft's VERA: `vera_lambda_d`/`vera_lambda_b` per target, the projections at the top
+    (`save_projection`); no import (peft draws them from torch's generator)."""
+
+    peft_type = "VERA"
+
+    def config(self, options):
+        return {"r": options.rank, "target_modules": peft_target_modules(options),
+                "projection_prng_key": options.projection_seed, "save_projection": True,
+                "vera_dropout": options.dropout, "d_initial": D_INITIAL,
+                "fan_in_fan_out": False, "bias": "none"}
+
+    def leaf(self, path, value):
+        return (path[-1], value) if path[-1] in ("vera_lambda_d", "vera_lambda_b") else None
+
+    def options_from(self, config, modules):
+        raise JaxpeftError("importing peft VeRA adapters is not supported: their shared "
+                           "projections come from torch's random generator, ours from JAX's")
+
+    def extra(self, params, options):
+        return {"base_model.vera_A": params["vera_A"], "base_model.vera_B": params["vera_B"]}
+
+
 class Vera(PeftMethod):
     """Shared frozen projections; per-layer `vera_lambda_d`/`vera_lambda_b` (and the head)
     train."""
@@ -82,11 +107,7 @@ class Vera(PeftMethod):
     summary = "shared frozen random projections, trained scaling vectors (Kopiczko et al., 2024)"
     Options = VeraConfig
     default_learning_rate = 4e-3
-    peft_type = "VERA"
-
-    def options_from(self, run):
-        return VeraConfig(rank=run.vera_rank, targets=tuple(run.lora_targets),
-                          dropout=run.lora_dropout)
+    codec = VeraCodec()
 
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
@@ -116,19 +137,3 @@ class Vera(PeftMethod):
             delta = (a[:, :kernel.shape[0]].T * d) @ b[:kernel.shape[1]].T * lb
             flat[mod + ("kernel",)] = kernel + delta
         return traverse_util.unflatten_dict(flat)
-
-    def peft_config(self, options):
-        return {"r": options.rank, "target_modules": peft_target_modules(options),
-                "projection_prng_key": options.projection_seed, "save_projection": True,
-                "vera_dropout": options.dropout, "d_initial": D_INITIAL,
-                "fan_in_fan_out": False, "bias": "none"}
-
-    def peft_leaf(self, path, value):
-        return (path[-1], value) if path[-1] in ("vera_lambda_d", "vera_lambda_b") else None
-
-    def options_from_peft(self, config, modules):
-        raise JaxpeftError("importing peft VeRA adapters is not supported: their shared "
-                           "projections come from torch's random generator, ours from JAX's")
-
-    def peft_extra(self, params, options):
-        return {"base_model.vera_A": params["vera_A"], "base_model.vera_B": params["vera_B"]}

@@ -1,0 +1,48 @@
+"""How a PEFT method's adapter is named in Hugging Face peft's files: `PeftCodec`.
+
+A method that peft also implements carries one codec (`PeftMethod.codec`), defined in the
+method's own module. The export (`hf_export`) and the import (`hf_import`) run the same
+codec, one forwards and one backwards, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Optional
+
+from jaxpeft.errors import JaxpeftError
+
+
+class PeftCodec:
+    """One method's peft naming. Subclasses set `peft_type` and override what they need."""
+
+    # peft's `peft_type` in adapter_config.json.
+    peft_type: ClassVar[str] = ""
+    # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
+    prefix: ClassVar[str] = "base_model.model."
+
+    def unsupported(self, options: Any) -> Optional[str]:
+        """Why these options have no peft export, or None when they have one."""
+        return None
+
+    def config(self, options: Any) -> dict:
+        """The method's fields of peft's `adapter_config.json` (beside task and head)."""
+        raise NotImplementedError
+
+    def leaf(self, path: tuple, value: Any) -> Optional[tuple[str, Any]]:
+        """`(peft key below the module, value)` for a trainable leaf peft names its own way
+        (a leaf the method added, or a base leaf peft keeps a copy of); None otherwise. A
+        leaf at the tree's root maps to one of peft's top-level keys (a soft prompt)."""
+        return None
+
+    def extra(self, params: Any, options: Any) -> dict:
+        """Frozen tensors peft's file also needs, by full peft key (VeRA's projections)."""
+        return {}
+
+    def matches(self, config: Mapping) -> bool:
+        """Whether a peft `adapter_config.json` describes this method (import)."""
+        return config.get("peft_type") == self.peft_type
+
+    def options_from(self, config: Mapping, modules: set) -> Any:
+        """The options of a peft adapter (`modules`: our paths of the modules its tensors
+        sit in); a clear error for what jaxpeft cannot reproduce."""
+        raise JaxpeftError(f"importing peft {self.peft_type} adapters is not supported")
