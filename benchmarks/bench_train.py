@@ -48,7 +48,7 @@ flags.DEFINE_list("train_step_xla_options", [], "as run_glue's flag: XLA options
                   "(name=value) for the train step's program")
 flags.DEFINE_bool("in_process", False, "run every measurement in this process, one after "
                   "another, rather than each in its own: no process start, CUDA set-up and "
-                  "imports per measurement (about half a lent GPU's minutes), but no peak "
+                  "imports per measurement (about half of a 10-minute GPU job), but no peak "
                   "memory per measurement, and on CPU both libraries' thread pools stay up "
                   "(for GPUs)")
 flags.DEFINE_string("out", "", "write all results as JSON here")
@@ -339,7 +339,7 @@ def _measure(f, spec: str) -> dict:
 def _run_worker(spec):
     """Runs one measurement in a fresh process (so peak memory is its own), or here with
     --in_process; None, with the worker's error printed, where it fails, so one broken
-    method cannot cost the others' figures (a lent GPU's minutes are few)."""
+    method cannot cost the others' figures (GPU time is often short)."""
     f = flags.FLAGS
     if f.in_process:
         try:

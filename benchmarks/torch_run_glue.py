@@ -11,7 +11,6 @@ dev metrics, train wall time and examples/s. Needs torch and peft (requirements-
 """
 
 import json
-import math
 import time
 
 import numpy as np

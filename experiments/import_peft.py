@@ -9,12 +9,9 @@ LoRA, DoRA, IA3, LN-tuning and prompt tuning adapters of BERT/RoBERTa sequence c
 `jaxpeft.peft.hf_import.convert_peft_adapter`.
 """
 
-import functools
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from jaxpeft import config
+from jaxpeft.cli import start
 from jaxpeft.peft.hf_import import convert_cli
 
 flags.DEFINE_string("peft_dir", None, "Folder with adapter_config.json and "
@@ -27,16 +24,14 @@ flags.DEFINE_string("output", None, "Where to write the jaxpeft adapter folder."
 flags.DEFINE_integer("max_seq_length", 128, "Token length to predict with.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+def main() -> int:
     f = flags.FLAGS
-    sys.exit(convert_cli(f.peft_dir, f.model, f.task, f.output, f.max_seq_length))
+    return convert_cli(f.peft_dir, f.model, f.task, f.output, f.max_seq_length)
 
 
 def cli():
     """Console-script entry point."""
-    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+    start(main, __name__)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,9 @@ Writes `index`, `label` (the label name; STS-B: the score) and one probability c
 class. Flags only; the work is `jaxpeft.predict.predict_file`.
 """
 
-import functools
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from jaxpeft import config
+from jaxpeft.cli import start
 from jaxpeft.predict import predict_cli
 
 flags.DEFINE_string("run", None, "A run folder (its best/ adapter) or an adapter folder.",
@@ -26,17 +23,15 @@ flags.DEFINE_list("text_columns", [], "The input's text column(s) (default: foun
 flags.DEFINE_integer("batch_size", 64, "Rows per forward pass.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+def main() -> int:
     f = flags.FLAGS
-    sys.exit(predict_cli(f.run, f.input, f.output or None, f.model or None,
-                         tuple(f.text_columns) or None, f.batch_size))
+    return predict_cli(f.run, f.input, f.output or None, f.model or None,
+                       tuple(f.text_columns) or None, f.batch_size)
 
 
 def cli():
     """Console-script entry point."""
-    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+    start(main, __name__)
 
 
 if __name__ == "__main__":

@@ -7,27 +7,23 @@ Flags only, generated from `jaxpeft.config.RunConfig`; the work is
 `jaxpeft.run.train_and_evaluate`.
 """
 
-import functools
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from jaxpeft import config
-from jaxpeft.run import cli_main
+from jaxpeft.cli import start
+from jaxpeft.run import train_cli
 
 config.define_flags()
 flags.adopt_module_key_flags(config)  # --help lists them as this script's flags
 
 
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
-    sys.exit(cli_main(config.from_flags()))
+def main() -> int:
+    return train_cli(config.from_flags())
 
 
 def cli():
     """Console-script entry point."""
-    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+    start(main, __name__)
 
 
 if __name__ == "__main__":

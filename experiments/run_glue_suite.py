@@ -9,13 +9,11 @@ size, sequence length and learning rate unless the flag is given. Flags only; th
 `jaxpeft.suite.run_suite`.
 """
 
-import functools
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from experiments import run_glue
 from jaxpeft import config
+from jaxpeft.cli import start
 from jaxpeft.suite import GLUE_TASKS, RECIPES, suite_cli
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag applies to each task
@@ -26,18 +24,16 @@ flags.DEFINE_string("recipe", "standard", "Per-task defaults: " + ", ".join(RECI
                     "paper's RoBERTa-base table). Flags given explicitly win.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+def main() -> int:
     f = flags.FLAGS
     explicit = frozenset(name for name in config.options() if f[name].present)
-    sys.exit(suite_cli(config.from_flags(), tuple(t.lower().replace("-", "") for t in f.tasks),
-                       f.recipe, explicit))
+    return suite_cli(config.from_flags(), tuple(t.lower().replace("-", "") for t in f.tasks),
+                     f.recipe, explicit)
 
 
 def cli():
     """Console-script entry point."""
-    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+    start(main, __name__)
 
 
 if __name__ == "__main__":

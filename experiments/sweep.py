@@ -8,13 +8,11 @@ Every run_glue flag sets the base configuration; --grid varies some of them. Fin
 are skipped, failed ones reported. Flags only; the work is `jaxpeft.sweep.run_sweep`.
 """
 
-import functools
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from experiments import run_glue
 from jaxpeft import config
+from jaxpeft.cli import start
 from jaxpeft.sweep import sweep_cli
 
 flags.adopt_module_key_flags(run_glue)  # every run_glue flag sets the base run (--help shows them)
@@ -25,17 +23,14 @@ flags.DEFINE_string("grid", "", "Settings to vary: 'name=v1,v2;name2=v3,v4' "
 flags.DEFINE_list("seeds", ["0"], "Seeds: each grid point runs once per seed.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+def main() -> int:
     f = flags.FLAGS
-    sys.exit(sweep_cli(config.from_flags(), f.grid, [int(s) for s in f.seeds], f.root,
-                       f.progress))
+    return sweep_cli(config.from_flags(), f.grid, f.seeds, f.root, f.progress)
 
 
 def cli():
     """Console-script entry point."""
-    app.run(main, flags_parser=functools.partial(config.parse_flags, module=__name__))
+    start(main, __name__)
 
 
 if __name__ == "__main__":

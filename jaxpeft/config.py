@@ -322,32 +322,6 @@ def define_flags(flag_values=None) -> None:
         define[option.kind](name, default, help_text(name), flag_values=flag_values)
 
 
-HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "--helpxml")
-
-
-def parse_flags(argv: list, module: str = "__main__") -> list:
-    """absl's flag parsing for the experiment scripts (`app.run(main, flags_parser=...)`):
-    a bad flag or value is one `error:` line and exit status 1, as every other user error;
-    `--help` prints the script's docstring and the key flags of `module` (the script, run
-    with `python -m` or as a console script) and exits 0."""
-    import sys
-
-    from absl import flags
-
-    asked = [a for a in argv[1:] if a.split("=", 1)[0] in HELP_FLAGS]
-    if asked:
-        doc = (sys.modules[module].__doc__ or "").strip()
-        full = asked[0].split("=", 1)[0] == "--helpfull"
-        print(doc + "\n\nflags:\n" + (flags.FLAGS.get_help() if full
-                                      else flags.FLAGS.module_help(module)))
-        sys.exit(0)
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def from_flags(flag_values=None) -> RunConfig:
     """The RunConfig the parsed absl flags describe (default: absl's global `FLAGS`)."""
     from absl import flags

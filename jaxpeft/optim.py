@@ -67,15 +67,6 @@ def make_schedule(config: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-def learning_rate_at(config: OptimConfig, step: int) -> float:
-    """The schedule's value at `step`, in plain Python (for logging without a device op)."""
-    w, total, lr = config.warmup_steps, config.total_steps, config.learning_rate
-    if step < w:
-        return lr * step / w
-    frac = min(step - w, max(total - w, 1)) / max(total - w, 1)
-    return lr * (1.0 - frac)
-
-
 def decay_mask(tree: Any) -> Any:
     """True for leaves that get weight decay: kernels, embeddings, LoRA factors. `tree` is any
     tree with the params' structure (the params, or their mask)."""

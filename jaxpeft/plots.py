@@ -1,7 +1,8 @@
-"""Reports from run folders: a Markdown table and matplotlib plots.
+"""Reports from run folders and study files: a Markdown table and matplotlib plots.
 
 Reads only what runs wrote (`config.json`, `metrics.jsonl`, `results.json`) under a root
-folder, so it works on any mix of finished runs, sweeps or single runs.
+folder, or a study file that keeps many runs' files in one (`pack_study`, `read_study`), so
+it works on any mix of finished runs, sweeps, single runs and studies.
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ from typing import Optional
 import numpy as np
 
 from jaxpeft.config import names_where, options
-from jaxpeft.writer import CONFIG, RESULTS, read_metrics
+from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, is_eval_row, read_metrics,
+                            read_study, write_study)
 
 
 def load_runs(root: Path) -> list:
-    """Every finished run below `root`: dicts with config, results, training and evaluation
-    rows, folder."""
+    """Every finished run below `root` (a folder, or a study file): dicts with config,
+    results, training and evaluation rows, folder (a study's run: its name in the study)."""
+    if str(root).endswith(STUDY_SUFFIX) and Path(root).is_file():
+        return [{"dir": Path(root) / run["name"], "config": run["config"],
+                 "results": run["results"],
+                 "train_rows": [r for r in run["metrics"] if not is_eval_row(r)],
+                 "eval_rows": [r for r in run["metrics"] if is_eval_row(r)]}
+                for run in read_study(root)]
     runs = []
     for results in sorted(Path(root).rglob(RESULTS)):
         folder = results.parent
@@ -39,8 +47,9 @@ _OWN_COLUMNS = {"task", "method", "learning_rate", "lora_rank"}
 
 
 def _settings(run) -> dict:
-    # A run written before a field existed ran with that field's default.
-    c = {**{n: o.default for n, o in options().items()}, **run["config"]["run"]}
+    # An option a run does not record (one added since) ran at its default.
+    recorded = run["config"]["run"]
+    c = {n: recorded.get(n, o.default) for n, o in options().items()}
     out = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()
            if k not in _NOT_SETTINGS}
     out["learning_rate"] = run["results"]["learning_rate"]  # the resolved one (default per method)
@@ -49,11 +58,7 @@ def _settings(run) -> dict:
 
 def _rank(run) -> Optional[int]:
     """The method's rank option, for methods that have one."""
-    resolved = run["config"]["resolved"]
-    if "peft" in resolved:
-        return resolved["peft"]["options"].get("rank")
-    # Runs written before the method options were recorded: LoRA runs had a scale.
-    return run["config"]["run"]["lora_rank"] if resolved.get("lora_scale") else None
+    return run["config"]["resolved"]["peft"]["options"].get("rank")
 
 
 def _mean_stat(run, key: str) -> Optional[float]:
@@ -225,32 +230,79 @@ def write_plots(runs: list, table: list, out: Path) -> list:
     return written
 
 
+def report_cli(roots, out_md: str = "", plots_dir: str = "", pack: str = "") -> int:
+    """`write_report` (or, with `pack`, `pack_study`) for the command line: prints the path
+    written; user errors are one `error:` line."""
+    from jaxpeft.cli import run_command
+
+    if pack:
+        return run_command(lambda: print(pack_study(roots, pack)))
+    return run_command(lambda: print(write_report(roots, out_md, plots_dir)))
+
+
+def _gather(roots) -> tuple[list, list]:
+    """`(roots, runs)`: every finished run under `roots`, each once."""
+    from jaxpeft.errors import JaxpeftError
+
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    runs, seen = [], set()
+    for root in roots:
+        if not Path(root).exists():
+            raise JaxpeftError(f"{root}: no such folder or study file")
+        for run in load_runs(Path(root)):
+            if run["dir"].resolve() not in seen:
+                seen.add(run["dir"].resolve())
+                runs.append(run)
+    if not runs:
+        where = ", ".join(f"`{r}`" for r in roots)
+        raise JaxpeftError(f"{where}: no finished runs (no {RESULTS} below)")
+    return roots, runs
+
+
+def pack_study(roots, path: str) -> Path:
+    """Writes the finished runs under `roots` into one study file (`.jsonl.gz`), each named
+    by its folder relative to its root; `write_report` reads it like a folder."""
+    from jaxpeft.errors import JaxpeftError
+
+    if not path.endswith(STUDY_SUFFIX):
+        raise JaxpeftError(f"--pack={path}: a study file's name ends in {STUDY_SUFFIX}")
+    roots, runs = _gather(roots)
+    records = []
+    for run in runs:
+        root = next(Path(r) for r in roots if run["dir"].is_relative_to(r))
+        records.append({"name": str(run["dir"].relative_to(root)) or run["dir"].name,
+                        "config": run["config"], "results": run["results"],
+                        "metrics": run["train_rows"] + run["eval_rows"]})
+    return write_study(path, records)
+
+
+def _commits(runs) -> str:
+    """The source commits the runs name (config.json's `versions.commit`)."""
+    found = sorted({r["config"].get("versions", {}).get("commit") or "not recorded"
+                    for r in runs})
+    return ", ".join(f"`{c}`" for c in found)
+
+
 def write_report(roots, out_md: str = "", plots_dir: str = "") -> Path:
     """Writes a Markdown report and PNGs for the runs under `roots` (a folder or several).
 
     Defaults: `<first root>/report.md` and `<first root>/plots/`. A root may also be a single
     run's folder, so a report can combine chosen runs from different sweeps.
     """
-    from jaxpeft.errors import JaxpeftError
     from jaxpeft.fileio import atomic_write_bytes
 
-    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
-    runs, seen = [], set()
-    for root in roots:
-        if not Path(root).is_dir():
-            raise JaxpeftError(f"{root}: no such folder")
-        for run in load_runs(Path(root)):
-            if run["dir"].resolve() not in seen:
-                seen.add(run["dir"].resolve())
-                runs.append(run)
+    roots, runs = _gather(roots)
     where = ", ".join(f"`{r}`" for r in roots)
-    if not runs:
-        raise JaxpeftError(f"{where}: no finished runs (no {RESULTS} below)")
     table = summarize(runs)
     first = Path(roots[0])
-    md_path = Path(out_md) if out_md else first / "report.md"
-    plots = write_plots(runs, table, Path(plots_dir) if plots_dir else first / "plots")
-    text = [f"# Report: {len(runs)} runs under {where}", "", markdown_table(table), ""]
+    default_md, default_plots = first / "report.md", first / "plots"
+    if first.is_file():  # a study file: name.md and name-plots/ beside it
+        stem = first.parent / first.name.removesuffix(STUDY_SUFFIX)
+        default_md, default_plots = Path(f"{stem}.md"), Path(f"{stem}-plots")
+    md_path = Path(out_md) if out_md else default_md
+    plots = write_plots(runs, table, Path(plots_dir) if plots_dir else default_plots)
+    text = [f"# Report: {len(runs)} runs under {where}", "",
+            f"jaxpeft source of the runs: {_commits(runs)}.", "", markdown_table(table), ""]
     text += [f"![{p.stem}]({p.relative_to(md_path.parent) if p.is_relative_to(md_path.parent) else p})"
              for p in plots]
     atomic_write_bytes(md_path, ("\n".join(text) + "\n").encode())

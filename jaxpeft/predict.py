@@ -31,7 +31,7 @@ from jaxpeft.fileio import atomic_write_bytes
 from jaxpeft.models import load_pretrained
 from jaxpeft.peft import load_adapter
 from jaxpeft.peft.adapters import ADAPTER_CONFIG, read_adapter_config
-from jaxpeft.run import cli_logging
+from jaxpeft.cli import run_command
 from jaxpeft.train import forward
 
 INDEX_COLUMNS = ("index", "idx", "id")
@@ -184,11 +184,5 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
 def predict_cli(run: str, source: str, output: Optional[str], model: Optional[str],
                 columns: Optional[tuple], batch_size: int) -> int:
     """`predict_file` for the command line: user errors are one `error:` line, exit 1."""
-    cli_logging()
-    try:
-        predict_file(run, source, output, model=model, columns=columns,
-                     batch_size=batch_size)
-    except JaxpeftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: predict_file(run, source, output, model=model,
+                                            columns=columns, batch_size=batch_size))

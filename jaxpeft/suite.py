@@ -6,7 +6,7 @@ file offline) is reported in one line and the suite goes on. It then writes
 - `glue.json` / `glue.md`: per task the GLUE metrics of the best evaluation, the task's
   GLUE score, the trivial baseline of its dev split, trainable parameters and training time;
   the GLUE score over the tasks run; and the reference rows of `jaxpeft/references.json`
-  (published numbers and the seed thresholds), each with its source and model;
+  (published numbers and the BERT-base reference thresholds), each with its source and model;
 - with `--do_predict`, `glue_submission.zip` holding the files the GLUE server expects.
 
 The GLUE score of a task is the mean of its metrics (MRPC and QQP: F1 and accuracy; STS-B:
@@ -32,7 +32,8 @@ from jaxpeft.data import get_task
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import eval_suffix
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
-from jaxpeft.run import cli_main, train_and_evaluate
+from jaxpeft.cli import run_command
+from jaxpeft.run import train_and_evaluate
 from jaxpeft.writer import RESULTS, RunWriter
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
@@ -201,7 +202,7 @@ def glue_markdown(summary: dict) -> str:
     """glue.md: the task table, the score, and the reference rows."""
     lines = [f"# GLUE: {summary['method']} on {summary['model']} (recipe {summary['recipe']})",
              "", "| task | metrics (best eval) | task score | trivial baseline | beats it | "
-             "seed threshold | meets it | trainable | train s |",
+             "BERT-base reference threshold | meets it | trainable | train s |",
              "|---|---|---:|---:|:---:|---|:---:|---:|---:|"]
     for name, row in summary["tasks"].items():
         if row["status"] != "done":
@@ -257,5 +258,6 @@ def write_submission(root: Path) -> dict:
 def suite_cli(base: RunConfig, tasks: tuple, recipe: str, explicit: frozenset) -> int:
     """`run_suite` for the command line: user errors are one line and exit status 1."""
     base = dataclasses.replace(base, output_dir=str(suite_root(base)))
-    return cli_main(base, lambda cfg: run_suite(cfg, tasks, recipe, explicit),
-                    resume_hint="rerun the same command to continue")
+    return run_command(lambda: run_suite(base, tasks, recipe, explicit),
+                       output_dir=base.output_dir,
+                       resume_hint="rerun the same command to continue")

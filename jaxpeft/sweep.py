@@ -20,7 +20,8 @@ from jaxpeft.config import RunConfig, names_where, parse_value
 from jaxpeft.errors import JaxpeftError, RunInterrupted
 from jaxpeft.fileio import atomic_write_json
 from jaxpeft.peft import peft_from_run
-from jaxpeft.run import cli_main, train_and_evaluate
+from jaxpeft.cli import run_command
+from jaxpeft.run import train_and_evaluate
 from jaxpeft.writer import RESULTS
 
 log = logging.getLogger("jaxpeft")
@@ -108,17 +109,13 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
     return status
 
 
-def sweep_cli(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
+def sweep_cli(base: RunConfig, grid: str, seeds: Sequence[str], root: str,
               progress: bool = True) -> int:
     """Command-line entry: user errors print one line; exit 1 if any run failed; a stop
     signal ends the sweep after checkpointing the current run."""
-    status = {}
 
-    def work(cfg):
-        status.update(run_sweep(cfg, grid, seeds, root, progress))
+    def work() -> int:
+        status = run_sweep(base, grid, [parse_value("seed", s) for s in seeds], root, progress)
+        return 1 if any(s.startswith("failed") for s in status.values()) else 0
 
-    code = cli_main(dataclasses.replace(base, output_dir=root), work,
-                    resume_hint="rerun the same sweep to continue")
-    if code:
-        return code
-    return 1 if any(s.startswith("failed") for s in status.values()) else 0
+    return run_command(work, output_dir=root, resume_hint="rerun the same sweep to continue")

@@ -7,8 +7,10 @@ run will write again.
 The metrics-row schema: every row has `step` and `epoch`; a training row's other keys all
 start with `train_` (`train_loss`, `train_learning_rate`, `train_grad_norm`, ...), an
 evaluation row's with `eval_` (`eval_loss`, `eval_accuracy`, ..., `eval_examples`).
-`read_metrics` is the one reader (report, plots, resume and tests use it); it also reads
-rows written before the prefixes (unprefixed training stats, `train_loss` on eval rows).
+`read_metrics` is the one reader (report, plots, resume and tests use it).
+
+A study (many runs kept together, as in docs/studies/) is one gzipped JSON-lines file, one
+record per run with its config, results and metric rows: `write_study` / `read_study`.
 """
 
 from __future__ import annotations
@@ -30,23 +32,12 @@ log = logging.getLogger("jaxpeft")
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
-# Unprefixed keys of training rows written before the schema had prefixes.
-_OLD_TRAIN_KEYS = ("learning_rate", "grad_norm", "update_norm", "update_ratio",
-                   "loss_decrease", "examples_per_s")
+STUDY_SUFFIX = ".jsonl.gz"
 
 
 def is_eval_row(row: dict) -> bool:
     """True for an evaluation row, False for a training row."""
     return any(k.startswith("eval_") for k in row)
-
-
-def _upgrade(row: dict) -> dict:
-    """A row in the prefixed schema (rows from older runs are renamed, not dropped)."""
-    if is_eval_row(row):
-        return {k: v for k, v in row.items() if not k.startswith("train_")}
-    if "learning_rate" in row:
-        return {("train_" + k if k in _OLD_TRAIN_KEYS else k): v for k, v in row.items()}
-    return row
 
 
 def read_metrics(folder: os.PathLike) -> tuple[list, list]:
@@ -58,7 +49,7 @@ def read_metrics(folder: os.PathLike) -> tuple[list, list]:
     rows = []
     for number, line in enumerate(lines, start=1):
         try:
-            rows.append(_upgrade(json.loads(line)))
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines):
                 raise JaxpeftError(f"{path}:{number}: not a JSON row; the file is damaged "
@@ -169,3 +160,25 @@ class RunWriter:
         if self.enabled:
             lines = ["index\tprediction"] + [f"{i}\t{v}" for i, v in zip(idx, values)]
             atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def write_study(path: os.PathLike, runs: Iterable[dict]) -> Path:
+    """Writes runs (`{"name", "config", "results", "metrics"}` each, `metrics` the rows of
+    metrics.jsonl) as one gzipped JSON-lines file."""
+    import gzip
+
+    lines = "".join(json.dumps(_clean(run), sort_keys=True) + "\n" for run in runs)
+    # mtime=0: the same runs always give the same bytes (no spurious diffs in git).
+    atomic_write_bytes(Path(path), gzip.compress(lines.encode(), mtime=0))
+    return Path(path)
+
+
+def read_study(path: os.PathLike) -> list[dict]:
+    """The runs of a study file (`write_study`), in file order."""
+    import gzip
+
+    try:
+        text = gzip.decompress(Path(path).read_bytes()).decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise JaxpeftError(f"{path}: not a readable study file ({e})") from None

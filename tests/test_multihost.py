@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
-from tests.test_run import tiny_model  # noqa: F401  (fixture)
+from tests.helpers import REPO
 
 
 def _free_port():
@@ -44,7 +43,7 @@ def _rows(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tiny_model, glue_dir, tmp_path):  # noqa: F811
+def test_two_processes_match_one(tiny_model, glue_dir, tmp_path):
     one = subprocess.run([sys.executable, *_args(tiny_model, glue_dir, tmp_path / "one")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -64,7 +63,7 @@ def test_two_processes_match_one(tiny_model, glue_dir, tmp_path):  # noqa: F811
         json.loads((tmp_path / "one" / "results.json").read_text())["best"]["eval_accuracy"])
 
 
-def test_user_error_on_one_process_stops_both_with_its_message(tiny_model, glue_dir,  # noqa: F811
+def test_user_error_on_one_process_stops_both_with_its_message(tiny_model, glue_dir,
                                                                tmp_path):
     (tmp_path / "blocked").write_text("a file where process 1's folder should be")
     runs = _launch([_args(tiny_model, glue_dir, tmp_path / "ok"),

@@ -4,19 +4,22 @@ import numpy as np
 import pytest
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.optim import OptimConfig, decay_mask, learning_rate_at, make_schedule
+from jaxpeft.optim import OptimConfig, decay_mask, make_schedule
 
 
 @pytest.mark.parametrize("warmup", [0, 1, 7])
-def test_host_learning_rate_equals_optax_schedule(warmup):
+def test_schedule_is_linear_warmup_then_linear_decay(warmup):
+    """transformers' get_linear_schedule_with_warmup, step by step (the run log reads the
+    same optax schedule)."""
     cfg = OptimConfig(learning_rate=3e-4, total_steps=20, warmup_steps=warmup)
     schedule = make_schedule(cfg)
     for step in range(0, 22):
-        assert learning_rate_at(cfg, step) == pytest.approx(float(schedule(step)), rel=1e-5,
-                                                            abs=1e-12)
+        expected = (3e-4 * step / warmup if step < warmup
+                    else 3e-4 * max(0.0, (20 - step) / (20 - warmup)))
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
     if warmup:
-        assert learning_rate_at(cfg, warmup) == pytest.approx(3e-4)
-    assert learning_rate_at(cfg, 20) == 0.0
+        assert float(schedule(warmup)) == pytest.approx(3e-4)
+    assert float(schedule(20)) == 0.0
 
 
 def test_decay_mask_skips_bias_and_layernorm():

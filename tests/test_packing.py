@@ -4,28 +4,11 @@ import numpy as np
 import pytest
 
 import jaxpeft
-from jaxpeft.data.batching import (Encoded, bucket_lengths, make_batch, make_packed_batch,
-                                   pack_rows)
+from jaxpeft.data.batching import bucket_lengths, make_batch, make_packed_batch, pack_rows
 from jaxpeft.train import forward
-from tests.helpers import save_torch_model, tiny_hf_config
+from tests.helpers import random_encoded, save_torch_model, tiny_hf_config
 
 transformers = pytest.importorskip("transformers")
-
-
-def _encoded(model_type, n=13, pairs=False, vocab=120, seed=0, max_len=40):
-    """Random examples of varied length, with [CLS]/[SEP]-like structure and pair types."""
-    rs = np.random.default_rng(seed)
-    lengths = rs.integers(3, max_len, n)
-    ids, types = [], []
-    for n_tok in lengths:
-        ids.append(rs.integers(3, vocab, n_tok))
-        t = np.zeros(n_tok, np.int8)
-        if pairs and model_type == "bert":
-            t[n_tok // 2:] = 1
-        types.append(t)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return Encoded("x", "y", np.concatenate(ids).astype(np.int32), np.concatenate(types),
-                   offsets, rs.integers(0, 2, n).astype(np.int32), np.arange(n))
 
 
 @pytest.mark.parametrize("model_type,pairs", [("bert", False), ("bert", True),
@@ -37,7 +20,7 @@ def test_packed_logits_equal_unpacked(tmp_path, model_type, pairs):
     pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
     pad = pre.config.pad_token_id
     offset = pad + 1 if model_type == "roberta" else 0
-    enc = _encoded(model_type, pairs=pairs)
+    enc = random_encoded(model_type, pairs=pairs)
     rows = np.arange(len(enc))
     batch_size = 16  # 13 real examples + 3 padding slots
     plain = make_batch(enc, rows, batch_size, bucket_lengths(64), pad)
@@ -61,7 +44,7 @@ def test_pack_rows_fits_and_keeps_everyone():
 
 
 def test_packed_batch_layout():
-    enc = _encoded("roberta", n=5, max_len=10)
+    enc = random_encoded("roberta", n=5, max_len=10)
     b = make_packed_batch(enc, np.arange(5), 8, 32, pad_id=1, position_offset=2, row_multiple=2)
     assert b["input_ids"].shape[0] % 2 == 0
     for e in range(5):
@@ -78,7 +61,7 @@ def test_packed_batch_layout():
 def test_packed_eval_batches_score_everyone_once_in_one_shape():
     from jaxpeft.data.batching import EvalPacking, Packing, packed_eval_batches
 
-    enc = _encoded("roberta", n=200, max_len=50, seed=3)
+    enc = random_encoded("roberta", n=200, max_len=50, seed=3)
     shape = EvalPacking.for_split(enc, Packing(64, position_offset=2, row_multiple=2), 16)
     assert shape.rows % 2 == 0 and shape.max_examples == 64
     seen, shapes = [], set()
@@ -101,12 +84,12 @@ def test_packed_eval_batches_score_everyone_once_in_one_shape():
 def test_packed_eval_batches_close_at_max_examples():
     from jaxpeft.data.batching import EvalPacking, Packing, packed_eval_batches
 
-    enc = _encoded("bert", n=50, max_len=5, seed=1)  # short: many fit a row
+    enc = random_encoded("bert", n=50, max_len=5, seed=1)  # short: many fit a row
     shape = EvalPacking(Packing(64), rows=4, max_examples=8)
     counts = [int((b["index"] >= 0).sum()) for b in packed_eval_batches(enc, shape, 0)]
     assert sum(counts) == 50 and max(counts) == 8
     with pytest.raises(ValueError, match="exceeds rows"):
-        next(packed_eval_batches(_encoded("bert", n=3, max_len=90, seed=0),
+        next(packed_eval_batches(random_encoded("bert", n=3, max_len=90, seed=0),
                                  EvalPacking(Packing(64), 2, 8), 0))
 
 
@@ -133,7 +116,7 @@ def test_packed_evaluation_equals_bucketed(tmp_path, model_type, method):
         pre = jaxpeft.load_pretrained(tmp_path / task_name, tokenizer=False)
         peft = make_peft(method)
         model, params = peft.init(pre.model, pre.params, jax.random.key(0))
-        enc = _encoded(model_type, n=90, pairs=True, max_len=40, seed=5)
+        enc = random_encoded(model_type, n=90, pairs=True, max_len=40, seed=5)
         rs = np.random.default_rng(0)
         enc.labels = (rs.uniform(0, 5, 90).astype(np.float32) if task.is_regression
                       else rs.integers(0, 3, 90).astype(np.int32))

@@ -9,6 +9,7 @@ import pytest
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft.hf_import import import_peft
+from tests.helpers import save_torch_model, tiny_hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,7 +69,6 @@ def test_peft_trained_adapter_scores_as_in_pytorch(minilm_dir, glue_dir, sst2_ba
 
 
 def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_batch, tmp_path):
-    from tests.helpers import save_torch_model, tiny_hf_config
 
     _train_in_torch(minilm_dir, CONFIGS["lora"](), sst2_batch, tmp_path / "lora", steps=1)
     tiny = tmp_path / "tiny"

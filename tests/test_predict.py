@@ -9,20 +9,19 @@ import pytest
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.predict import predict_file
 from jaxpeft.run import train_and_evaluate
-from tests.test_reliability import _sst2_with_test
-from tests.test_run import _cfg, tiny_model  # noqa: F401  (fixture)
+from tests.helpers import run_config, sst2_with_test
 
 TEST_ROWS = ["a moving , funny film", "dull and lifeless", "ok", "the best film of the year",
              "nothing works here"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, glue_dir, tmp_path_factory):  # noqa: F811
+def trained(tiny_model, glue_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    data = _sst2_with_test(glue_dir, root / "glue")
+    data = sst2_with_test(glue_dir, root / "glue")
     (data / "SST-2" / "test.tsv").write_text(
         "index\tsentence\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(TEST_ROWS)))
-    train_and_evaluate(_cfg(tiny_model, data, root, max_steps=6, eval_every=0,
+    train_and_evaluate(run_config(tiny_model, data, root, max_steps=6, eval_every=0,
                             max_eval_samples=64, do_predict=True, learning_rate=5e-3))
     return root / "run", data
 

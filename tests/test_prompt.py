@@ -11,14 +11,13 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft import make_peft
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.train import forward
-from tests.helpers import random_batch, save_torch_model, tiny_hf_config
-from tests.test_packing import _encoded
+from tests.helpers import random_batch, random_encoded, save_torch_model, tiny_hf_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def test_add_virtual_slots_puts_slots_before_every_example():
-    enc = _encoded("bert", n=3, max_len=6)
+    enc = random_encoded("bert", n=3, max_len=6)
     out = add_virtual_slots(enc, 2)
     np.testing.assert_array_equal(out.lengths, enc.lengths + 2)
     for i in range(3):
@@ -49,7 +48,7 @@ def test_packed_prompt_logits_equal_unpacked(tiny, head):
     model, params = peft.init(tiny.model, tiny.params, jax.random.key(0))
     pad = tiny.config.pad_token_id
     offset = pad + 1 if tiny.config.model_type == "roberta" else 0
-    enc = _encoded(tiny.config.model_type, n=11, pairs=True, max_len=30)
+    enc = random_encoded(tiny.config.model_type, n=11, pairs=True, max_len=30)
     rows = np.arange(len(enc))
     plain = make_batch(enc, rows, 16, bucket_lengths(32), pad)
     packed = make_packed_batch(add_virtual_slots(enc, n), rows, 16, 32 + n, pad,

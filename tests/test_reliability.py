@@ -13,28 +13,20 @@ import jaxpeft
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.run import train_and_evaluate
 from jaxpeft.writer import read_metrics
-from tests.conftest import REPO
-from tests.test_run import _cfg, tiny_model  # noqa: F401  (fixture)
+from tests.helpers import (REPO, comparable_rows, run_config, save_torch_model, sst2_with_test,
+                           tiny_hf_config)
 
 transformers = pytest.importorskip("transformers")
 
 
-def _sst2_with_test(glue_dir, root):
-    (root / "SST-2").mkdir(parents=True)
-    for name in ("train.tsv", "dev.tsv"):
-        os.symlink(glue_dir / "SST-2" / name, root / "SST-2" / name)
-    (root / "SST-2" / "test.tsv").write_text("index\tsentence\n0\tfine\n1\tdull\n")
-    return root
-
-
-def test_resume_on_finished_run_only_predicts_and_exports(tiny_model, glue_dir,  # noqa: F811
+def test_resume_on_finished_run_only_predicts_and_exports(tiny_model, glue_dir,
                                                           tmp_path):
-    data = _sst2_with_test(glue_dir, tmp_path / "glue")
-    cfg = _cfg(tiny_model, data, tmp_path, max_steps=3, eval_every=0, max_eval_samples=64)
+    data = sst2_with_test(glue_dir, tmp_path / "glue")
+    cfg = run_config(tiny_model, data, tmp_path, max_steps=3, eval_every=0, max_eval_samples=64)
     first = train_and_evaluate(cfg)
     run = tmp_path / "run"
     metrics = (run / "metrics.jsonl").read_bytes()
-    again = train_and_evaluate(_cfg(tiny_model, data, tmp_path, max_steps=3, eval_every=0,
+    again = train_and_evaluate(run_config(tiny_model, data, tmp_path, max_steps=3, eval_every=0,
                                     max_eval_samples=64, resume=True, do_predict=True,
                                     export_peft=True, export_merged=True))
     assert (run / "predict" / "SST-2.tsv").is_file() and (run / "peft").is_dir()
@@ -45,16 +37,16 @@ def test_resume_on_finished_run_only_predicts_and_exports(tiny_model, glue_dir, 
     assert json.loads((run / "results.json").read_text())["predictions"] == again["predictions"]
     # A moved run folder resumes (the path is not a setting).
     shutil.move(run, tmp_path / "moved")
-    cfg = _cfg(tiny_model, data, tmp_path, max_steps=3, eval_every=0, max_eval_samples=64,
+    cfg = run_config(tiny_model, data, tmp_path, max_steps=3, eval_every=0, max_eval_samples=64,
                resume=True, output_dir=str(tmp_path / "moved"))
     assert train_and_evaluate(cfg)["best"] == first["best"]
 
 
-def test_missing_test_file_fails_before_anything_loads(tiny_model, glue_dir, tmp_path):  # noqa: F811
-    data = _sst2_with_test(glue_dir, tmp_path / "glue")
+def test_missing_test_file_fails_before_anything_loads(tiny_model, glue_dir, tmp_path):
+    data = sst2_with_test(glue_dir, tmp_path / "glue")
     (data / "SST-2" / "test.tsv").unlink()
     with pytest.raises(JaxpeftError, match=r"SST-2/test.tsv: file not found"):
-        train_and_evaluate(_cfg(tiny_model, data, tmp_path, max_steps=1, do_predict=True))
+        train_and_evaluate(run_config(tiny_model, data, tmp_path, max_steps=1, do_predict=True))
     assert not (tmp_path / "run").exists()
 
 
@@ -69,7 +61,7 @@ def test_torn_last_metrics_line_is_dropped_other_damage_is_named(tmp_path, caplo
         read_metrics(tmp_path)
 
 
-def test_model_folder_without_tokenizer_is_an_error(tiny_model, tmp_path):  # noqa: F811
+def test_model_folder_without_tokenizer_is_an_error(tiny_model, tmp_path):
     folder = tmp_path / "weights_only"
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -80,7 +72,6 @@ def test_model_folder_without_tokenizer_is_an_error(tiny_model, tmp_path):  # no
 
 
 def test_tokenizer_of_another_vocabulary_is_an_error(tmp_path):
-    from tests.helpers import save_torch_model, tiny_hf_config
 
     save_torch_model(transformers.BertForSequenceClassification, tiny_hf_config("bert"), tmp_path)
     from jaxpeft.models.checkpoint import minilm_path
@@ -91,7 +82,7 @@ def test_tokenizer_of_another_vocabulary_is_an_error(tmp_path):
         jaxpeft.load_pretrained(tmp_path, tokenizer=minilm_path())
 
 
-def test_config_of_another_family_is_refused(tiny_model, tmp_path):  # noqa: F811
+def test_config_of_another_family_is_refused(tiny_model, tmp_path):
     folder = tmp_path / "relabelled"
     shutil.copytree(tiny_model, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -148,9 +139,9 @@ def _events(folder):
     return scalars, texts
 
 
-def test_tensorboard_events_match_metrics(tiny_model, glue_dir, tmp_path):  # noqa: F811
+def test_tensorboard_events_match_metrics(tiny_model, glue_dir, tmp_path):
     pytest.importorskip("tensorboardX")
-    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, max_steps=4, log_every=2,
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, max_steps=4, log_every=2,
                             eval_every=2, max_eval_samples=32))
     scalars, texts = _events(tmp_path / "run" / "tensorboard")
     train, evals = read_metrics(tmp_path / "run")
@@ -172,85 +163,84 @@ def _interrupt_at(step_to_stop, signum=None):
     return on_step
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_ends_as_uninterrupted(tiny_model, glue_dir,  # noqa: F811
+def test_sigterm_saves_a_checkpoint_and_resume_ends_as_uninterrupted(tiny_model, glue_dir,
                                                                      tmp_path):
     """A real SIGTERM mid-run (with --checkpoint_every=0): checkpoint at that step, clean
     stop; --resume ends with the same metrics rows, the first train_loss row included."""
     from jaxpeft.errors import RunInterrupted
-    from tests.test_run import _comparable_rows
 
     kw = dict(max_steps=10, log_every=4, eval_every=5, checkpoint_every=0, max_eval_samples=32,
               lora_dropout=0.1)
-    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", **kw))
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "a", **kw))
     with pytest.raises(RunInterrupted, match="stopped by SIGTERM at step 3 of 10"):
-        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", **kw),
+        train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "b", **kw),
                            on_step=_interrupt_at(3))
     assert (tmp_path / "b" / "run" / "checkpoints" / "3").is_dir()
-    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
-    assert _comparable_rows(tmp_path / "b" / "run") == _comparable_rows(tmp_path / "a" / "run")
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
+    assert comparable_rows(tmp_path / "b" / "run") == comparable_rows(tmp_path / "a" / "run")
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_model, glue_dir, tmp_path,  # noqa: F811
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_model, glue_dir, tmp_path,
                                                               caplog):
     from jaxpeft.errors import RunInterrupted
-    from tests.test_run import _comparable_rows
 
     kw = dict(max_steps=8, log_every=2, eval_every=4, checkpoint_every=2, max_eval_samples=32)
-    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", **kw))
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "a", **kw))
     with pytest.raises(RunInterrupted):
-        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", **kw),
+        train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "b", **kw),
                            on_step=_interrupt_at(5))
     ckpts = tmp_path / "b" / "run" / "checkpoints"
     assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 5]
     for f in (ckpts / "5").rglob("*"):  # truncate every file of the newest checkpoint
         if f.is_file():
             f.write_bytes(f.read_bytes()[:3])
-    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
     assert "checkpoints/5 is damaged" in caplog.text
-    assert _comparable_rows(tmp_path / "b" / "run") == _comparable_rows(tmp_path / "a" / "run")
+    assert comparable_rows(tmp_path / "b" / "run") == comparable_rows(tmp_path / "a" / "run")
 
 
-def test_second_run_on_a_locked_folder_is_refused(tiny_model, glue_dir, tmp_path):  # noqa: F811
+def test_second_run_on_a_locked_folder_is_refused(tiny_model, glue_dir, tmp_path):
     from jaxpeft.outputs import RunLock
 
     with RunLock(tmp_path / "run"):
         with pytest.raises(JaxpeftError, match=f"another run is using this folder \\(process "
                                                f"{os.getpid()}\\)"):
-            train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, max_steps=1))
+            train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, max_steps=1))
 
 
-def test_output_dir_problems_surface_before_the_model_loads(tiny_model, glue_dir, tmp_path,  # noqa: F811
+def test_output_dir_problems_surface_before_the_model_loads(tiny_model, glue_dir, tmp_path,
                                                             monkeypatch):
-    import jaxpeft.run
+    import jaxpeft.setup
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(jaxpeft.run, "load_pretrained", no_loading)
+    monkeypatch.setattr(jaxpeft.setup, "load_pretrained", no_loading)
     (tmp_path / "file").write_text("x")
     with pytest.raises(JaxpeftError, match="is a file, not a folder"):
-        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, output_dir=str(tmp_path / "file")))
+        train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path,
+                                      output_dir=str(tmp_path / "file")))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(JaxpeftError, match="holds an unfinished or other run"):
-        train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path))
+        train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path))
 
 
-def test_interrupt_and_full_disk_are_one_line(tiny_model, glue_dir, tmp_path, capsys):  # noqa: F811
+def test_interrupt_and_full_disk_are_one_line(tiny_model, glue_dir, tmp_path, capsys):
     import errno
 
+    from jaxpeft.cli import run_command
     from jaxpeft.errors import RunInterrupted
-    from jaxpeft.run import cli_main
 
-    def stopped(cfg):
+    def stopped():
         raise RunInterrupted("stopped by SIGTERM at step 3 of 10; checkpoint saved", 15)
 
-    def full(cfg):
+    def full():
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    cfg = _cfg(tiny_model, glue_dir, tmp_path)
-    assert cli_main(cfg, stopped) == 143
-    assert cli_main(cfg, full) == 1
+    out = run_config(tiny_model, glue_dir, tmp_path).output_dir
+    assert run_command(stopped, output_dir=out) == 143
+    assert run_command(full, output_dir=out) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("stopped by SIGTERM at step 3 of 10; checkpoint saved; continue "
                              "with --resume")
@@ -259,7 +249,7 @@ def test_interrupt_and_full_disk_are_one_line(tiny_model, glue_dir, tmp_path, ca
 
 # ---- damaged inputs: one clear line each ---------------------------------------------------
 
-def test_damaged_inputs_are_one_clear_error(tiny_model, glue_dir, tmp_path):  # noqa: F811
+def test_damaged_inputs_are_one_clear_error(tiny_model, glue_dir, tmp_path):
     from jaxpeft.config import RunConfig, validate
     from jaxpeft.data import load_split
     from jaxpeft.peft.adapters import load_adapter
@@ -282,7 +272,7 @@ def test_damaged_inputs_are_one_clear_error(tiny_model, glue_dir, tmp_path):  # 
             validate(RunConfig(**{name: value}))
     # Adapter folders: truncated weights, invalid JSON, a description without num_labels.
     run = tmp_path / "run"
-    train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, max_steps=1, eval_every=0,
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, max_steps=1, eval_every=0,
                             max_eval_samples=16))
     pre = jaxpeft.load_pretrained(tiny_model, num_labels=2)
     best = run / "best"

@@ -10,39 +10,12 @@ import pytest
 
 from jaxpeft.config import RunConfig
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.run import cli_main, train_and_evaluate
+from jaxpeft.run import train_and_evaluate, train_cli
 from jaxpeft.writer import read_metrics
-from tests.conftest import REPO
+from tests.helpers import REPO, comparable_rows, metric_rows, run_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, minilm_dir):
-    """A 2-layer hidden-32 BERT with the real MiniLM uncased tokenizer, saved HF-style."""
-    out = tmp_path_factory.mktemp("tiny_bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
-    return out
-
-
-def _cfg(tiny_model, glue_dir, tmp_path, **kw):
-    base = dict(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
-                max_train_samples=96, batch_size=16, eval_batch_size=128, num_epochs=2,
-                log_every=4, eval_every=5, checkpoint_every=4, max_seq_length=64,
-                learning_rate=1e-3, cache_dir="", output_dir=str(tmp_path / "run"),
-                progress=False)
-    base.update(kw)
-    return RunConfig(**base)
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _train_rows(out):
@@ -50,7 +23,7 @@ def _train_rows(out):
 
 
 def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
-    cfg = _cfg(tiny_model, glue_dir, tmp_path)
+    cfg = run_config(tiny_model, glue_dir, tmp_path)
     results = train_and_evaluate(cfg)
     out = tmp_path / "run"
     on_disk = json.loads((out / "results.json").read_text())
@@ -69,7 +42,7 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     assert [r["step"] for r in train_rows] == [4, 8, 12]
     assert [r["step"] for r in eval_rows] == [5, 6, 10, 12]  # every 5 steps, each epoch end
     # One schema: a row's keys besides step/epoch all carry its kind's prefix.
-    assert len(_rows(out)) == len(train_rows) + len(eval_rows)
+    assert len(metric_rows(out)) == len(train_rows) + len(eval_rows)
     for rows, prefix in ((train_rows, "train_"), (eval_rows, "eval_")):
         assert all(k.startswith(prefix) for r in rows for k in r if k not in ("step", "epoch"))
     assert all(r["eval_examples"] == 872 for r in eval_rows)  # whole dev split, each once
@@ -82,7 +55,7 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
 
 
 def test_stsb_bitfit_regression_run(tiny_model, glue_dir, tmp_path):
-    results = train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path, task="stsb",
+    results = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, task="stsb",
                                       method="bitfit", num_epochs=1, max_eval_samples=200))
     final = results["final"]
     assert set(final) >= {"eval_loss", "eval_pearson", "eval_spearman", "eval_combined_score"}
@@ -94,21 +67,17 @@ class _Kill(Exception):
     pass
 
 
-def _comparable_rows(out):
-    return [{k: v for k, v in r.items() if k != "train_examples_per_s"} for r in _rows(out)]
-
-
 def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path):
     """A killed run resumed from its checkpoint ends exactly as an uninterrupted one (packed
     training batches, dropout on)."""
-    full = train_and_evaluate(_cfg(tiny_model, glue_dir, tmp_path / "a", lora_dropout=0.1,
+    full = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "a", lora_dropout=0.1,
                                    packing=True))
 
     def kill_at_7(step):
         if step == 7:
             raise _Kill()
 
-    cfg = _cfg(tiny_model, glue_dir, tmp_path / "b", lora_dropout=0.1, packing=True)
+    cfg = run_config(tiny_model, glue_dir, tmp_path / "b", lora_dropout=0.1, packing=True)
     with pytest.raises(_Kill):
         train_and_evaluate(cfg, on_step=kill_at_7)
     assert not (tmp_path / "b" / "run" / "results.json").exists()
@@ -118,11 +87,11 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path)
     assert resumed["final"] == full["final"]
     assert resumed["best"] == full["best"]
     assert resumed["train"]["steps"] == 12
-    assert _comparable_rows(tmp_path / "b" / "run") == _comparable_rows(tmp_path / "a" / "run")
+    assert comparable_rows(tmp_path / "b" / "run") == comparable_rows(tmp_path / "a" / "run")
 
 
 def test_finished_run_is_never_clobbered(tiny_model, glue_dir, tmp_path):
-    cfg = _cfg(tiny_model, glue_dir, tmp_path, max_steps=2, eval_every=0, max_eval_samples=50)
+    cfg = run_config(tiny_model, glue_dir, tmp_path, max_steps=2, eval_every=0, max_eval_samples=50)
     train_and_evaluate(cfg)
     before = (tmp_path / "run" / "results.json").read_bytes()
     with pytest.raises(JaxpeftError, match="holds a finished run.*--overwrite"):
@@ -141,7 +110,7 @@ def test_predict_and_peft_export(tiny_model, glue_dir, tmp_path):
         os.symlink(glue_dir / "SST-2" / name, data / "SST-2" / name)
     (data / "SST-2" / "test.tsv").write_text(
         "index\tsentence\n0\ta moving , funny film\n1\tdull and lifeless\n2\tok\n")
-    results = train_and_evaluate(_cfg(tiny_model, data, tmp_path, max_steps=3, eval_every=0,
+    results = train_and_evaluate(run_config(tiny_model, data, tmp_path, max_steps=3, eval_every=0,
                                       max_eval_samples=64, do_predict=True, export_peft=True))
     lines = (tmp_path / "run" / "predict" / "SST-2.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 4
@@ -152,12 +121,12 @@ def test_predict_and_peft_export(tiny_model, glue_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
-    cfg = _cfg(tiny_model, glue_dir, tmp_path, method="full", learning_rate=1e30,
+    cfg = run_config(tiny_model, glue_dir, tmp_path, method="full", learning_rate=1e30,
                max_grad_norm=0.0, eval_every=1, log_every=1, max_eval_samples=32, num_epochs=1)
     with pytest.raises(JaxpeftError, match="non-finite training loss at step"):
         train_and_evaluate(cfg)
     assert (tmp_path / "run" / "best" / "adapter.json").is_file()
-    assert any("eval_accuracy" in r for r in _rows(tmp_path / "run"))
+    assert any("eval_accuracy" in r for r in metric_rows(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -178,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
                                                   "exceeds"),
 ])
 def test_user_errors_one_line(tiny_model, glue_dir, tmp_path, capsys, overrides, message):
-    code = cli_main(_cfg(tiny_model, glue_dir, tmp_path, **overrides))
+    code = train_cli(run_config(tiny_model, glue_dir, tmp_path, **overrides))
     err = capsys.readouterr().err.strip()
     assert code == 1 and message in err and "Traceback" not in err
     assert err.count("\n") == 0

@@ -14,7 +14,6 @@ from jaxpeft.data import get_task, load_split
 from jaxpeft.evaluation import trivial_baseline
 from jaxpeft.run import baseline_warning
 from jaxpeft.suite import GLUE_TASKS, glue_metric_keys, run_suite, task_config, task_score
-from tests.test_run import tiny_model  # noqa: F401  (fixture)
 
 MNLI = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
         "sentence1_parse\tsentence2_parse\tsentence1\tsentence2")
@@ -94,7 +93,7 @@ VOCAB = {"CoLA.tsv": {"0", "1"}, "SST-2.tsv": {"0", "1"}, "MRPC.tsv": {"0", "1"}
          "QNLI.tsv": {"entailment", "not_entailment"}, "RTE.tsv": {"entailment", "not_entailment"}}
 
 
-def test_suite_runs_every_task_writes_tables_and_submission(tiny_model, tmp_path):  # noqa: F811
+def test_suite_runs_every_task_writes_tables_and_submission(tiny_model, tmp_path):
     data = make_glue_folder(tmp_path / "glue")
     base = RunConfig(model=str(tiny_model), method="lora", data_dir=str(data), max_steps=2,
                      batch_size=4, eval_batch_size=8, log_every=1, max_seq_length=32,
@@ -135,7 +134,7 @@ def test_suite_runs_every_task_writes_tables_and_submission(tiny_model, tmp_path
     assert again["score"] == pytest.approx(summary["score"])
 
 
-def test_failed_task_is_reported_and_the_suite_goes_on(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_failed_task_is_reported_and_the_suite_goes_on(tiny_model, tmp_path, capsys):
     data = make_glue_folder(tmp_path / "glue")
     for f in (data / "MNLI").iterdir():
         f.unlink()  # offline GLUE folders have no MNLI training file

@@ -5,10 +5,9 @@ import json
 import pytest
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.plots import write_report
 from jaxpeft.config import RunConfig
-from jaxpeft.sweep import expand, parse_grid, run_sweep
-from tests.test_run import tiny_model  # noqa: F401  (fixture)
+from jaxpeft.plots import pack_study, write_report
+from jaxpeft.sweep import expand, parse_grid, run_sweep, sweep_cli
 
 
 def test_parse_grid_types_and_errors(tmp_path):
@@ -26,7 +25,7 @@ def test_parse_grid_types_and_errors(tmp_path):
             parse_grid(bad)
 
 
-def test_sweep_then_report(tiny_model, glue_dir, tmp_path):  # noqa: F811
+def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
     base = RunConfig(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
                      max_train_samples=64, batch_size=16, max_steps=4, log_every=2,
                      eval_every=2, max_eval_samples=64, max_seq_length=64, cache_dir="",
@@ -69,9 +68,33 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):  # noqa: F811
                     ["lora", "train_pooler=False", "0.01", "8"],
                     ["lora", "train_pooler=True", "0.001", "8"]]
 
+    # A study file keeps the runs in one file; its report has the same table.
+    study = pack_study([str(root), str(other)], str(tmp_path / "study.jsonl.gz"))
+    assert study.stat().st_size < 60_000
+    packed = write_report(str(study), str(tmp_path / "packed.md")).read_text()
+    table = lambda t: [l for l in t.splitlines() if l.startswith("|")]  # noqa: E731
+    assert table(packed) == table(text)
+    assert (tmp_path / "study-plots" / "sst2_curves.png").is_file()
+    with pytest.raises(JaxpeftError, match="ends in .jsonl.gz"):
+        pack_study(str(root), str(tmp_path / "study.json"))
+
 
 def test_report_on_empty_or_missing_folder(tmp_path):
     with pytest.raises(JaxpeftError, match="no finished runs"):
         write_report(str(tmp_path))
-    with pytest.raises(JaxpeftError, match="no such folder"):
+    with pytest.raises(JaxpeftError, match="no such folder or study file"):
         write_report([str(tmp_path), str(tmp_path / "nope")])
+
+
+def test_sweep_seeds_that_are_not_numbers_are_one_error_line(tmp_path, capsys):
+    code = sweep_cli(RunConfig(), "learning_rate=1e-3", ["0", "a"], str(tmp_path / "s"))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == "error: seed='a' is not a number"
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_damaged_study_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(JaxpeftError, match="bad.jsonl.gz: not a readable study file"):
+        write_report(str(bad))

@@ -29,8 +29,8 @@ def gelu_erf(x: jax.Array) -> jax.Array:
 
     `jax.nn.gelu(approximate=False)` computes the same function through `erfc`, whose
     piecewise exponential form XLA's CPU backend runs as several unfused passes; `erf` is
-    one rational polynomial: MiniLM train steps 1.4-6 % faster for it (benchmarks/RESULTS.md,
-    section 5h), losses equal to float rounding. In the far negative tail, where erf's sum
+    one rational polynomial: MiniLM train steps 1.4-6 % faster for it (measured with the A/B
+    script of commit d93b942), losses equal to float rounding. In the far negative tail, where erf's sum
     cancels, it rounds as PyTorch's formula does.
     """
     return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
@@ -119,7 +119,7 @@ def keep_mask(rng: jax.Array, shape: tuple, rate: float) -> tuple[jax.Array, flo
     of the position fuses into the multiply that applies the mask, so no random bits are
     materialised: on the attention-probability shape of MiniLM (32 x 12 x 128 x 128) the
     masked multiply costs 5 ms against 50 ms for threefry bits split into 16-bit draws
-    (benchmarks/RESULTS.md, section 5). Two mixing rounds keyed separately keep masks of
+    (measured with the benchmarks of commit 82daeaf). Two mixing rounds keyed separately keep masks of
     different keys unrelated (one round would make them index-permuted copies of each
     other); tests check the keep rate, neighbour and cross-key independence.
     """
@@ -158,7 +158,7 @@ def token_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     transposes the output gradient into `[out, tokens]` before the product, a full copy
     of it for every layer. From the flat product it takes `xᵀ @ dy` with no copy: the
     MiniLM full fine-tuning step at 32x128 is 13 % shorter, LoRA's (whose own products
-    use this too) 3 % (benchmarks/RESULTS.md, section 5l). Every token-wise product of
+    use this too) 3 % (measured at commit a7bb8ab). Every token-wise product of
     the encoder and the PEFT hooks goes through here.
     """
     flat = x.reshape(-1, x.shape[-1]) @ w
@@ -311,7 +311,7 @@ def dropout_attention(q, k, v, mask, dropout: Dropout) -> jax.Array:
     explicitly, so XLA's CPU backend runs both products as plain batched matmuls over
     contiguous `[length, head_dim]` blocks instead of relayouting around token-major
     einsums. With `gelu_erf`, MiniLM train steps are 0-6 % faster for it, never slower
-    (benchmarks/RESULTS.md, section 5h; `benchmarks/bench_model_variants.py` reruns it).
+    (measured with the A/B script of commit d93b942).
     """
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     logits = jnp.einsum("bnth,bnsh->bnts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)

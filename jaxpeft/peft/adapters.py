@@ -34,8 +34,6 @@ from jaxpeft.peft.registry import peft_from_dict
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 FORMAT = "jaxpeft-adapter/2"
-# Version 1 stored LoRA's options under "lora" and no options for other methods.
-_OLD_FORMAT = "jaxpeft-adapter/1"
 # The config fields that fix the parameter shapes: an adapter only fits a base that agrees.
 _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                 "num_attention_heads", "intermediate_size", "max_position_embeddings",
@@ -74,7 +72,7 @@ def save_adapter(directory: os.PathLike, peft: Peft, params: Any, *, base_model:
 
 
 def read_adapter_config(directory: os.PathLike) -> dict:
-    """The parsed `adapter.json` of an adapter folder (version 1 files are upgraded)."""
+    """The parsed `adapter.json` of an adapter folder."""
     cfg_file = Path(directory) / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise JaxpeftError(f"{directory}: no {ADAPTER_CONFIG}; not a jaxpeft adapter folder")
@@ -84,13 +82,6 @@ def read_adapter_config(directory: os.PathLike) -> dict:
         raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise JaxpeftError(f"{cfg_file}: not a {FORMAT} adapter description")
-    if meta.get("format") == _OLD_FORMAT and "method" in meta:
-        options = meta.pop("lora")
-        if options is not None:
-            options["loraplus_lr_ratio"] = 0.0  # version 1 had no LoRA+
-        meta["peft"] = {"method": meta.pop("method"), "options": options or {},
-                        "train_pooler": meta.pop("train_pooler")}
-        meta["format"] = FORMAT
     if meta.get("format") != FORMAT or not isinstance(meta.get("peft"), dict):
         raise JaxpeftError(f"{cfg_file}: not a {FORMAT} adapter description")
     missing = [k for k in ("base_model", "num_labels", "architecture") if k not in meta]
@@ -115,6 +106,17 @@ def _check_base(directory, meta: dict, pre: Pretrained, check_base_name: bool) -
                            "check_base_name=False if they are the same weights)")
 
 
+def read_adapter_weights(directory: os.PathLike) -> dict[str, np.ndarray]:
+    """`{path "a/b/c": array}`: the trainable leaves an adapter folder holds."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    except Exception as e:  # SafetensorError, OSError: a truncated, damaged or missing file
+        raise JaxpeftError(f"{Path(directory) / ADAPTER_WEIGHTS}: not a readable safetensors "
+                           f"file ({first_line(e)})") from None
+
+
 def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool = True
                  ) -> tuple[SequenceClassifier, Any, Peft]:
     """Puts a saved adapter onto a loaded base model: `(model, params, peft)`.
@@ -124,8 +126,6 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
     hooks (LoRA's saved scale and dropout). Refuses an adapter made for another
     architecture, `num_labels` or (unless `check_base_name=False`) another base model name.
     """
-    from safetensors.numpy import load_file
-
     meta = read_adapter_config(directory)
     _check_base(directory, meta, pre, check_base_name)
     peft = peft_from_dict(meta["peft"])
@@ -135,12 +135,7 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
             model.runtime, target_mean=meta["target"]["mean"], target_std=meta["target"]["std"]))
     model, params = peft.init(model, pre.params, jax.random.key(0))  # values overwritten below
     mask = traverse_util.flatten_dict(peft.mask(params))
-    try:
-        saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
-    except Exception as e:  # SafetensorError, OSError: a truncated, damaged or missing file
-        reason = first_line(e)
-        raise JaxpeftError(f"{Path(directory) / ADAPTER_WEIGHTS}: not a readable safetensors "
-                           f"file ({reason})") from None
+    saved = read_adapter_weights(directory)
     flat = dict(traverse_util.flatten_dict(params))
     expected = {path_str(p) for p, m in mask.items() if m}
     if set(saved) != expected:

@@ -111,13 +111,11 @@ def convert_peft_adapter(peft_dir: os.PathLike, model: str, task: str, output: o
 
 def convert_cli(peft_dir: str, model: str, task: str, output: str, max_seq_length: int) -> int:
     """`convert_peft_adapter` for the command line: user errors are one `error:` line."""
-    import sys
+    from jaxpeft.cli import run_command
 
-    try:
+    def work() -> None:
         out = convert_peft_adapter(peft_dir, model, task, output, max_seq_length)
-    except JaxpeftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote the jaxpeft adapter {out} (predict with: python -m experiments.predict "
-          f"--run={out} --input=...)")
-    return 0
+        print(f"wrote the jaxpeft adapter {out} (predict with: python -m experiments.predict "
+              f"--run={out} --input=...)")
+
+    return run_command(work)
