@@ -44,8 +44,8 @@ flags.DEFINE_bool("random_weights", False, "build the model from its config with
 flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to build from")
 flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmul (the "
                     "default is model-shaped for MiniLM; use a large one on GPUs)")
-flags.DEFINE_list("train_step_xla_options", [], "as run_glue's flag: XLA options "
-                  "(name=value) for the train step's program")
+flags.DEFINE_string("train_step_xla_options", "", "as run_glue's flag: XLA options "
+                    "(name=value, several joined by ';') for the train step's program")
 flags.DEFINE_bool("in_process", False, "run every measurement in this process, one after "
                   "another, rather than each in its own: no process start, CUDA set-up and "
                   "imports per measurement (about half of a 10-minute GPU job), but no peak "
@@ -227,7 +227,7 @@ def jax_worker(f, method, batch, seq):
                        if p[-1] == "kernel" and p[0] != "classifier")
     state, frozen = create_train_state(params, mask, tx)
     del params
-    options = dict(o.split("=", 1) for o in f.train_step_xla_options)
+    options = dict(o.split("=", 1) for o in f.train_step_xla_options.split(";") if o)
     step = make_train_step(model, tx, options)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     run = start_variant(step, state, frozen, data, jax.random.key(0))

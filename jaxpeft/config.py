@@ -96,12 +96,12 @@ class RunConfig:
         True, "Keep XLA compilations in <cache_dir>/xla (JAX's persistent compilation cache), "
         "so the next run of the same shapes, e.g. in a sweep, skips compiling.",
         resumable=True, **_IO)
-    train_step_xla_options: tuple = _option(
-        (), "XLA compiler options for the train step's program, as name=value (e.g. "
-        "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT); speed "
-        "only: they pick kernels, not the math (docs/performance.md has measured ones).",
-        check=(lambda v: all("=" in o for o in v), "a list of name=value"), resumable=True,
-        **_IO)
+    train_step_xla_options: str = _option(
+        "", "XLA compiler options for the train step's program, name=value, several joined "
+        "by ';' (e.g. xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT); "
+        "speed only: they pick kernels, not the math (docs/performance.md has measured ones).",
+        check=(lambda v: all("=" in o for o in v.split(";") if o.strip()),
+               "name=value options joined by ';'"), resumable=True, **_IO)
     cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
                              "(empty: no cache).",
                              **_IO)
@@ -176,7 +176,8 @@ class RunConfig:
 
     def xla_options(self) -> dict:
         """`--train_step_xla_options` as the `compiler_options` dict of the step's jit."""
-        return dict(o.split("=", 1) for o in self.train_step_xla_options)
+        return dict(o.strip().split("=", 1) for o in self.train_step_xla_options.split(";")
+                    if o.strip())
 
     def resolved_learning_rate(self) -> float:
         """The learning rate in force (the method's default when none was given)."""

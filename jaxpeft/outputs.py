@@ -8,14 +8,17 @@ import os
 import shutil
 from pathlib import Path
 
-from jaxpeft.config import RunConfig, names_where
+from jaxpeft.config import RunConfig, names_where, options
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.writer import CONFIG, RESULTS, RunWriter
 
 
 def _comparable(d: dict) -> dict:
-    resumable = names_where("resumable")
-    return {k: v for k, v in d.items() if k not in resumable}
+    """The settings a resumed run must share: an option the saved run does not record (one
+    added since) ran at its default; one this version does not know changes nothing here."""
+    resumable = set(names_where("resumable"))
+    values = {n: d.get(n, o.default) for n, o in options().items() if n not in resumable}
+    return json.loads(json.dumps(values))  # tuples as lists, as read back from disk
 
 
 LOCK = ".lock"
@@ -99,7 +102,7 @@ def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
                                    f"({CONFIG} missing)")
             return False  # nothing to resume yet: start fresh
         old = _comparable(RunWriter(out).read_config()["run"])
-        new = _comparable(json.loads(json.dumps(config_dict["run"])))  # as read back from disk
+        new = _comparable(config_dict["run"])
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)

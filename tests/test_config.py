@@ -100,3 +100,11 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode
     assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == mode
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+
+
+def test_train_step_xla_options_parse_values_with_commas():
+    cfg = RunConfig(train_step_xla_options="a_option=X,Y; b_option=3")
+    assert cfg.xla_options() == {"a_option": "X,Y", "b_option": "3"}
+    assert RunConfig().xla_options() == {}
+    with pytest.raises(JaxpeftError, match="name=value options joined by ';'"):
+        validate(RunConfig(train_step_xla_options="just_a_name"))
