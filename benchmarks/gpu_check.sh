@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU run for the `device` tool: about 9-10 minutes on an H200 (give it a 600 s
-# call; what a session's 15 minutes leave after it is a short second call on the still-warm
-# machine: `bash benchmarks/gpu_check.sh minilm` reruns one stage). Stages, in order of need:
-#   bert: bf16 train steps of a bert-base-sized model (issue 15's GPU targets), full / LoRA /
-#      BitFit at 32x128 and 128x128, each beside the PyTorch transformers + peft peer;
+# The GPU check: one command, about 9-10 minutes on an H200 (`bash benchmarks/gpu_check.sh
+# minilm` reruns one stage on a machine that is still warm). Stages, in order of need:
+#   bert: bf16 train steps of a bert-base-sized model, full / LoRA / BitFit at 32x128 and
+#      128x128, each beside the PyTorch transformers + peft peer;
 #   profile: where the time goes (benchmarks.profile_step): kernels of bert-base full and
 #      LoRA at 128x128;
 #   minilm: every method on MiniLM at 32x128 beside the peer.
-# Models are built from benchmarks/configs with random weights (no hub; MiniLM's weights
-# package is too big to carry), and every measurement runs in one process per model
-# (--in_process: a process per measurement spent half of a 510 s call on start-up and
-# CUDA set-up; peak memory per method needs a process each, so it reads n/a here).
+# Models are built from benchmarks/configs with random weights (no hub, no weights package),
+# and every measurement runs in one process per model (--in_process: a process per
+# measurement spends about half of a 10-minute job on start-up and CUDA set-up; peak memory
+# per method needs a process each, so it reads n/a here).
 # Results: $OUT (or /tmp) bench_*.json, traces/*.json.gz (open in Perfetto) beside each
-# step's optimized XLA program (traces/*.hlo.txt.gz, which names the kernels), the console
-# tables: six files, and a seventh if the caller tees the log there (8 come back at most).
+# step's optimized XLA program (traces/*.hlo.txt.gz, which names the kernels), and the
+# console tables if the caller tees the log there.
 # A failing method is reported and the rest still run; the exit status is non-zero if any
 # failed.
 set -uo pipefail

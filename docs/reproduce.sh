@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-runs every experiment behind docs/RESULTS.md, copies the run files into docs/runs/ and
-# rewrites the reports in docs/results/. From the repository root, with the GLUE TSVs in
+# Re-runs every experiment behind docs/RESULTS.md, keeps each study's runs as one file in
+# docs/studies/ and rewrites the reports in docs/results/. From the repository root, with the GLUE TSVs in
 # ../shared/glue_data (or pass another folder as $1). About 11 hours on a 2-core CPU; finished
 # runs are skipped, so it can be stopped and restarted. Run one block to answer one question.
 set -euo pipefail
@@ -88,9 +88,8 @@ g --method=lora --learning_rate=2e-3 --output_dir=runs/glue-minilm-lora
 g --method=bitfit --learning_rate=1e-2 --output_dir=runs/glue-minilm-bitfit
 g --method=full --learning_rate=1e-4 --output_dir=runs/glue-minilm-full
 
-# 8. The family, continued (2026-11-27, second day; run with the code of f8ba707, whose
-#    dropout masks were threefry bits: later commits hash positions, same distribution,
-#    other draws): MRPC grids for BitFit, the adapters and LoRA+, second seeds at each MRPC
+# 8. The family, continued (run with the code of f8ba707, whose dropout masks were threefry
+#    bits: later code hashes positions, same distribution, other draws): MRPC grids for BitFit, the adapters and LoRA+, second seeds at each MRPC
 #    best point, prompt's second SST-2 seed and its peft-layout head.
 m --grid="method=bitfit;learning_rate=1e-3,3e-3,1e-2"
 m --grid="method=adapter_houlsby;learning_rate=3e-4,1e-3,3e-3"
@@ -110,8 +109,7 @@ m --seeds=1 --grid="method=adapter_pfeiffer;learning_rate=3e-3"
 m --seeds=1 --grid="method=adapter_houlsby;learning_rate=1e-3"
 m --seeds=1 --grid="method=lora;loraplus_lr_ratio=16;learning_rate=5e-4"
 
-# 9. The family on STS-B (2026-11-27, third session; run with the code of a61a15d, whose train
-#    step is the current one for STS-B's packed batch shapes): per method three learning rates,
+# 9. The family on STS-B (run with the code of a61a15d): per method three learning rates,
 #    a fourth beyond the edge where the best of the three was on it, seed 1 at the best point;
 #    then full fine-tuning one step past the top of its STS-B and MRPC grids.
 s() { $py -m experiments.sweep --root=runs/family-stsb --task=stsb $c "$@"; }
@@ -135,28 +133,27 @@ $py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=
 m --grid="method=full;learning_rate=2e-4,4e-4"
 m --seeds=1 --grid="method=full;learning_rate=2e-4"
 
-# Keep only each run's three JSON files (no checkpoints or adapters) beside the document.
-(cd runs && find methods-sst2 methods-stsb labelmap-stsb pooler-sst2 rank-sst2 long-stsb family-sst2 \
-    family-mrpc family-stsb glue-minilm-lora glue-minilm-bitfit glue-minilm-full \
-    -maxdepth 2 \( -name config.json -o -name metrics.jsonl -o -name results.json \) \
-    -exec cp --parents {} ../docs/runs/ \;)
-(cd runs && for s in glue-minilm-lora glue-minilm-bitfit glue-minilm-full; do
-    cp $s/glue.md $s/glue.json ../docs/runs/$s/; done)
+# Keep each study's runs as one file (config, results and metric rows of every run).
+p() { $py -m experiments.report --root="runs/$1" --pack="docs/studies/$2.jsonl.gz"; }
+for s in methods-sst2 methods-stsb rank-sst2 long-stsb family-sst2 family-mrpc family-stsb \
+         glue-minilm-lora glue-minilm-bitfit glue-minilm-full; do p $s $s; done
+# The levers and pooler studies include the runs of block 1 they are compared with.
+mkdir -p runs/levers-stsb runs/pooler-sst2/methods-sst2 runs/levers-stsb/methods-stsb
+cp -r runs/labelmap-stsb/* runs/levers-stsb/
+for r in "method=lora,learning_rate=0.0005,seed=0" "method=bitfit,learning_rate=0.001,seed=0"; do
+    cp -r "runs/methods-stsb/$r" runs/levers-stsb/methods-stsb/; done
+for r in "method=lora,learning_rate=0.0005,seed=0" "method=lora,learning_rate=0.001,seed=0" \
+         "method=bitfit,learning_rate=0.001,seed=0" "method=bitfit,learning_rate=0.01,seed=0"; do
+    cp -r "runs/methods-sst2/$r" runs/pooler-sst2/methods-sst2/; done
+p levers-stsb levers-stsb
+p pooler-sst2 pooler-sst2
 
 r() { $py -m experiments.report "$@"; }
-d=docs/runs
-r --root=$d/methods-sst2 --out=docs/results/methods-sst2.md --plots_dir=docs/results/plots-methods-sst2
-r --root=$d/methods-stsb --out=docs/results/methods-stsb.md --plots_dir=docs/results/plots-methods-stsb
-r --root=$d/labelmap-stsb --root="$d/methods-stsb/method=lora,learning_rate=0.0005,seed=0" \
-  --root="$d/methods-stsb/method=bitfit,learning_rate=0.001,seed=0" \
-  --out=docs/results/levers-stsb.md --plots_dir=docs/results/plots-levers-stsb
-r --root=$d/pooler-sst2 --root="$d/methods-sst2/method=lora,learning_rate=0.0005,seed=0" \
-  --root="$d/methods-sst2/method=lora,learning_rate=0.001,seed=0" \
-  --root="$d/methods-sst2/method=bitfit,learning_rate=0.001,seed=0" \
-  --root="$d/methods-sst2/method=bitfit,learning_rate=0.01,seed=0" \
-  --out=docs/results/pooler-sst2.md --plots_dir=docs/results/plots-pooler-sst2
-r --root=$d/rank-sst2 --out=docs/results/rank-sst2.md --plots_dir=docs/results/plots-rank-sst2
-r --root=$d/long-stsb --out=docs/results/long-stsb.md --plots_dir=docs/results/plots-long-stsb
-r --root=$d/family-sst2 --root=$d/methods-sst2 --out=docs/results/family-sst2.md --plots_dir=docs/results/plots-family-sst2
-r --root=$d/family-mrpc --out=docs/results/family-mrpc.md --plots_dir=docs/results/plots-family-mrpc
-r --root=$d/family-stsb --root=$d/methods-stsb --out=docs/results/family-stsb.md --plots_dir=docs/results/plots-family-stsb
+d=docs/studies
+for s in methods-sst2 methods-stsb rank-sst2 long-stsb family-mrpc levers-stsb pooler-sst2; do
+    r --root=$d/$s.jsonl.gz --out=docs/results/$s.md --plots_dir=docs/results/plots-$s; done
+r --root=$d/family-sst2.jsonl.gz --root=$d/methods-sst2.jsonl.gz --out=docs/results/family-sst2.md \
+  --plots_dir=docs/results/plots-family-sst2
+r --root=$d/family-stsb.jsonl.gz --root=$d/methods-stsb.jsonl.gz --out=docs/results/family-stsb.md \
+  --plots_dir=docs/results/plots-family-stsb
+for m in lora bitfit full; do cp runs/glue-minilm-$m/glue.md docs/results/glue-minilm-$m.md; done
