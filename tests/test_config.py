@@ -64,22 +64,14 @@ def test_default_learning_rate_comes_from_the_method():
     assert RunConfig(method="full", learning_rate=3e-5).resolved_learning_rate() == 3e-5
 
 
-def test_metrics_reader_reads_new_and_old_rows(tmp_path):
-    new = [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "train_learning_rate": 1e-3},
-           {"step": 2, "epoch": 0.5, "eval_loss": 0.6, "eval_accuracy": 0.5}]
-    # before the prefixes: unprefixed training stats, the training loss on evaluation rows
-    old = [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "learning_rate": 1e-3,
-            "grad_norm": 1.5, "examples_per_s": 10.0},
-           {"step": 2, "epoch": 0.5, "train_loss": 0.7, "eval_loss": 0.6, "eval_accuracy": 0.5}]
-    for name, rows in (("new", new), ("old", old)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n"
-                                                               for r in rows))
-    assert read_metrics(tmp_path / "new") == ([new[0]], [new[1]])
-    train, evals = read_metrics(tmp_path / "old")
-    assert train == [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "train_learning_rate": 1e-3,
-                      "train_grad_norm": 1.5, "train_examples_per_s": 10.0}]
-    assert evals == [new[1]]
+def test_metrics_reader_splits_rows_by_their_prefix(tmp_path):
+    rows = [{"step": 2, "epoch": 0.5, "train_loss": 0.7, "train_learning_rate": 1e-3,
+             "train_grad_norm": 1.5, "train_examples_per_s": 10.0},
+            {"step": 2, "epoch": 0.5, "eval_loss": 0.6, "eval_accuracy": 0.5},
+            {"step": 4, "epoch": 1.0, "train_loss": 0.6, "train_learning_rate": 5e-4}]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_metrics(tmp_path / "run") == ([rows[0], rows[2]], [rows[1]])
     assert read_metrics(tmp_path / "missing") == ([], [])
 
 
