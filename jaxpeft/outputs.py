@@ -1,4 +1,5 @@
-"""The run folder: start fresh, refuse, overwrite or resume; never clobber a run unasked."""
+"""The run folder: start fresh, refuse, overwrite or resume; never clobber a run unasked, and
+never delete what a run did not write."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from jaxpeft.config import RunConfig, names_where, options
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.writer import CONFIG, RESULTS, RunWriter
+from jaxpeft.writer import CONFIG, METRICS, RESULTS, TENSORBOARD, RunWriter
 
 
 def _comparable(d: dict) -> dict:
@@ -62,6 +63,27 @@ def _entries(out: Path) -> list:
     return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
 
 
+# What a run writes into its folder, besides the lock and atomic writes' `.<name>.*.tmp`.
+RUN_ENTRIES = frozenset({CONFIG, METRICS, RESULTS, TENSORBOARD, "best", "checkpoints",
+                         "predict", "merged", "peft"})
+
+
+def _check_overwritable(out: Path) -> None:
+    """Refuses `--overwrite` of a folder that is not a jaxpeft run, or that holds files a
+    run does not write: those are the user's, and overwriting would delete them."""
+    foreign = sorted(p.name for p in _entries(out) if p.name not in RUN_ENTRIES
+                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    try:
+        is_run = isinstance(json.loads((out / CONFIG).read_text()).get("run"), dict)
+    except (OSError, ValueError, AttributeError):
+        is_run = False
+    if foreign or not is_run:
+        found = f"it holds {', '.join(foreign[:5])}" + (" ..." if len(foreign) > 5 else "") \
+            if foreign else f"no jaxpeft {CONFIG} there"
+        raise JaxpeftError(f"{out}: --overwrite deletes only a jaxpeft run's own files, and "
+                           f"this folder is not one ({found}); choose another --output_dir")
+
+
 def check_output_dir(cfg: RunConfig) -> None:
     """What can be told about `--output_dir` before anything loads: a file in the way, a
     place that cannot be written, a folder holding a run without --resume/--overwrite."""
@@ -75,6 +97,8 @@ def check_output_dir(cfg: RunConfig) -> None:
         raise JaxpeftError(f"{out}: cannot write there ({parent} is not a writable folder)")
     if _entries(out) and not (cfg.resume or cfg.overwrite):
         raise _occupied(out)
+    if _entries(out) and cfg.overwrite:
+        _check_overwritable(out)
 
 
 def _occupied(out: Path) -> JaxpeftError:
@@ -92,7 +116,9 @@ def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
     out = Path(cfg.output_dir)
     existing = bool(_entries(out))
     if existing and cfg.overwrite:
+        _check_overwritable(out)  # again: the folder may have changed since the first check
         for entry in _entries(out):  # the lock file stays: this process holds it
+            # A link is removed, never followed: what it points to is not the run's.
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         existing = False
     if cfg.resume:

@@ -11,7 +11,7 @@ import pytest
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.run import train_and_evaluate
+from jaxpeft.run import train_and_evaluate, train_cli
 from jaxpeft.writer import read_metrics
 from tests.helpers import (REPO, comparable_rows, run_config, save_torch_model, sst2_with_test,
                            tiny_hf_config)
@@ -288,3 +288,28 @@ def test_damaged_inputs_are_one_clear_error(tiny_model, glue_dir, tmp_path):
     (best / "adapter.json").write_text(json.dumps(meta))
     with pytest.raises(JaxpeftError, match="adapter.json: missing num_labels"):
         load_adapter(best, pre)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_model, glue_dir, tmp_path, capsys):
+    """--overwrite deletes only a jaxpeft run's own files: a folder of the user's files, or a
+    run folder with a file of the user's in it, is refused and survives byte for byte."""
+    mine = tmp_path / "run"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "thesis.tex").write_bytes(b"\\chapter{One}\n")
+    (mine / "photos" / "a.jpg").write_bytes(bytes(range(256)))
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    cfg = run_config(tiny_model, glue_dir, tmp_path, overwrite=True)
+    assert train_cli(cfg) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {mine}: --overwrite deletes only a jaxpeft run's own files")
+    assert "photos, thesis.tex" in err and err.count("\n") == 0
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+    # A finished run with one foreign file in it is refused too; without it, overwritten.
+    run = tmp_path / "other"
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, output_dir=str(run),
+                                  max_steps=2, eval_every=0, max_eval_samples=32))
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(JaxpeftError, match=r"this folder is not one \(it holds notes.txt\)"):
+        train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, output_dir=str(run),
+                                      overwrite=True, max_steps=2))
+    assert (run / "notes.txt").read_text() == "mine" and (run / "results.json").is_file()
