@@ -219,6 +219,7 @@ def jax_worker(f, method, batch, seq):
 
     from flax import traverse_util
 
+    from jaxpeft.config import parse_xla_options
     from jaxpeft.train import create_train_state, make_train_step
 
     model, params, mask, tx, cfg, peft = _train_setup(f, method)
@@ -227,7 +228,7 @@ def jax_worker(f, method, batch, seq):
                        if p[-1] == "kernel" and p[0] != "classifier")
     state, frozen = create_train_state(params, mask, tx)
     del params
-    options = dict(o.split("=", 1) for o in f.train_step_xla_options.split(";") if o)
+    options = parse_xla_options(f.train_step_xla_options)
     step = make_train_step(model, tx, options)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     run = start_variant(step, state, frozen, data, jax.random.key(0))

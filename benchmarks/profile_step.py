@@ -105,13 +105,13 @@ def profile(f, method: str, batch: int, seq: int) -> None:
     """Times, traces and prints one method and shape."""
     import jax
 
+    from jaxpeft.config import parse_xla_options
     from jaxpeft.train import create_train_state, make_train_step
 
     model, params, mask, tx, cfg, peft = _train_setup(f, method)
     state, frozen = create_train_state(params, mask, tx)
     del params
-    step = make_train_step(model, tx, dict(o.split("=", 1)
-                                           for o in f.train_step_xla_options.split(";") if o))
+    step = make_train_step(model, tx, parse_xla_options(f.train_step_xla_options))
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     name = f"{method.split(':')[0]}_{batch}x{seq}"

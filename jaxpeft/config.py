@@ -22,6 +22,7 @@ from jaxpeft.data.glue import split_path
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DTYPES
 from jaxpeft.peft import METHODS, get_method, method_flags, peft_from_run
+from jaxpeft.peft.method import value_kind
 
 
 def _option(default, help: str, *, choices: Optional[Callable[[], tuple]] = None,
@@ -176,8 +177,7 @@ class RunConfig:
 
     def xla_options(self) -> dict:
         """`--train_step_xla_options` as the `compiler_options` dict of the step's jit."""
-        return dict(o.strip().split("=", 1) for o in self.train_step_xla_options.split(";")
-                    if o.strip())
+        return parse_xla_options(self.train_step_xla_options)
 
     def resolved_learning_rate(self) -> float:
         """The learning rate in force (the method's default when none was given)."""
@@ -201,15 +201,19 @@ class Option:
     resumable: bool = False
     sweepable: bool = True
 
+    def allowed(self) -> Optional[tuple]:
+        """The allowed values, or None if any value of its type is allowed."""
+        return self.choices() if self.choices else None
 
-# The Python type of each field's values (annotations are strings here).
-_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple,
-          "Optional[float]": float}
+
+def parse_xla_options(text: str) -> dict:
+    """`"name=value;name2=value2"` (a value may hold commas) as a `compiler_options` dict."""
+    return dict(o.strip().split("=", 1) for o in text.split(";") if o.strip())
 
 
 def options() -> dict[str, Option]:
     """Every option by name: `RunConfig`'s fields, then the registered methods' flags."""
-    out = {f.name: Option(f.name, f.default, _KINDS[f.type], **{
+    out = {f.name: Option(f.name, f.default, value_kind(f.type), **{
         k: f.metadata[k] for k in ("help", "choices", "check", "setting", "resumable",
                                    "sweepable")})
         for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")}
@@ -226,16 +230,23 @@ def field_kind(name: str) -> type:
 
 def choices(name: str) -> Optional[tuple]:
     """The allowed values of option `name`, or None if any value of its type is allowed."""
-    make = options()[name].choices
-    return make() if make else None
+    return options()[name].allowed()
 
 
-def help_text(name: str) -> str:
+def help_text(name: str, option: Optional[Option] = None) -> str:
     """The option's help, with its choices."""
-    text, allowed = options()[name].help, choices(name)
+    option = option or options()[name]
+    text, allowed = option.help, option.allowed()
     if not allowed or all(a in text for a in allowed):
         return text
     return f"{text} One of: {', '.join(allowed)}."
+
+
+def recorded_options(run: dict) -> dict:
+    """Every option's value in a saved run's settings (config.json's `run`): an option the
+    run does not record (one added since) ran at its default; one this version does not know
+    is left out."""
+    return {n: run.get(n, o.default) for n, o in options().items()}
 
 
 def names_where(role: str, value: bool = True) -> tuple:
@@ -265,7 +276,7 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
         raise JaxpeftError(f"task {task.name} is test-only (diagnostic); train on mnli and "
                            "predict ax with its model")
     for name, option in options().items():
-        value, allowed, check = getattr(cfg, name), choices(name), option.check
+        value, allowed, check = getattr(cfg, name), option.allowed(), option.check
         if allowed and value not in allowed:
             raise JaxpeftError(f"--{name}={value!r} is not one of: {', '.join(allowed)}")
         if check and not check[0](value):
@@ -320,7 +331,7 @@ def define_flags(flag_values=None) -> None:
     flag_values = flags.FLAGS if flag_values is None else flag_values
     for name, option in options().items():
         default = list(option.default) if option.kind is tuple else option.default
-        define[option.kind](name, default, help_text(name), flag_values=flag_values)
+        define[option.kind](name, default, help_text(name, option), flag_values=flag_values)
 
 
 def from_flags(flag_values=None) -> RunConfig:

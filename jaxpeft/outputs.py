@@ -9,16 +9,15 @@ import os
 import shutil
 from pathlib import Path
 
-from jaxpeft.config import RunConfig, names_where, options
+from jaxpeft.config import RunConfig, names_where, recorded_options
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.writer import CONFIG, METRICS, RESULTS, TENSORBOARD, RunWriter
 
 
 def _comparable(d: dict) -> dict:
-    """The settings a resumed run must share: an option the saved run does not record (one
-    added since) ran at its default; one this version does not know changes nothing here."""
+    """The settings a resumed run must share (`recorded_options` less the resumable ones)."""
     resumable = set(names_where("resumable"))
-    values = {n: d.get(n, o.default) for n, o in options().items() if n not in resumable}
+    values = {n: v for n, v in recorded_options(d).items() if n not in resumable}
     return json.loads(json.dumps(values))  # tuples as lists, as read back from disk
 
 

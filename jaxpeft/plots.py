@@ -14,9 +14,9 @@ from typing import Optional
 
 import numpy as np
 
-from jaxpeft.config import names_where, options
-from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, is_eval_row, read_metrics,
-                            read_study, write_study)
+from jaxpeft.config import names_where, recorded_options
+from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, read_metrics, read_study,
+                            split_rows, write_study)
 
 
 def load_runs(root: Path) -> list:
@@ -25,8 +25,7 @@ def load_runs(root: Path) -> list:
     if str(root).endswith(STUDY_SUFFIX) and Path(root).is_file():
         return [{"dir": Path(root) / run["name"], "config": run["config"],
                  "results": run["results"],
-                 "train_rows": [r for r in run["metrics"] if not is_eval_row(r)],
-                 "eval_rows": [r for r in run["metrics"] if is_eval_row(r)]}
+                 **dict(zip(("train_rows", "eval_rows"), split_rows(run["metrics"])))}
                 for run in read_study(root)]
     runs = []
     for results in sorted(Path(root).rglob(RESULTS)):
@@ -47,9 +46,7 @@ _OWN_COLUMNS = {"task", "method", "learning_rate", "lora_rank"}
 
 
 def _settings(run) -> dict:
-    # An option a run does not record (one added since) ran at its default.
-    recorded = run["config"]["run"]
-    c = {n: recorded.get(n, o.default) for n, o in options().items()}
+    c = recorded_options(run["config"]["run"])
     out = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()
            if k not in _NOT_SETTINGS}
     out["learning_rate"] = run["results"]["learning_rate"]  # the resolved one (default per method)
@@ -270,7 +267,9 @@ def pack_study(roots, path: str) -> Path:
     records = []
     for run in runs:
         root = next(Path(r) for r in roots if run["dir"].is_relative_to(r))
-        records.append({"name": str(run["dir"].relative_to(root)) or run["dir"].name,
+        # A root that is itself a run folder names its run by the folder's name.
+        relative = run["dir"].relative_to(root)
+        records.append({"name": relative.as_posix() if relative.parts else run["dir"].name,
                         "config": run["config"], "results": run["results"],
                         "metrics": run["train_rows"] + run["eval_rows"]})
     return write_study(path, records)

@@ -57,7 +57,12 @@ def read_metrics(folder: os.PathLike) -> tuple[list, list]:
                                    "dropped)") from None
             # What a crash during the append leaves: the row it was writing, half done.
             log.warning("%s:%d: dropping a half-written last line", path, number)
-    return ([r for r in rows if not is_eval_row(r)], [r for r in rows if is_eval_row(r)])
+    return split_rows(rows)
+
+
+def split_rows(rows: list) -> tuple[list, list]:
+    """`(training rows, evaluation rows)` of metric rows, each in the given order."""
+    return [r for r in rows if not is_eval_row(r)], [r for r in rows if is_eval_row(r)]
 
 
 def _clean(obj: Any) -> Any:

@@ -8,6 +8,7 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.config import RunConfig
 from jaxpeft.plots import pack_study, write_report
 from jaxpeft.sweep import expand, parse_grid, run_sweep, sweep_cli
+from jaxpeft.writer import read_study
 
 
 def test_parse_grid_types_and_errors(tmp_path):
@@ -77,6 +78,9 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
     assert (tmp_path / "study-plots" / "sst2_curves.png").is_file()
     with pytest.raises(JaxpeftError, match="ends in .jsonl.gz"):
         pack_study(str(root), str(tmp_path / "study.json"))
+    # A root that is one run's folder names that run by its folder.
+    single = pack_study(str(root / "learning_rate=0.001,seed=0"), str(tmp_path / "one.jsonl.gz"))
+    assert [r["name"] for r in read_study(single)] == ["learning_rate=0.001,seed=0"]
 
 
 def test_report_on_empty_or_missing_folder(tmp_path):

@@ -65,7 +65,14 @@ class FlagSpec:
     methods: tuple
 
 
-_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple,
+          "Optional[float]": float}
+
+
+def value_kind(annotation: Any) -> type:
+    """The Python type an option field holds, from its annotation (a string under
+    `from __future__ import annotations`): int, float, bool, str or tuple."""
+    return annotation if isinstance(annotation, type) else _KINDS[str(annotation)]
 
 
 def option_flags(options_cls: type) -> dict:
@@ -83,8 +90,7 @@ def flag_specs(methods) -> dict:
             if "flag" not in f.metadata:
                 continue
             name, meta = f.metadata["flag"], f.metadata
-            kind = f.type if isinstance(f.type, type) else _KINDS[str(f.type)]
-            old = specs.get(name)
+            kind, old = value_kind(f.type), specs.get(name)
             if old is not None and old.default != f.default:
                 raise ValueError(f"--{name}: {method.name} and {old.methods} declare the "
                                  f"defaults {f.default!r} and {old.default!r}")
@@ -138,9 +144,8 @@ class PeftMethod:
     def options_from(self, run: Any) -> Any:
         """The method's options from a run configuration (an object with the flags as
         attributes): each `flag` field from its flag, the others at their defaults."""
-        values = {field: getattr(run, name) for field, name in option_flags(self.Options).items()}
-        return self.Options(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in values.items()})
+        return self.Options(**{field: getattr(run, name)
+                               for field, name in option_flags(self.Options).items()})
 
     def augment(self, params: Any, options: Any, rng: jax.Array) -> Any:
         """The parameter tree with this method's leaves added (default: unchanged)."""
