@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
 from jaxpeft.data.glue import split_path
 from jaxpeft.errors import JaxpeftError
+from jaxpeft.evaluation import SELECTIONS
 from jaxpeft.models.encoder import DTYPES
 from jaxpeft.peft import METHODS, get_method, method_flags, peft_from_run
 from jaxpeft.peft.method import value_kind
@@ -86,6 +87,12 @@ class RunConfig:
     packing: bool = _option(True, "Pack several examples into each row of --max_seq_length "
                             "tokens (block-diagonal attention), in training and evaluation; "
                             "--batch_size still counts examples.")
+    select_on: str = _option(
+        "dev", "Where the best checkpoint is chosen. dev: the whole dev set, where the run is "
+        "also scored, so its best score is picked on the examples that score it; dev_half: a "
+        "fixed half of each dev split picks it (select_* metrics) and every eval_* metric is "
+        "computed on the other half, so a learning rate picked by select_* is scored fairly "
+        "(docs/usage.md).", choices=lambda: SELECTIONS)
     eval_every: int = _option(0, "Evaluate every N steps (0: only at the end of each epoch "
                               "and of training).", check=_NON_NEGATIVE)
     log_every: int = _option(50, "Write a training row every N steps.", check=_POSITIVE)

@@ -31,20 +31,59 @@ def eval_suffix(task: Task, split: str) -> str:
 
 
 def main_metric_key(task: Task) -> str:
-    """The results key that picks the best checkpoint (MNLI: matched accuracy)."""
+    """The results key a task is reported by (MNLI: matched accuracy)."""
     return f"eval_{task.main_metric}{eval_suffix(task, task.eval_splits[0])}"
 
 
-def metric_columns(task: Task) -> list:
-    """The keys of an evaluation row, in display order."""
-    return ["eval_loss"] + [f"eval_{m}{eval_suffix(task, s)}"
-                            for s in task.eval_splits for m in task.metrics]
+SELECTIONS = ("dev", "dev_half")
 
 
-def trivial_baseline(task: Task, encs: dict) -> dict:
-    """What a model that ignores its input scores on each dev split: the majority class of
-    that split (classification: the best constant prediction there, so a run that does not
-    beat it has learned nothing measurable) or a constant (regression: correlations 0).
+def selection_key(task: Task, select_on: str) -> str:
+    """The key that picks the best checkpoint: the main metric on the whole dev split
+    (`dev`), or on its selection half (`dev_half`: `select_<metric>`)."""
+    key = main_metric_key(task)
+    return key if select_on == "dev" else "select_" + key.removeprefix("eval_")
+
+
+def dev_halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(selection, held_out)`: the example indices of a dev split of `n` examples split in
+    two fixed halves (the held-out one takes the odd example when `n` is odd).
+
+    Every run, seed and method gets the same halves, so a learning rate or checkpoint picked
+    on the selection half is scored on examples that played no part in picking it (the
+    protocol of the ReFT and RED GLUE tables). The halves come from ranking a fixed integer
+    hash of each index, which no library version can change.
+    """
+    index = np.arange(n, dtype=np.uint64)
+    mixed = (index * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019))
+    mixed ^= mixed >> np.uint64(29)
+    mixed *= np.uint64(0xBF58476D1CE4E5B9)
+    mixed ^= mixed >> np.uint64(32)
+    order = np.argsort(mixed, kind="stable")
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def _scored_parts(select_on: str, n: int) -> dict:
+    """Key prefix -> example indices whose metrics go under it."""
+    if select_on == "dev":
+        return {"eval_": np.arange(n)}
+    selection, held_out = dev_halves(n)
+    return {"eval_": held_out, "select_": selection}
+
+
+def metric_columns(task: Task, select_on: str = "dev") -> list:
+    """The keys of an evaluation row, in display order (the selection metric first when it
+    is not an eval_* one)."""
+    picked = [] if select_on == "dev" else [selection_key(task, select_on)]
+    return ["eval_loss"] + picked + [f"eval_{m}{eval_suffix(task, s)}"
+                                     for s in task.eval_splits for m in task.metrics]
+
+
+def trivial_baseline(task: Task, encs: dict, select_on: str = "dev") -> dict:
+    """What a model that ignores its input scores on each dev split (with `dev_half`: on its
+    held-out half, where the run is scored): the majority class there (classification: the
+    best constant prediction, so a run that does not beat it has learned nothing measurable)
+    or a constant (regression: correlations 0).
 
     Keys as an evaluation row (`eval_<metric><suffix>`), plus `kind` and, for classification,
     `prediction` (the constant label name per split).
@@ -52,13 +91,14 @@ def trivial_baseline(task: Task, encs: dict) -> dict:
     out = {"kind": "constant prediction" if task.is_regression else "majority class"}
     for split, enc in encs.items():
         suffix = eval_suffix(task, split)
+        labels = enc.labels[_scored_parts(select_on, len(enc))["eval_"]]
         if task.is_regression:
-            preds = np.full(len(enc), float(np.mean(enc.labels)), np.float32)
+            preds = np.full(len(labels), float(np.mean(labels)), np.float32)
         else:
-            majority = int(np.argmax(np.bincount(enc.labels, minlength=task.num_labels)))
-            preds = np.full(len(enc), majority, np.int64)
+            majority = int(np.argmax(np.bincount(labels, minlength=task.num_labels)))
+            preds = np.full(len(labels), majority, np.int64)
             out.setdefault("prediction", {})[split] = task.label_names[majority]
-        for name, value in compute_metrics(task, preds, enc.labels).items():
+        for name, value in compute_metrics(task, preds, labels).items():
             out[f"eval_{name}{suffix}"] = value
     return out
 
@@ -76,6 +116,7 @@ class Evaluator:
     progress: bool = False
     packing: Optional[Packing] = None
     virtual_tokens: int = 0  # with packing: soft-prompt slots to reserve before each example
+    select_on: str = "dev"  # "dev_half": eval_* on the held-out half, select_* on the other
 
     def batches(self, enc: Encoded) -> tuple:
         """`(batches, count)`: the eval batches of `enc`, packed or bucketed; count may be
@@ -107,18 +148,22 @@ class Evaluator:
         return preds, loss
 
     def evaluate(self, params: Any, encs: dict) -> dict:
-        """`eval_loss`, `eval_<metric>` and `eval_examples` (suffixed per split for MNLI)."""
-        out, losses = {}, []
+        """`eval_loss`, `eval_<metric>` and `eval_examples` (suffixed per split for MNLI);
+        with `select_on="dev_half"` those of the held-out half, and the same under `select_`
+        for the selection half (one pass over the split: the halves split its predictions)."""
+        out, losses = {}, {}
         for split, enc in encs.items():
             preds, loss = self.score(params, enc, f"eval {split}")
             suffix = eval_suffix(self.task, split)
-            out[f"eval_loss{suffix}"] = float(loss.mean())
-            out[f"eval_examples{suffix}"] = len(preds)
-            losses.append(float(loss.mean()))
-            for name, value in compute_metrics(self.task, preds, enc.labels).items():
-                out[f"eval_{name}{suffix}"] = value
+            for prefix, part in _scored_parts(self.select_on, len(enc)).items():
+                out[f"{prefix}loss{suffix}"] = float(loss[part].mean())
+                out[f"{prefix}examples{suffix}"] = len(part)
+                losses.setdefault(prefix, []).append(float(loss[part].mean()))
+                for name, value in compute_metrics(self.task, preds[part],
+                                                   enc.labels[part]).items():
+                    out[f"{prefix}{name}{suffix}"] = value
         if len(encs) > 1:
-            out["eval_loss"] = float(np.mean(losses))
+            out.update({f"{prefix}loss": float(np.mean(v)) for prefix, v in losses.items()})
         return out
 
     def predict(self, params: Any, enc: Encoded, desc: str = "predict") -> list:

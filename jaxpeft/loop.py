@@ -21,7 +21,7 @@ from jaxpeft import distributed
 from jaxpeft.checkpointing import Checkpointer
 from jaxpeft.data.batching import train_batches
 from jaxpeft.errors import JaxpeftError, RunInterrupted
-from jaxpeft.evaluation import Evaluator, main_metric_key, metric_columns
+from jaxpeft.evaluation import Evaluator, metric_columns, selection_key
 from jaxpeft.optim import make_optimizer, make_schedule
 from jaxpeft.peft import combine, save_adapter
 from jaxpeft.setup import Setup
@@ -147,7 +147,8 @@ class BestTracker:
         """Whether `row` is a new best (then it becomes `best`)."""
         if self.best is not None and row[self.key] <= self.best[self.key]:
             return False
-        self.best = {k: v for k, v in row.items() if k.startswith("eval_") or k == "step"}
+        self.best = {k: v for k, v in row.items()
+                     if k.startswith(("eval_", "select_")) or k == "step"}
         return True
 
 
@@ -169,10 +170,11 @@ class TrainLoop:
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets, setup.pad_id,
                                    self.sharder, self.cfg.progress, setup.packing,
-                                   setup.peft.virtual_tokens)
+                                   setup.peft.virtual_tokens, self.cfg.select_on)
         self.rng = jax.random.key(self.cfg.seed)
         self.step, self.examples, self.clock = 0, 0, Stopwatch()
-        self.best, self.window = BestTracker(main_metric_key(setup.task)), LogWindow()
+        self.best, self.window = BestTracker(
+            selection_key(setup.task, self.cfg.select_on)), LogWindow()
         self.last_eval, self.recent_loss, self.compilations = None, None, 0
         self.header_printed, self.signals = False, StopSignals()
 
@@ -275,7 +277,8 @@ class TrainLoop:
                **self.evaluator.evaluate(self.params, self.setup.eval_encs)}
         self.writer.log(row)
         self.last_eval = row
-        columns = ["step", "epoch", "train_loss"] + metric_columns(self.setup.task)
+        columns = ["step", "epoch", "train_loss"] + metric_columns(self.setup.task,
+                                                                   self.cfg.select_on)
         if not self.header_printed:
             tqdm.write("  ".join(f"{c:>{max(len(c), 8)}}" for c in columns))
             self.header_printed = True

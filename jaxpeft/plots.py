@@ -64,10 +64,15 @@ def _mean_stat(run, key: str) -> Optional[float]:
 
 
 def summarize(runs: list) -> list:
-    """One row per configuration (all settings but the seed), mean ± std over seeds.
+    """One row per configuration (all settings but the seed): mean ± std, median, min and
+    max over seeds.
 
     `setting` names the settings, other than task/method/lr/rank, that differ between rows
     (e.g. `train_pooler=True`), so runs that differ in them are never averaged together.
+    Runs that chose their checkpoint on a dev half (`--select_on=dev_half`) also carry
+    `selection`, the mean of that half's metric; among rows that differ only in the learning
+    rate, the one with the highest is `chosen`, so the rate is picked on examples that do not
+    score it.
     """
     groups = defaultdict(list)
     for r in runs:
@@ -79,6 +84,7 @@ def summarize(runs: list) -> list:
     for key, group in groups.items():
         s = dict(key)
         main = group[0]["results"]["main_metric"]
+        picked_by = group[0]["results"].get("selected_by", main)
         best = np.array([g["results"]["best"][main] for g in group], np.float64)
         params = group[0]["results"]["params"]
         stats = {}
@@ -91,13 +97,28 @@ def summarize(runs: list) -> list:
             "setting": ", ".join(f"{n}={s.get(n)}" for n in varying),
             "metric": main.removeprefix("eval_"), "mean": float(best.mean()),
             "std": float(best.std(ddof=1)) if len(best) > 1 else 0.0, "seeds": len(group),
+            "median": float(np.median(best)), "min": float(best.min()), "max": float(best.max()),
+            "selection": None if picked_by == main else float(np.mean(
+                [g["results"]["best"][picked_by] for g in group])), "chosen": False,
             "trainable": params["trainable"], "percent": params["percent"],
             "steps": group[0]["results"]["train"]["steps"], **stats,
             "wall_s": float(np.mean([g["results"]["train"]["wall_s"] for g in group])),
             "examples_per_s": float(np.mean([g["results"]["train"]["examples_per_s"]
                                              for g in group]))})
+    _mark_chosen(table)
     return sorted(table, key=lambda t: (t["task"], t["method"], t["setting"], t["learning_rate"],
                                         t["rank"] or 0))
+
+
+def _mark_chosen(table: list) -> None:
+    """Marks, per (task, method, rank, setting), the learning rate with the best selection
+    mean (rows without one are never chosen)."""
+    by_setup = defaultdict(list)
+    for t in table:
+        if t["selection"] is not None:
+            by_setup[(t["task"], t["method"], t["rank"], t["setting"])].append(t)
+    for rows in by_setup.values():
+        max(rows, key=lambda t: t["selection"])["chosen"] = True
 
 
 def _sci(x: Optional[float]) -> str:
@@ -106,17 +127,21 @@ def _sci(x: Optional[float]) -> str:
 
 def markdown_table(table: list) -> str:
     """The summary as a Markdown table (step sizes: means over the logged training steps)."""
-    lines = ["| task | method | setting | lr | rank | trainable | % | best metric (mean ± std) "
-             "| seeds | steps | ‖Δθ‖/‖θ‖ per step | −⟨g,Δθ⟩ per step | train s | ex/s |",
-             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| task | method | setting | lr | rank | trainable | % | best metric (mean ± std; "
+             "median [min, max]) | seeds | steps | ‖Δθ‖/‖θ‖ per step | −⟨g,Δθ⟩ per step | "
+             "train s | ex/s | selection half |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for t in table:
-        spread = f" ± {t['std']:.4f}" if t["seeds"] > 1 else ""  # no ± from a single seed
+        spread = (f" ± {t['std']:.4f}; {t['median']:.4f} [{t['min']:.4f}, {t['max']:.4f}]"
+                  if t["seeds"] > 1 else "")  # no spread from a single seed
+        selection = "—" if t["selection"] is None else (
+            f"{t['selection']:.4f}" + (" **chosen**" if t["chosen"] else ""))
         lines.append(
             f"| {t['task']} | {t['method']} | {t['setting'] or '—'} | {t['learning_rate']:g} | "
             f"{t['rank'] or '—'} | {t['trainable']:,} | {t['percent']:.3f} | {t['metric']} "
             f"{t['mean']:.4f}{spread} | {t['seeds']} | {t['steps']} | "
             f"{_sci(t['update_ratio'])} | {_sci(t['loss_decrease'])} | {t['wall_s']:.0f} | "
-            f"{t['examples_per_s']:.1f} |")
+            f"{t['examples_per_s']:.1f} | {selection} |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from jaxpeft.cli import run_command
 from jaxpeft.config import RunConfig, validate
 from jaxpeft.data import load_split
 from jaxpeft.data.batching import tokenize
-from jaxpeft.evaluation import trivial_baseline
+from jaxpeft.evaluation import main_metric_key, trivial_baseline
 from jaxpeft.loop import TrainLoop
 from jaxpeft.models.checkpoint import portable_name
 from jaxpeft.outputs import RunLock, check_output_dir, prepare_output_dir
@@ -92,13 +92,13 @@ def finish(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
         "params": setup.counts.to_dict(),
         "final": {k: v for k, v in (loop.last_eval or {}).items()
                   if k.startswith("eval_") or k == "step"},
-        "best": best.best, "main_metric": best.key,
+        "best": best.best, "main_metric": main_metric_key(setup.task), "selected_by": best.key,
         "train": {"steps": loop.step, "epochs": loop.step / setup.steps_per_epoch,
                   "wall_s": wall, "examples": loop.examples,
                   "examples_per_s": loop.examples / wall if wall else 0.0,
                   "compilations": loop.compilations},
         "learning_rate": setup.optim.learning_rate,
-        "baseline": trivial_baseline(setup.task, setup.eval_encs),
+        "baseline": trivial_baseline(setup.task, setup.eval_encs, cfg.select_on),
     }
     # results.json first: if a step after training fails, the run's results stay, and
     # --resume redoes only that step.
@@ -106,7 +106,9 @@ def finish(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
     if _exports_asked(cfg):
         results.update(predict_and_export(setup, loop, writer))
         writer.write_results(results)
-    tqdm.write(f"best {best.key} {best.best[best.key]:.4f} at step {best.best['step']}; "
+    main = results["main_metric"]
+    scored = "" if best.key == main else f" ({main} {best.best[main]:.4f})"
+    tqdm.write(f"best {best.key} {best.best[best.key]:.4f} at step {best.best['step']}{scored}; "
                f"{results['train']['examples_per_s']:.1f} train examples/s; results in "
                f"{loop.out / RESULTS}")
     warning = baseline_warning(results)

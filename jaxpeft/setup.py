@@ -21,7 +21,7 @@ from jaxpeft.config import RunConfig, check_fits_model
 from jaxpeft.data import Task, load_split
 from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_lengths,
                                    num_train_batches, tokenize)
-from jaxpeft.evaluation import main_metric_key
+from jaxpeft.evaluation import main_metric_key, selection_key
 from jaxpeft.models import Pretrained, load_pretrained
 from jaxpeft.optim import OptimConfig
 from jaxpeft.peft import ParamCounts, Peft, peft_from_run
@@ -70,7 +70,8 @@ class Setup:
                          "bucket_lengths": list(self.buckets), "model_path": str(pre.path),
                          "newly_initialized": list(pre.newly_initialized),
                          "peft": self.peft.to_dict(), "target_mean_std": self.target,
-                         "main_metric": main_metric_key(self.task)},
+                         "main_metric": main_metric_key(self.task),
+                         "selected_by": selection_key(self.task, cfg.select_on)},
             "model_config": pre.config.to_dict(),
             "params": self.counts.to_dict(),
             "versions": {"jaxpeft": jaxpeft.__version__, "commit": source_commit(),

@@ -54,6 +54,40 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "8"]
 
 
+def test_dev_half_selects_on_one_half_and_scores_on_the_other(tiny_model, glue_dir, tmp_path):
+    from jaxpeft.evaluation import dev_halves
+
+    selection, held_out = dev_halves(101)
+    assert len(selection) == 50 and len(held_out) == 51
+    assert not set(selection) & set(held_out) and len({*selection, *held_out}) == 101
+    assert np.array_equal(dev_halves(101)[0], selection)  # fixed: every run the same halves
+    assert 15 < np.sum(selection < 50) < 35  # spread over the split, not its first half
+    common = dict(max_eval_samples=101, eval_every=3)
+    whole = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "a", **common))
+    halves = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "b",
+                                           select_on="dev_half", **common))
+    assert halves["main_metric"] == "eval_accuracy"
+    assert halves["selected_by"] == "select_accuracy" and whole["selected_by"] == "eval_accuracy"
+    whole_rows, half_rows = read_metrics(tmp_path / "a" / "run")[1], read_metrics(
+        tmp_path / "b" / "run")[1]
+    assert len(whole_rows) == len(half_rows) >= 4
+    for w, h in zip(whole_rows, half_rows):  # same training: the halves split the same scores
+        assert h["eval_examples"] == 51 and h["select_examples"] == 50
+        np.testing.assert_allclose(
+            (50 * h["select_accuracy"] + 51 * h["eval_accuracy"]) / 101, w["eval_accuracy"],
+            rtol=0, atol=1e-9)
+        np.testing.assert_allclose((50 * h["select_loss"] + 51 * h["eval_loss"]) / 101,
+                                   w["eval_loss"], rtol=1e-6)
+    best = max(half_rows, key=lambda r: (r["select_accuracy"], -r["step"]))
+    assert halves["best"]["step"] == best["step"]
+    assert halves["best"]["eval_accuracy"] == best["eval_accuracy"]
+    from jaxpeft.data import get_task, load_split
+
+    labels = np.array(load_split(get_task("sst2"), "validation", str(glue_dir)).labels[:101])
+    majority = np.bincount(labels[held_out]).max() / len(held_out)
+    assert halves["baseline"]["eval_accuracy"] == pytest.approx(majority)
+
+
 def test_stsb_bitfit_regression_run(tiny_model, glue_dir, tmp_path):
     results = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, task="stsb",
                                       method="bitfit", num_epochs=1, max_eval_samples=200))

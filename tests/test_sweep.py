@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxpeft.errors import JaxpeftError
@@ -30,7 +31,7 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
     base = RunConfig(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
                      max_train_samples=64, batch_size=16, max_steps=4, log_every=2,
                      eval_every=2, max_eval_samples=64, max_seq_length=64, cache_dir="",
-                     progress=False)
+                     progress=False, select_on="dev_half")
     root = tmp_path / "sweep"
     status = run_sweep(base, "learning_rate=1e-3,1e-2", [0, 1], str(root), progress=False)
     assert list(status.values()) == ["ok"] * 4
@@ -55,6 +56,16 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
     for row in rows:  # two seeds each: mean ± std, and the step sizes were logged
         cells = row.split(" | ")
         assert " ± " in cells[7] and cells[8] == "2" and cells[10] != "—" and cells[11] != "—"
+    # The learning rate is picked by the selection half's mean over seeds.
+    selection = {}
+    for run in (root / f"learning_rate={lr},seed={seed}" for lr in ("0.001", "0.01")
+                for seed in (0, 1)):
+        results = json.loads((run / "results.json").read_text())
+        selection.setdefault(results["learning_rate"], []).append(
+            results["best"]["select_accuracy"])
+    picked = max(selection, key=lambda lr: np.mean(selection[lr]))
+    chosen = [r.split(" | ")[3] for r in rows if r.endswith("**chosen** |")]
+    assert chosen == [f"{picked:g}"]
     pngs = sorted(p.name for p in (root / "plots").glob("*.png"))
     assert pngs == ["sst2_curves.png", "sst2_lr.png"]
     assert all((root / "plots" / p).stat().st_size > 10_000 for p in pngs)
