@@ -128,11 +128,12 @@ def _load(f, dtype=None):
     if f.random_weights:
         import jax
         import jax.numpy as jnp
-        from jaxpeft.models import EncoderConfig, Runtime, SequenceClassifier
+        from jaxpeft.models import EncoderConfig, Runtime
+        from jaxpeft.models.registry import build_model
 
         cfg_d = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
         cfg = EncoderConfig.from_hf_dict(cfg_d, num_labels=2)
-        model = SequenceClassifier(cfg, Runtime(dtype=dtype))
+        model = build_model(cfg, Runtime(dtype=dtype))
         params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
         return model, params, cfg
     pre = jaxpeft.load_pretrained(f.model, num_labels=2, dtype=dtype, tokenizer=False)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxpeft.models import EncoderConfig, SequenceClassifier
+from jaxpeft.models import EncoderConfig
+from jaxpeft.models.registry import build_model, get_family
 from jaxpeft.models.checkpoint import hf_key
 from jaxpeft.peft import Peft
 from jaxpeft.peft.hf_export import peft_config_dict
@@ -19,7 +20,7 @@ from jaxpeft.peft.hf_export import peft_config_dict
 def _trainable_names(model, peft: Peft) -> set:
     """transformers parameter names of the leaves `peft` trains (from shapes only)."""
     cfg = EncoderConfig.from_hf_dict(model.config.to_dict(), model.config.num_labels)
-    ours = SequenceClassifier(cfg)
+    ours = build_model(cfg)
     shapes = jax.eval_shape(
         lambda: peft.init(ours, ours.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
                           ["params"], jax.random.key(0))[1])
@@ -35,8 +36,10 @@ def torch_model_for(model, peft: Peft):
         why = peft.method.codec.unsupported(peft.options)
         if why:
             raise NotImplementedError(f"{peft.name}: no PyTorch peer with these options ({why})")
-        config = hf_peft.get_peft_config(peft_config_dict(peft, model.name_or_path,
-                                                          inference_mode=False))
+        family = get_family(model.config.model_type)
+        ours = EncoderConfig.from_hf_dict(model.config.to_dict(), model.config.num_labels)
+        config = hf_peft.get_peft_config(peft_config_dict(peft, model.name_or_path, family,
+                                                          inference_mode=False, config=ours))
         return hf_peft.get_peft_model(model, config)
     names = _trainable_names(model, peft)
     missing = names - {name for name, _ in model.named_parameters()}

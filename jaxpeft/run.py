@@ -73,7 +73,7 @@ def predict_and_export(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict
     if cfg.export_peft and writer.enabled:
         # peft's base_model_name_or_path must be something PyTorch resolves (not an alias).
         export_peft(out / "peft", peft, params, base_model=portable_name(cfg.model),
-                    target=setup.target)
+                    target=setup.target, config=setup.pre.config)
         extra["peft_export"] = str(out / "peft")
     return extra
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxpeft.errors import JaxpeftError, first_line
-from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.models.bert import SequenceClassifier
 from jaxpeft.peft.masks import combine, partition
 
 

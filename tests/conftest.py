@@ -58,3 +58,39 @@ def tiny_model(tmp_path_factory, minilm_dir):
     transformers.BertModel(cfg).save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, minilm_dir, glue_dir):
+    """`{model_type: folder}`: a tiny random model of each family beyond BERT, saved with a
+    real tokenizer of its kind: MiniLM's uncased WordPiece for ELECTRA and DistilBERT (they
+    share BERT's vocabulary), and for XLM-R a byte-level BPE trained here on SST-2 sentences
+    with RoBERTa's special tokens (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from tests.helpers import HF_CLASSES, tiny_hf_config
+
+    lines = (glue_dir / "SST-2" / "train.tsv").read_text().splitlines()[1:3001]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([l.split("\t")[0] for l in lines], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    xlmr_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        sep_token="</s>", cls_token="<s>", pad_token="<pad>", mask_token="<mask>")
+    wordpiece = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    out = {}
+    for model_type, tok in (("xlm-roberta", xlmr_tok), ("electra", wordpiece),
+                            ("distilbert", wordpiece)):
+        folder = tmp_path_factory.mktemp(model_type)
+        config = tiny_hf_config(model_type, vocab_size=len(tok), max_position_embeddings=160)
+        torch.manual_seed(0)
+        getattr(transformers, HF_CLASSES[model_type])(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[model_type] = folder
+    return out

@@ -10,8 +10,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+# transformers' sequence-classification class of each family the tests build.
+HF_CLASSES = {"bert": "BertForSequenceClassification",
+              "roberta": "RobertaForSequenceClassification",
+              "xlm-roberta": "XLMRobertaForSequenceClassification",
+              "electra": "ElectraForSequenceClassification",
+              "distilbert": "DistilBertForSequenceClassification"}
+PAD_AFTER = ("roberta", "xlm-roberta")  # families whose pad id is 1
+
+
 def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
-    """A 2-layer, hidden-32 transformers config for BERT or RoBERTa."""
+    """A 2-layer (DistilBERT: 3), hidden-32 transformers config of a family; ELECTRA's
+    embeddings are narrower (16) than its hidden size, as in the small checkpoints."""
     import transformers
 
     common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -20,8 +30,28 @@ def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
     common.update(overrides)
     if model_type == "bert":
         return transformers.BertConfig(type_vocab_size=2, **common)
-    return transformers.RobertaConfig(type_vocab_size=1, pad_token_id=1, bos_token_id=0,
-                                      eos_token_id=2, **common)
+    if model_type == "electra":
+        return transformers.ElectraConfig(type_vocab_size=2, embedding_size=16, **common)
+    if model_type == "distilbert":
+        names = {"hidden_size": "dim", "num_hidden_layers": "n_layers",
+                 "num_attention_heads": "n_heads", "intermediate_size": "hidden_dim",
+                 "hidden_dropout_prob": "dropout",
+                 "attention_probs_dropout_prob": "attention_dropout",
+                 "classifier_dropout": "seq_classif_dropout"}
+        values = {names.get(k, k): v for k, v in common.items()}
+        values["n_layers"] = overrides.get("num_hidden_layers", 3)
+        return transformers.DistilBertConfig(**values)
+    cls = {"roberta": transformers.RobertaConfig,
+           "xlm-roberta": transformers.XLMRobertaConfig}[model_type]
+    return cls(type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+
+
+def tiny_torch_model(model_type: str, out_dir: Path, num_labels: int = 2, **overrides):
+    """A seeded tiny `*ForSequenceClassification` of a family, saved into `out_dir`."""
+    import transformers
+
+    cls = getattr(transformers, HF_CLASSES[model_type])
+    return save_torch_model(cls, tiny_hf_config(model_type, num_labels, **overrides), out_dir)
 
 
 def save_torch_model(torch_cls, config, out_dir: Path, seed: int = 0):
@@ -37,16 +67,26 @@ def save_torch_model(torch_cls, config, out_dir: Path, seed: int = 0):
 def random_batch(model_type: str, batch=4, length=12, vocab=120, pairs=False, seed=0):
     """Random ids with right padding of varied length (and BERT sentence-pair types)."""
     rng = np.random.default_rng(seed)
-    pad = 1 if model_type == "roberta" else 0
+    pad = 1 if model_type in PAD_AFTER else 0
     ids = rng.integers(3, vocab, size=(batch, length))
     lengths = np.linspace(length, 3, batch).astype(int)
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
     ids = np.where(mask == 1, ids, pad)
     types = np.zeros_like(ids)
-    if pairs:
+    if pairs and model_type not in PAD_AFTER:  # RoBERTa's pairs are all token type 0
         types = ((np.arange(length)[None, :] >= lengths[:, None] // 2) & (mask == 1)).astype(
             np.int64)
     return ids, mask, types
+
+
+def torch_inputs(model, ids, mask, types) -> dict:
+    """The keyword inputs of a transformers model (DistilBERT takes no token types)."""
+    import torch
+
+    inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    if model.config.model_type != "distilbert":
+        inputs["token_type_ids"] = torch.tensor(types)
+    return inputs
 
 
 def torch_forward(model, ids, mask, types):
@@ -54,8 +94,7 @@ def torch_forward(model, ids, mask, types):
     import torch
 
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    token_type_ids=torch.tensor(types), output_hidden_states=True)
+        out = model(**torch_inputs(model, ids, mask, types), output_hidden_states=True)
     return out.logits.numpy(), out.hidden_states[-1].numpy()
 
 
@@ -109,7 +148,7 @@ def random_encoded(model_type, n=13, pairs=False, vocab=120, seed=0, max_len=40)
     for n_tok in lengths:
         ids.append(rs.integers(3, vocab, n_tok))
         t = np.zeros(n_tok, np.int8)
-        if pairs and model_type == "bert":
+        if pairs and model_type in ("bert", "electra"):
             t[n_tok // 2:] = 1
         types.append(t)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -10,7 +10,7 @@ import jaxpeft
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft import METHODS
 from tests.helpers import (jax_forward, random_batch, save_torch_model, tiny_hf_config,
-                           torch_forward)
+                           tiny_torch_model, torch_forward)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -73,11 +73,13 @@ def test_minilm_stsb_pairs_regression_parity(minilm_cls_dirs, glue_dir):
 
 
 @pytest.mark.parametrize("model_type,num_labels,pairs", [
-    ("bert", 3, True), ("bert", 1, False), ("roberta", 2, False), ("roberta", 1, False)])
+    ("bert", 3, True), ("bert", 1, False), ("roberta", 2, False), ("roberta", 1, False),
+    ("xlm-roberta", 3, False), ("xlm-roberta", 1, True), ("electra", 3, True),
+    ("electra", 1, False), ("distilbert", 3, True), ("distilbert", 1, False)])
 def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
-    cls = {"bert": transformers.BertForSequenceClassification,
-           "roberta": transformers.RobertaForSequenceClassification}[model_type]
-    torch_model = save_torch_model(cls, tiny_hf_config(model_type, num_labels), tmp_path)
+    """Logits and last hidden states of every family equal transformers' on padded single
+    sentences and pairs (ELECTRA with embeddings narrower than its hidden size)."""
+    torch_model = tiny_torch_model(model_type, tmp_path, num_labels)
     pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
     assert pre.newly_initialized == ()
     args = random_batch(model_type, pairs=pairs, length=20)
@@ -87,7 +89,7 @@ def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
     np.testing.assert_allclose(hidden, ref_hidden, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
 def test_training_attention_path_matches_the_fused_one(tmp_path, model_type):
     """Training runs attention as einsum-softmax-dropout-einsum (heads moved first), the
     evaluation path through `jax.nn.dot_product_attention`, which the test above holds to
@@ -96,10 +98,8 @@ def test_training_attention_path_matches_the_fused_one(tmp_path, model_type):
     import jax
     import jax.numpy as jnp
 
-    cls = {"bert": transformers.BertForSequenceClassification,
-           "roberta": transformers.RobertaForSequenceClassification}[model_type]
-    save_torch_model(cls, tiny_hf_config(model_type, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=1e-12), tmp_path)
+    tiny_torch_model(model_type, tmp_path, hidden_dropout_prob=0.0, classifier_dropout=0.0,
+                     attention_probs_dropout_prob=1e-12)
     pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
     ids, mask, types = random_batch(model_type, pairs=model_type == "bert", length=20)
     # packed: two examples in each row, padding after them

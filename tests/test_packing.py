@@ -6,20 +6,20 @@ import pytest
 import jaxpeft
 from jaxpeft.data.batching import bucket_lengths, make_batch, make_packed_batch, pack_rows
 from jaxpeft.train import forward
-from tests.helpers import random_encoded, save_torch_model, tiny_hf_config
+from tests.helpers import random_encoded, save_torch_model, tiny_hf_config, tiny_torch_model
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("model_type,pairs", [("bert", False), ("bert", True),
-                                               ("roberta", False), ("roberta", True)])
+@pytest.mark.parametrize("model_type,pairs", [
+    ("bert", False), ("bert", True), ("roberta", False), ("roberta", True),
+    ("xlm-roberta", True), ("electra", True), ("distilbert", True)])
 def test_packed_logits_equal_unpacked(tmp_path, model_type, pairs):
-    cls = {"bert": transformers.BertForSequenceClassification,
-           "roberta": transformers.RobertaForSequenceClassification}[model_type]
-    save_torch_model(cls, tiny_hf_config(model_type, num_labels=3), tmp_path)
+    tiny_torch_model(model_type, tmp_path, num_labels=3)
     pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
     pad = pre.config.pad_token_id
-    offset = pad + 1 if model_type == "roberta" else 0
+    offset = pad + 1 if model_type in ("roberta", "xlm-roberta") else 0
+    assert pre.config.position_offset == offset
     enc = random_encoded(model_type, pairs=pairs)
     rows = np.arange(len(enc))
     batch_size = 16  # 13 real examples + 3 padding slots

@@ -3,7 +3,7 @@
 from jaxpeft.models.checkpoint import Pretrained, load_pretrained, load_tokenizer
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import Runtime
-from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.models.bert import SequenceClassifier
 
 __all__ = ["EncoderConfig", "Pretrained", "Runtime", "SequenceClassifier", "load_pretrained",
            "load_tokenizer"]

@@ -1,12 +1,14 @@
-"""Loading Hugging Face BERT/RoBERTa checkpoints into the Flax model.
+"""Loading Hugging Face encoder checkpoints (every family of `jaxpeft.models.registry`) into
+the Flax model.
 
 A checkpoint is a folder with `config.json`, `model.safetensors` (or a sharded
 `model.safetensors.index.json`) and tokenizer files; a hub id is first fetched with
 `huggingface_hub` (those files only). Names map with one rule: a Flax path
 `bert/encoder/layer_0/attention/self/query/kernel` is the tensor
 `bert.encoder.layer.0.attention.self.query.weight` (transposed, as PyTorch stores
-`(out, in)`). Checkpoints saved from `BertModel`/`RobertaModel` (no `bert.`/`roberta.` prefix)
-and from the `*ForSequenceClassification` classes both load.
+`(out, in)`). Checkpoints saved from the bare models (`BertModel`, `DistilBertModel`, ...: no
+`bert.`/`distilbert.` prefix), from pre-training classes (ELECTRA's discriminator) and from
+the `*ForSequenceClassification` classes all load.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import DTYPES, Runtime
-from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.models.bert import SequenceClassifier
+from jaxpeft.models.registry import FAMILIES, build_model, get_family
 
 log = logging.getLogger("jaxpeft")
 
@@ -134,8 +137,8 @@ def read_config(path: Path, num_labels: Optional[int] = None) -> EncoderConfig:
         raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
     config = EncoderConfig.from_hf_dict(d, num_labels=num_labels, source=str(cfg_file))
     # A model_type edited over another family's weights would load with shifted positions.
-    others = [a for a in d.get("architectures") or []
-              if not a.lower().startswith(config.model_type)]
+    stem = get_family(config.model_type).class_stem
+    others = [a for a in d.get("architectures") or [] if not str(a).startswith(stem)]
     if others:
         raise JaxpeftError(f"{cfg_file}: model_type {config.model_type!r} but architectures "
                            f"{others}; the config does not describe these weights")
@@ -143,12 +146,16 @@ def read_config(path: Path, num_labels: Optional[int] = None) -> EncoderConfig:
 
 
 def _check_weights_family(state_dict: dict, model_type: str, source: str) -> None:
-    """Refuses weights saved by the other model family (prefixed `bert.` vs `roberta.`)."""
+    """Refuses weights saved by another model family (prefixed `roberta.` for a BERT
+    config, ...)."""
     prefixes = {k.split(".", 1)[0] for k in state_dict}
-    other = {"bert": "roberta", "roberta": "bert"}.get(model_type)
-    if other in prefixes and model_type not in prefixes:
+    own = get_family(model_type).prefix
+    other = next((f for f in FAMILIES.values() if f.prefix != own and f.prefix in prefixes),
+                 None)
+    if other is not None and own not in prefixes:
         raise JaxpeftError(f"{source}: config.json says {model_type!r} but the weights are "
-                           f"{other!r} ({other}.* tensors); fix model_type in config.json")
+                           f"{other.name!r} ({other.prefix}.* tensors); fix model_type in "
+                           "config.json")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -213,11 +220,11 @@ def hf_key(path: tuple) -> str:
     return hf_module_key(path[:-1]) + "." + leaf
 
 
-def _candidates(path: tuple, model_type: str) -> list[str]:
+def _candidates(path: tuple, prefix: str) -> list[str]:
     key = hf_key(path)
     names = [key]
-    if path[0] == model_type:  # BertModel / RobertaModel checkpoints have no prefix
-        names.append(key[len(model_type) + 1:])
+    if path[0] == prefix:  # BertModel / RobertaModel checkpoints have no prefix
+        names.append(key[len(prefix) + 1:])
     # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
     if path[-2] == "LayerNorm":
         legacy = {"scale": "gamma", "bias": "beta"}[path[-1]]
@@ -234,12 +241,14 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: SequenceCla
     error (the checkpoint is not this architecture).
     """
     cfg = model.config
+    family = get_family(cfg.model_type)
+    head = re.compile("|".join(r for r in (family.head_regex(), family.pooler_regex()) if r))
     dummy = jnp.zeros((1, 8), jnp.int32)
     shapes = traverse_util.flatten_dict(
         jax.eval_shape(model.init, rng, dummy)["params"])
     flat, fresh, used = {}, [], set()
     for path, shape in shapes.items():
-        found = next((k for k in _candidates(path, cfg.model_type) if k in state_dict), None)
+        found = next((k for k in _candidates(path, family.prefix) if k in state_dict), None)
         value = None
         if found is not None:
             used.add(found)
@@ -247,7 +256,7 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: SequenceCla
             value = value.T if path[-1] == "kernel" else value
             if value.shape != shape.shape:
                 value = None
-        is_head = path[0] == "classifier" or path[1:2] == ("pooler",)
+        is_head = bool(head.fullmatch("/".join(path)))
         if value is None and not is_head:
             what = "is missing" if found is None else (
                 f"has shape {state_dict[found].shape}, expected {shape.shape}")
@@ -276,7 +285,8 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: SequenceCla
 def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[int] = None,
                     dtype: str = "float32", seed: int = 0,
                     tokenizer: Union[str, os.PathLike, None, bool] = None) -> Pretrained:
-    """Loads a BERT/RoBERTa checkpoint for sequence classification.
+    """Loads an encoder checkpoint (any family of `jaxpeft.models.registry`) for sequence
+    classification.
 
     Args:
       name_or_path: a local Hugging Face folder, a hub id (fetched with huggingface_hub), or
@@ -290,7 +300,7 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
         raise JaxpeftError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_model_dir(name_or_path)
     config = read_config(path, num_labels)
-    model = SequenceClassifier(config, Runtime(dtype=dtype))
+    model = build_model(config, Runtime(dtype=dtype))
     state_dict = read_safetensors(path)
     _check_weights_family(state_dict, config.model_type, str(path))
     params, fresh, unused = params_from_state_dict(

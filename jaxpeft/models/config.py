@@ -11,7 +11,8 @@ from typing import Any, Mapping, Optional
 
 from jaxpeft.errors import JaxpeftError
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+# Families whose position ids count from `pad_token_id + 1` (fairseq's convention).
+POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta")
 
 # transformers' names for activation functions -> ours (see models.encoder.ACTIVATIONS).
 _SUPPORTED_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
@@ -19,9 +20,12 @@ _SUPPORTED_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu",
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """Hyper-parameters of a BERT/RoBERTa encoder and its sequence-classification head.
+    """Hyper-parameters of an encoder and its sequence-classification head, in BERT's
+    field names (each family's `config.json` names are translated by its `Family`).
 
     `num_labels == 1` means regression (one output, MSE loss), as in transformers.
+    `type_vocab_size == 0`: no token types (DistilBERT). `embedding_size`: ELECTRA's
+    embedding width when it differs from the hidden size.
     """
 
     model_type: str
@@ -40,6 +44,7 @@ class EncoderConfig:
     pad_token_id: int = 0
     classifier_dropout: Optional[float] = None
     num_labels: int = 2
+    embedding_size: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
@@ -54,9 +59,15 @@ class EncoderConfig:
         return self.hidden_dropout_prob
 
     @property
+    def embedding_width(self) -> int:
+        """Width of the embedding tables (the hidden size unless `embedding_size` says)."""
+        return self.embedding_size or self.hidden_size
+
+    @property
     def position_offset(self) -> int:
-        """The first position id of a sequence: RoBERTa counts from `pad_token_id + 1`."""
-        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+        """The first position id of a sequence: RoBERTa and XLM-R count from
+        `pad_token_id + 1`."""
+        return self.pad_token_id + 1 if self.model_type in POSITIONS_AFTER_PAD else 0
 
     @property
     def is_regression(self) -> bool:
@@ -71,11 +82,13 @@ class EncoderConfig:
         `num_labels` overrides the checkpoint's own label count (a fresh head is then used if
         the shapes differ). Raises `JaxpeftError` for architectures this encoder cannot run.
         """
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise JaxpeftError(
-                f"{source}: model_type {model_type!r} is not supported; "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        from jaxpeft.models.registry import get_family  # the families import this module
+
+        if not isinstance(d, Mapping):
+            raise JaxpeftError(f"{source}: not a model configuration (a JSON object)")
+        family = get_family(d.get("model_type"), source)
+        model_type = family.name
+        d = family.translate_config(d)
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise JaxpeftError(
@@ -101,7 +114,9 @@ class EncoderConfig:
         kwargs = {k: v for k, v in d.items() if k in fields}
         kwargs["num_labels"] = int(num_labels)
         if kwargs.get("pad_token_id") is None:
-            kwargs["pad_token_id"] = 1 if model_type == "roberta" else 0
+            kwargs["pad_token_id"] = 1 if model_type in POSITIONS_AFTER_PAD else 0
+        if kwargs.get("embedding_size") == kwargs["hidden_size"]:
+            kwargs["embedding_size"] = None
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

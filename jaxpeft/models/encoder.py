@@ -259,7 +259,7 @@ def refuse_foreign_leaves(module: nn.Module, known: set, where: str) -> None:
             "restores it from the adapter files)")
 
 
-def _layer_norm(config: EncoderConfig, runtime: Runtime, name: str = "LayerNorm"):
+def layer_norm(config: EncoderConfig, runtime: Runtime, name: str = "LayerNorm"):
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=runtime.jnp_dtype,
                         param_dtype=jnp.float32, name=name)
 
@@ -280,27 +280,37 @@ def expand_attention_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention: `query`/`key`/`value` projections and scaled dot products."""
+    """Multi-head self-attention: `query`/`key`/`value` projections and scaled dot products
+    (`names`: the projections' names in the family's checkpoints)."""
 
     config: EncoderConfig
     runtime: Runtime
+    names: tuple = ("query", "key", "value")
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
         cfg = self.config
-        batch, length, _ = x.shape
-        shape = (batch, length, cfg.num_attention_heads, cfg.head_dim)
         q, k, v = (Dense(cfg.hidden_size, cfg, self.runtime, name=n)(x, deterministic)
-                   .reshape(shape) for n in ("query", "key", "value"))
-        dropout = cfg.attention_probs_dropout_prob
-        if deterministic or dropout == 0.0:
-            # The fused path (cuDNN flash attention on GPUs when shapes allow).
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        else:
-            # Dropout on attention probabilities, as in BERT, needs the probabilities
-            # materialized, which the fused kernel never does.
-            out = dropout_attention(q, k, v, mask, Dropout(dropout))
-        return out.reshape(batch, length, cfg.hidden_size)
+                   for n in self.names)
+        return attend(q, k, v, mask, cfg, deterministic)
+
+
+def attend(q, k, v, mask, config: EncoderConfig, deterministic: bool) -> jax.Array:
+    """Scaled dot-product attention of projected `q, k, v: [batch, length, hidden]` over
+    `config.num_attention_heads` heads, with the config's dropout on the probabilities when
+    training; returns `[batch, length, hidden]`."""
+    batch, length, _ = q.shape
+    shape = (batch, length, config.num_attention_heads, config.head_dim)
+    q, k, v = (t.reshape(shape) for t in (q, k, v))
+    dropout = config.attention_probs_dropout_prob
+    if deterministic or dropout == 0.0:
+        # The fused path (cuDNN flash attention on GPUs when shapes allow).
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+        # Dropout on attention probabilities, as in BERT, needs the probabilities
+        # materialized, which the fused kernel never does.
+        out = dropout_attention(q, k, v, mask, Dropout(dropout))
+    return out.reshape(batch, length, config.hidden_size)
 
 
 def dropout_attention(q, k, v, mask, dropout: Dropout) -> jax.Array:
@@ -331,7 +341,7 @@ class Residual(nn.Module):
         x = Dense(self.config.hidden_size, self.config, self.runtime, name="dense")(
             x, deterministic)
         x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
-        return _layer_norm(self.config, self.runtime)(x + residual)
+        return layer_norm(self.config, self.runtime)(x + residual)
 
 
 class Attention(nn.Module):
@@ -374,7 +384,8 @@ class Layer(nn.Module):
 
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings (summed in float32), LayerNorm (output in the
-    compute dtype), dropout."""
+    compute dtype), dropout. `config.embedding_width` wide (ELECTRA's may be narrower than
+    the hidden size); no token-type table when `type_vocab_size` is 0 (DistilBERT)."""
 
     config: EncoderConfig
     runtime: Runtime
@@ -389,7 +400,7 @@ class Embeddings(nn.Module):
             # bfloat16 scatter-add, and the token-type row, which every token hits, came out
             # 31 % off its float32 value (MiniLM at 32x128, benchmarks/bench_bf16_grads.py;
             # now 0.9 %), besides copying the whole table every step.
-            return nn.Embed(num, cfg.hidden_size, embedding_init=_normal(cfg),
+            return nn.Embed(num, cfg.embedding_width, embedding_init=_normal(cfg),
                             dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
         hooks = self.runtime.hooks_of(EmbeddingHook)
@@ -398,10 +409,10 @@ class Embeddings(nn.Module):
             jnp.maximum(input_ids, 0) if hooks else input_ids)
         for hook in hooks:
             words = hook(self, input_ids, words)
-        x = (words
-             + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
-             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
-        x = _layer_norm(cfg, self.runtime)(x)
+        x = words + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+        if cfg.type_vocab_size:
+            x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        x = layer_norm(cfg, self.runtime)(x)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -411,14 +422,17 @@ def default_position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Arr
     BERT counts 0, 1, 2, ...; RoBERTa counts only non-pad tokens and starts at
     `pad_token_id + 1`, leaving pad tokens at `pad_token_id`.
     """
-    if config.model_type == "roberta":
+    if config.position_offset:
         not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
 class Backbone(nn.Module):
-    """`BertModel` / `RobertaModel`: embeddings, `encoder/layer_i`, and (BERT) the pooler.
+    """`BertModel` / `RobertaModel` / `ElectraModel` / `DistilBertModel`: embeddings (and
+    ELECTRA's `embeddings_project` when they are narrower than the hidden size), the layer
+    stack (`layers`, named `layers_name`: `encoder/layer_i` by default), and (BERT) the
+    pooler.
 
     Returns `(last_hidden_state, first_tokens, pooled)`: the hidden states
     `[rows, length, hidden]`, each example's first token `[examples, hidden]`, and (BERT)
@@ -437,6 +451,8 @@ class Backbone(nn.Module):
     config: EncoderConfig
     runtime: Runtime
     add_pooling_layer: bool = True
+    layers: type = None  # default: EncoderLayers
+    layers_name: str = "encoder"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -459,8 +475,12 @@ class Backbone(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         x = Embeddings(cfg, self.runtime, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic)
+        if cfg.embedding_width != cfg.hidden_size:
+            x = Dense(cfg.hidden_size, cfg, self.runtime, name="embeddings_project")(
+                x, deterministic)
         mask = expand_attention_mask(attention_mask)
-        x = EncoderLayers(cfg, self.runtime, name="encoder")(x, mask, deterministic)
+        x = (self.layers or EncoderLayers)(cfg, self.runtime, name=self.layers_name)(
+            x, mask, deterministic)
         skip = self.runtime.first_token_offset
         first = x[:, skip] if example_row is None else x[example_row, example_pos + skip]
         pooled = None

@@ -26,7 +26,7 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 from jaxpeft.models.checkpoint import Pretrained
-from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.models.bert import SequenceClassifier
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.method import Peft
 from jaxpeft.peft.registry import peft_from_dict

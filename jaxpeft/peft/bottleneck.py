@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, per_token, token_matmul
+from jaxpeft.models.registry import norm_regex
 from jaxpeft.peft.lora import target_modules
 from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
@@ -78,7 +79,7 @@ class _Bottleneck(PeftMethod):
 
     def rules(self, options):
         return [(r".*/adapter_(down|up)(_bias)?", True),
-                (r".*/layer_\d+/.*/LayerNorm/(scale|bias)", True), (".*", False)]
+                (rf".*/layer_\d+/(?:.*/)?{norm_regex()}/(scale|bias)", True), (".*", False)]
 
     def hooks(self, options):
         return (AdapterHook(),)

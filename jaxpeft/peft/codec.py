@@ -24,9 +24,15 @@ class PeftCodec:
         """Why these options have no peft export, or None when they have one."""
         return None
 
-    def config(self, options: Any) -> dict:
-        """The method's fields of peft's `adapter_config.json` (beside task and head)."""
+    def config(self, options: Any, family: Any) -> dict:
+        """The method's fields of peft's `adapter_config.json` (beside task and head) for a
+        model of `family` (`jaxpeft.models.family.Family`: its module names)."""
         raise NotImplementedError
+
+    def model_fields(self, config: Any) -> dict:
+        """Fields of `adapter_config.json` taken from the base model's `EncoderConfig`, where
+        peft cannot read them from every family's transformers config."""
+        return {}
 
     def leaf(self, path: tuple, value: Any) -> Optional[tuple[str, Any]]:
         """`(peft key below the module, value)` for a trainable leaf peft names its own way

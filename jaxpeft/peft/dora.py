@@ -53,8 +53,8 @@ class DoraCodec(LoraCodec):
 
     label = "DoRA"
 
-    def config(self, options):
-        return {**super().config(options), "use_dora": True}
+    def config(self, options, family):
+        return {**super().config(options, family), "use_dora": True}
 
     def matches(self, config):
         return config.get("peft_type") == "LORA" and bool(config.get("use_dora"))

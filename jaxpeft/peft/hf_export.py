@@ -23,6 +23,8 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 from jaxpeft.models.checkpoint import hf_key, hf_module_key
+from jaxpeft.models.family import Family
+from jaxpeft.models.registry import family_of_params, get_family
 from jaxpeft.peft.adapters import serialize
 from jaxpeft.peft.method import Peft
 
@@ -68,31 +70,38 @@ def peft_tensors(peft: Peft, params: Any) -> dict[str, np.ndarray]:
     return tensors
 
 
-def peft_config_dict(peft: Peft, base_model: str, inference_mode: bool = True) -> dict:
-    """peft's `adapter_config.json` for this method, options and head (task SEQ_CLS)."""
+def peft_config_dict(peft: Peft, base_model: str, family: Family,
+                     inference_mode: bool = True, config: Any = None) -> dict:
+    """peft's `adapter_config.json` for this method, options and head (task SEQ_CLS) on a
+    model of `family` (`config`: the base's `EncoderConfig`, for what peft cannot read from
+    every family's config)."""
     peft.require_peft_export()
     codec = peft.method.codec
+    pooler = [family.pooler.rsplit(".", 1)[-1]] if peft.train_pooler and family.pooler else []
+    from_model = codec.model_fields(config) if config is not None else {}
     return {"peft_type": codec.peft_type, "task_type": "SEQ_CLS",
-            "base_model_name_or_path": base_model, **codec.config(peft.options),
-            "modules_to_save": ["classifier"] + (["pooler"] if peft.train_pooler else []),
-            "inference_mode": inference_mode}
+            "base_model_name_or_path": base_model, **codec.config(peft.options, family),
+            **from_model,
+            "modules_to_save": list(family.head) + pooler, "inference_mode": inference_mode}
 
 
 def export_peft(directory: os.PathLike, peft: Peft, params: Any, *, base_model: str,
-                target: Optional[tuple] = None) -> Path:
+                target: Optional[tuple] = None, config: Any = None) -> Path:
     """Writes `params` (trained with `peft`) in Hugging Face peft's format (task SEQ_CLS).
 
     The classification head (and BERT's pooler, if trained) go to `modules_to_save`, so the
     PyTorch `PeftModel` reproduces our logits; a regression `target` map `(mean, std)` is
-    folded into the head first.
+    folded into the head first. `config`, the base model's `EncoderConfig`, supplies what
+    peft cannot read from every family's transformers config (a soft prompt's width and
+    depth on DistilBERT and ELECTRA).
     """
-    config = peft_config_dict(peft, base_model)
+    adapter_config = peft_config_dict(peft, base_model, family_of_params(params), config=config)
     directory = Path(directory)
     if target is not None:
         params = fold_target(params, *target)
     atomic_write_bytes(directory / "adapter_model.safetensors",
                        serialize(peft_tensors(peft, params)))
-    atomic_write_json(directory / "adapter_config.json", config)
+    atomic_write_json(directory / "adapter_config.json", adapter_config)
     return directory
 
 
@@ -117,9 +126,7 @@ def export_merged(directory: os.PathLike, peft: Peft, params: Any, *, base_dir: 
     state = {hf_key(p): np.asarray(v.T if p[-1] == "kernel" else v, np.float32)
              for p, v in flat.items()}
     config = json.loads((Path(base_dir) / "config.json").read_text())
-    model_type = config["model_type"]
-    config["architectures"] = [{"bert": "BertForSequenceClassification",
-                                "roberta": "RobertaForSequenceClassification"}[model_type]]
+    config["architectures"] = [get_family(config["model_type"]).hf_class]
     num_labels = flat[_output_layer(flat) + ("bias",)].shape[0]
     names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
     config["id2label"] = {str(i): n for i, n in enumerate(names)}

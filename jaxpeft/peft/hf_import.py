@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models import Pretrained, SequenceClassifier
+from jaxpeft.models.registry import get_family
 from jaxpeft.peft.hf_export import peft_items
 from jaxpeft.peft.method import Peft
 from jaxpeft.peft.registry import METHODS
@@ -31,7 +32,7 @@ from jaxpeft.peft.registry import METHODS
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _module_paths(keys, model_type: str) -> set:
+def _module_paths(keys, prefix: str) -> set:
     """Our module paths of the peft keys that sit in encoder layers."""
     modules = set()
     for key in keys:
@@ -39,9 +40,9 @@ def _module_paths(keys, model_type: str) -> set:
                      r"(lora_|ia3_l|ln_tuning_layers)", key)
         if m:
             parts = re.sub(r"layer\.(\d+)", r"layer_\1", m.group(1)).split(".")
-            if parts[0] != model_type:
+            if parts[0] != prefix:
                 raise JaxpeftError(f"adapter tensor {key} is for a {parts[0]} model, the base "
-                                   f"is {model_type}")
+                                   f"is {prefix}")
             modules.add(tuple(parts))
     return modules
 
@@ -67,8 +68,8 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
         raise JaxpeftError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} has no "
                            f"jaxpeft method (peft types here: {', '.join(supported)})")
     saved = load_file(str(directory / WEIGHTS))
-    model_type = pre.config.model_type
-    options = method.codec.options_from(config, _module_paths(saved, model_type))
+    prefix = get_family(pre.config.model_type).prefix
+    options = method.codec.options_from(config, _module_paths(saved, prefix))
     train_pooler = any(".pooler." in k for k in saved)
     peft = Peft(method, options, train_pooler)
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))

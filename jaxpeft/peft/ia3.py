@@ -21,7 +21,8 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, per_token, token_matmul
-from jaxpeft.peft.lora import PEFT_MODULE, check_targets, target_modules, targets_of_modules
+from jaxpeft.models.registry import family_of_params
+from jaxpeft.peft.lora import check_targets, target_modules, targets_of_modules
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
@@ -59,28 +60,25 @@ class Ia3Hook(DenseHook):
         return y
 
 
-def _regex(targets) -> str:
-    return r".*\.layer\.\d+\.(?:" + "|".join(PEFT_MODULE[t] for t in targets) + ")"
-
-
 class Ia3Codec(PeftCodec):
     """peft's IA3: `ia3_l` per target, `feedforward_modules` the input-scaled ones."""
 
     peft_type = "IA3"
 
-    def config(self, options):
-        return {"target_modules": _regex(options.targets),
-                "feedforward_modules": _regex([t for t in options.targets
-                                               if t in INPUT_SCALED] or ["output"]),
+    def config(self, options, family):
+        return {"target_modules": family.peft_regex(options.targets),
+                "feedforward_modules": family.peft_regex([t for t in options.targets
+                                                          if t in INPUT_SCALED] or ["output"]),
                 "fan_in_fan_out": False, "init_ia3_weights": True}
 
     def options_from(self, config, modules):
         targets = targets_of_modules(modules, "IA3")
+        family = family_of_params({m[0] for m in modules})
         # peft scales the input of its feedforward modules (a regex, or name suffixes); ours
         # are output and attention_output.
         ff = config.get("feedforward_modules") or []
         for t in targets:
-            name = "bert.encoder.layer.0." + PEFT_MODULE[t].replace("\\", "")
+            name = f"{family.prefix}.{family.layers}.0.{family.targets[t]}"
             is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(
                 name == f or name.endswith("." + f) for f in ff)
             if is_ff != (t in INPUT_SCALED):

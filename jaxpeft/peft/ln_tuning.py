@@ -6,6 +6,9 @@ each `LayerNorm` (`<module>.ln_tuning_layers.weight/bias`), which the export wri
 
 from __future__ import annotations
 
+import re
+
+from jaxpeft.models.registry import norm_regex
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.method import NoOptions, PeftMethod
 
@@ -18,11 +21,11 @@ class LnTuningCodec(PeftCodec):
     def options_from(self, config, modules):
         return NoOptions()
 
-    def config(self, options):
-        return {"target_modules": ["LayerNorm"]}
+    def config(self, options, family):
+        return {"target_modules": list(family.norms)}
 
     def leaf(self, path, value):
-        if len(path) > 1 and path[-2] == "LayerNorm":
+        if len(path) > 1 and re.fullmatch(norm_regex(), path[-2]):
             return f"ln_tuning_layers.{'weight' if path[-1] == 'scale' else 'bias'}", value
         return None
 
@@ -36,4 +39,4 @@ class LnTuning(PeftMethod):
     codec = LnTuningCodec()
 
     def rules(self, options):
-        return [(r".*/LayerNorm/(scale|bias)", True), (".*", False)]
+        return [(rf".*/{norm_regex()}/(scale|bias)", True), (".*", False)]

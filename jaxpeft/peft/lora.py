@@ -20,43 +20,39 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
+from jaxpeft.models.family import TARGET_NAMES, Family
+from jaxpeft.models.registry import family_of_params, target_aliases
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
-# Target name -> regex over the path of the Dense module (inside an encoder layer).
-TARGETS = {
-    "query": r".*/layer_\d+/attention/self/query",
-    "key": r".*/layer_\d+/attention/self/key",
-    "value": r".*/layer_\d+/attention/self/value",
-    "attention_output": r".*/layer_\d+/attention/output/dense",
-    "intermediate": r".*/layer_\d+/intermediate/dense",
-    "output": r".*/layer_\d+/output/dense",
-}
-# transformers-style module names users may type instead.
-TARGET_ALIASES = {"attention.output.dense": "attention_output",
-                  "intermediate.dense": "intermediate", "output.dense": "output"}
-# How each target is named in a peft `target_modules` regex over module names.
-PEFT_MODULE = {"query": r"attention\.self\.query", "key": r"attention\.self\.key",
-               "value": r"attention\.self\.value", "attention_output": r"attention\.output\.dense",
-               "intermediate": r"intermediate\.dense", "output": r"output\.dense"}
-
-
 def check_targets(targets, method: str) -> tuple:
-    """Target names with transformers-style aliases resolved and duplicates dropped; an
-    unknown or empty list is a `JaxpeftError` naming the valid targets."""
-    resolved = tuple(dict.fromkeys(TARGET_ALIASES.get(t, t) for t in targets))
-    unknown = [t for t in resolved if t not in TARGETS]
+    """Target names (`jaxpeft.models.family.TARGET_NAMES`) with transformers-style aliases
+    resolved (`attention.self.query`, DistilBERT's `q_lin`, `ffn.lin2`, ...) and duplicates
+    dropped; an unknown or empty list is a `JaxpeftError` naming the valid targets."""
+    aliases = target_aliases()
+    resolved = tuple(dict.fromkeys(aliases.get(t, t) for t in targets))
+    unknown = [t for t in resolved if t not in TARGET_NAMES]
     if unknown or not resolved:
         raise JaxpeftError(
             f"unknown {method} target module(s) {', '.join(map(repr, unknown)) or '(none given)'}"
-            f"; valid targets: {', '.join(TARGETS)}")
+            f"; valid targets: {', '.join(TARGET_NAMES)}")
     return resolved
 
 
+def _family(paths) -> Family:
+    return family_of_params({p[0] for p in paths})
+
+
 def target_modules(flat: dict, targets, method: str) -> list:
-    """Sorted module paths (of a flattened tree) whose Dense kernel matches `targets`."""
-    rx = re.compile("|".join(f"(?:{TARGETS[t]})" for t in targets))
+    """Sorted module paths (of a flattened tree) of the Dense layers `targets` name in the
+    tree's family."""
+    family = _family(flat)
+    missing = [t for t in targets if t not in family.targets]
+    if missing:
+        raise JaxpeftError(f"{method}: {family.name} has no {', '.join(missing)} layer; its "
+                           f"targets: {', '.join(family.targets)}")
+    rx = re.compile("|".join(f"(?:{family.target_regex(t)})" for t in targets))
     modules = sorted({p[:-1] for p in flat
                       if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
     if not modules:
@@ -160,9 +156,10 @@ class LoraCodec(PeftCodec):
     peft_type = "LORA"
     label = "LoRA"
 
-    def config(self, options):
+    def config(self, options, family):
         return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-                "use_rslora": options.use_rslora, "target_modules": peft_target_modules(options),
+                "use_rslora": options.use_rslora,
+                "target_modules": peft_target_modules(options, family),
                 "fan_in_fan_out": False, "init_lora_weights": True, "bias": "none"}
 
     def matches(self, config):
@@ -204,10 +201,12 @@ class Lora(PeftMethod):
 
 def targets_of_modules(modules: set, method: str) -> tuple:
     """Our target names of module paths (`("bert", "encoder", "layer_0", ...)`)."""
-    found = [t for t, rx in TARGETS.items()
+    family = _family(modules) if modules else None
+    regexes = {t: family.target_regex(t) for t in family.targets} if family else {}
+    found = [t for t, rx in regexes.items()
              if any(re.fullmatch(rx, path_str(m)) for m in modules)]
     unknown = [m for m in modules
-               if not any(re.fullmatch(rx, path_str(m)) for rx in TARGETS.values())]
+               if not any(re.fullmatch(rx, path_str(m)) for rx in regexes.values())]
     if unknown or not found:
         raise JaxpeftError(f"{method} adapter on modules jaxpeft does not adapt: "
                            f"{sorted(path_str(m) for m in unknown)[:3] or '(none)'}")
@@ -228,13 +227,13 @@ def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
                       use_rslora=bool(config.get("use_rslora")))
 
 
-def peft_target_modules(config: LoraConfig) -> Any:
-    """peft's `target_modules` for these targets: a name list, or a regex when ambiguous.
+def peft_target_modules(config: LoraConfig, family: Family) -> Any:
+    """peft's `target_modules` for these targets in `family`: a name list, or a regex when
+    ambiguous.
 
-    peft matches list entries as module-name suffixes, where `output.dense` would also hit
-    `attention.output.dense`; a full-match regex over the module name is exact.
+    peft matches list entries as module-name suffixes, where BERT's `output.dense` would also
+    hit `attention.output.dense`; a full-match regex over the module name is exact.
     """
     if "output" not in config.targets:
-        return [PEFT_MODULE[t].replace("\\", "") for t in config.targets]
-    alternatives = "|".join(PEFT_MODULE[t] for t in config.targets)
-    return rf".*\.layer\.\d+\.(?:{alternatives})"
+        return [family.targets[t] for t in config.targets]
+    return family.peft_regex(config.targets)

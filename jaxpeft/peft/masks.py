@@ -16,11 +16,6 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-# The classification head is trainable in every method (peft's `modules_to_save`):
-# BERT `classifier/{kernel,bias}`, RoBERTa `classifier/dense/*` and `classifier/out_proj/*`.
-HEAD = r"classifier/.*"
-POOLER = r"bert/pooler/.*"
-
 Rules = Sequence[tuple[str, bool]]
 
 
@@ -46,9 +41,11 @@ def mask_from_rules(params: Any, rules: Rules) -> Any:
     return traverse_util.unflatten_dict(mask)
 
 
-def head_rules(train_pooler: bool = False) -> list[tuple[str, bool]]:
-    """Rules making the classification head (and optionally BERT's pooler) trainable."""
-    return [(HEAD, True)] + ([(POOLER, True)] if train_pooler else [])
+def head_rules(family, train_pooler: bool = False) -> list[tuple[str, bool]]:
+    """Rules making the family's classification head (and optionally its pretrained pooler)
+    trainable: the head trains in every method, as peft's `modules_to_save`."""
+    pooler = family.pooler_regex()
+    return [(family.head_regex(), True)] + ([(pooler, True)] if train_pooler and pooler else [])
 
 
 @dataclasses.dataclass(frozen=True)

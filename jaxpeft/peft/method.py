@@ -32,7 +32,8 @@ import numpy as np
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.heads import SequenceClassifier
+from jaxpeft.models.bert import SequenceClassifier
+from jaxpeft.models.registry import family_of_params
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.masks import ParamCounts, Rules, count_params, head_rules, mask_from_rules
 
@@ -203,7 +204,7 @@ class Peft:
 
     def mask(self, params: Any) -> Any:
         """Bool tree of trainable leaves: the head (and pooler, if asked), then the method's."""
-        return mask_from_rules(params, head_rules(self.train_pooler)
+        return mask_from_rules(params, head_rules(family_of_params(params), self.train_pooler)
                                + list(self.method.rules(self.options)))
 
     @property

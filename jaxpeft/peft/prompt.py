@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import EmbeddingHook
+from jaxpeft.models.registry import family_of_params
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
 
@@ -73,8 +74,7 @@ class PromptHook(EmbeddingHook):
 
 
 def _word_embeddings(params) -> jax.Array:
-    backbone = next(k for k in ("bert", "roberta") if k in params)
-    return params[backbone]["embeddings"]["word_embeddings"]["embedding"]
+    return params[family_of_params(params).prefix]["embeddings"]["word_embeddings"]["embedding"]
 
 
 class PromptCodec(PeftCodec):
@@ -89,8 +89,14 @@ class PromptCodec(PeftCodec):
                     "with --prompt_head=virtual to export to peft")
         return None
 
-    def config(self, options):
-        # token_dim, num_layers and num_attention_heads: peft fills them from the model.
+    def model_fields(self, config):
+        # peft reads these from transformers' config as `hidden_size`, `num_hidden_layers`
+        # and `num_attention_heads`, which DistilBERT's names otherwise (`dim`, ...), and
+        # ELECTRA's embeddings may be narrower than its hidden size.
+        return {"token_dim": config.embedding_width, "num_layers": config.num_hidden_layers,
+                "num_attention_heads": config.num_attention_heads}
+
+    def config(self, options, family):
         return {"num_virtual_tokens": options.num_virtual_tokens, "num_transformer_submodules": 1,
                 "prompt_tuning_init": "SAMPLE_VOCAB"}
 

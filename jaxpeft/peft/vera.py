@@ -82,8 +82,8 @@ class VeraCodec(PeftCodec):
 
     peft_type = "VERA"
 
-    def config(self, options):
-        return {"r": options.rank, "target_modules": peft_target_modules(options),
+    def config(self, options, family):
+        return {"r": options.rank, "target_modules": peft_target_modules(options, family),
                 "projection_prng_key": options.projection_seed, "save_projection": True,
                 "vera_dropout": options.dropout, "d_initial": D_INITIAL,
                 "fan_in_fan_out": False, "bias": "none"}

@@ -1,0 +1,82 @@
+"""`Family`: what jaxpeft needs to know of one encoder family (BERT, RoBERTa, ELECTRA, ...).
+
+A family is one module (its Flax model, unless it shares another's) and one `Family` value
+in `jaxpeft.models.registry`. The value says how the family's transformers checkpoints and
+config files are named, which Flax module runs it, and where PEFT methods find their
+targets, so the loader, the methods, the export and the import need no per-family code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional
+
+# Our name of each layer a method may target; `Family.targets` gives its module per family.
+TARGET_NAMES = ("query", "key", "value", "attention_output", "intermediate", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One encoder family.
+
+    name: `model_type` in config.json.
+    prefix: the backbone's name in the parameter tree and in transformers' state dicts.
+    hf_class: transformers' `*ForSequenceClassification` class.
+    model: the Flax module class, called `model(config, runtime)`.
+    targets: our target name (`TARGET_NAMES`) -> transformers' module path inside one layer
+      (BERT: `attention.self.query`; DistilBERT: `attention.q_lin`).
+    layers: transformers' path of the layer list below the prefix.
+    head: top-level modules of the task head, trained by every method (peft's
+      `modules_to_save`).
+    pooler: the module path of a pretrained pooler that `--train_pooler` trains (BERT).
+    norms: the names of its LayerNorm modules.
+    config_names: config.json field -> `EncoderConfig` field, where the family names it
+      otherwise (DistilBERT's `dim`, `n_layers`, ...).
+    config_fixed: `EncoderConfig` values the family fixes whatever its config says.
+    """
+
+    name: str
+    prefix: str
+    hf_class: str
+    model: Any
+    targets: Mapping[str, str]
+    layers: str = "encoder.layer"
+    head: tuple = ("classifier",)
+    pooler: Optional[str] = None
+    norms: tuple = ("LayerNorm",)
+    config_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    config_fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def translate_config(self, d: Mapping) -> dict:
+        """A config.json's fields under `EncoderConfig`'s names."""
+        out = {self.config_names.get(k, k): v for k, v in d.items()}
+        return {**out, **self.config_fixed, "model_type": self.name}
+
+    @property
+    def layer_regex(self) -> str:
+        """Regex of a layer's module path in our trees (`bert/encoder/layer_3`)."""
+        return re.escape(self.prefix + "/" + self.layers.replace(".", "/")) + r"_\d+"
+
+    def target_regex(self, target: str) -> str:
+        """Regex of the module path (in our trees) of one target in every layer."""
+        return self.layer_regex + "/" + re.escape(self.targets[target].replace(".", "/"))
+
+    def peft_regex(self, targets) -> str:
+        """peft's `target_modules` regex (full match over transformers module names) of
+        `targets` in every layer."""
+        alternatives = "|".join(re.escape(self.targets[t]) for t in targets)
+        return rf".*\.{re.escape(self.layers)}\.\d+\.(?:{alternatives})"
+
+    def head_regex(self) -> str:
+        """Regex over our parameter paths of the task head."""
+        return "(?:" + "|".join(re.escape(h) for h in self.head) + ")/.*"
+
+    def pooler_regex(self) -> Optional[str]:
+        """Regex over our parameter paths of the pretrained pooler, if the family has one."""
+        return None if self.pooler is None else re.escape(self.pooler.replace(".", "/")) + "/.*"
+
+    @property
+    def class_stem(self) -> str:
+        """The stem of the family's transformers class names (`Bert`, `XLMRoberta`)."""
+        return self.hf_class.removesuffix("ForSequenceClassification")

@@ -1,0 +1,225 @@
+"""Every PEFT method on the encoder families beyond BERT and RoBERTa (XLM-R, ELECTRA,
+DistilBERT), against transformers + peft on tiny random models: trainable counts, the peft
+export (exactly peft's keys, the same logits) and its import, the merged export as a plain
+transformers model, and each method training through the unchanged train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jaxpeft
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.registry import get_family
+from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, import_peft,
+                          make_peft)
+from jaxpeft.peft.ia3 import Ia3Config
+from jaxpeft.peft.prompt import PromptConfig
+from jaxpeft.peft.vera import VeraConfig
+from tests.helpers import random_batch, tiny_torch_model, torch_inputs
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+
+FAMILIES = ("xlm-roberta", "electra", "distilbert")
+ALL_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
+# Options small enough for hidden 32; `lora_all` takes the regex form of target_modules.
+OPTIONS = {
+    "lora": ("lora", LoraConfig(rank=4, alpha=8)),
+    "lora_all": ("lora", LoraConfig(rank=4, alpha=8, targets=ALL_TARGETS)),
+    "dora": ("dora", LoraConfig(rank=4, alpha=8)),
+    "ia3": ("ia3", Ia3Config(("key", "value", "output", "attention_output"))),
+    "vera": ("vera", VeraConfig(rank=16)),
+    "ln_tuning": ("ln_tuning", None),
+    "prompt": ("prompt", PromptConfig(num_virtual_tokens=4, head="virtual")),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """`(model_type, folder, loaded model)` of a tiny random model of one family, without
+    dropout so that PyTorch and Flax compute the same function."""
+    folder = tmp_path_factory.mktemp(request.param)
+    tiny_torch_model(request.param, folder, hidden_dropout_prob=0.0, classifier_dropout=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return request.param, folder, jaxpeft.load_pretrained(folder, tokenizer=False)
+
+
+def _batch(model_type):
+    return random_batch(model_type, pairs=True, length=16)
+
+
+def _trained(pre, case, scale=0.05):
+    """`(peft, model, params)` with every trainable leaf moved off its initial value."""
+    peft = make_peft(*OPTIONS[case]) if case in OPTIONS else make_peft(case)
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
+    key = jax.random.key(1)
+    for i, path in enumerate(sorted(flat)):
+        if mask[path]:
+            flat[path] = flat[path] + scale * jax.random.normal(jax.random.fold_in(key, i),
+                                                                flat[path].shape)
+    return peft, model, traverse_util.unflatten_dict(flat)
+
+
+def _torch_logits(model, args):
+    with torch.no_grad():
+        return model(**torch_inputs(model, *args)).logits.numpy()
+
+
+def _torch_model(folder):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("case", sorted(OPTIONS))
+def test_peft_export_and_import(family, case, tmp_path):
+    """The export loads into `PeftModel` on the family's transformers model with exactly the
+    keys peft saves, the same trainable count and the same logits; importing it back gives
+    our logits again (VeRA has no import: its projections come from torch's generator)."""
+    from safetensors.numpy import load_file
+
+    model_type, folder, pre = family
+    peft, model, params = _trained(pre, case)
+    args = _batch(model_type)
+    export_peft(tmp_path, peft, params, base_model=str(folder), config=pre.config)
+    config = hf_peft.PeftConfig.from_pretrained(tmp_path)
+    config.inference_mode = False  # the export is for inference; count as peft trains
+    fresh = hf_peft.get_peft_model(_torch_model(folder), config)
+    assert fresh.get_nb_trainable_parameters()[0] == peft.count(params).trainable
+    assert set(load_file(str(tmp_path / "adapter_model.safetensors"))) == set(
+        hf_peft.get_peft_model_state_dict(fresh))
+    ours = np.asarray(model.apply({"params": params}, *args, deterministic=True))
+    base = np.asarray(pre.model.apply({"params": pre.params}, *args, deterministic=True))
+    assert np.abs(ours - base).max() > 1e-3  # the adapter really changes the output
+    theirs = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(folder),
+                                                             tmp_path).eval(), args)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    if OPTIONS[case][0] == "vera":
+        return
+    model2, params2, peft2 = import_peft(tmp_path, pre)
+    assert peft2.name == peft.name and peft2.count(params2) == peft.count(params)
+    np.testing.assert_allclose(model2.apply({"params": params2}, *args, deterministic=True),
+                               ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning"])
+def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
+    model_type, folder, pre = family
+    peft, model, params = _trained(pre, case)
+    args = _batch(model_type)
+    export_merged(tmp_path, peft, params, base_dir=folder, tokenizer=None)
+    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(loaded).__name__ == get_family(model_type).hf_class
+    ours = np.asarray(model.apply({"params": params}, *args, deterministic=True))
+    np.testing.assert_allclose(_torch_logits(loaded.eval(), args), ours, atol=1e-4, rtol=0)
+
+
+def test_bitfit_and_full_counts_equal_transformers(family):
+    """BitFit trains every bias and the head; full fine-tuning every parameter (counted on
+    the transformers model itself)."""
+    model_type, folder, pre = family
+    head = get_family(model_type).head
+    named = dict(_torch_model(folder).named_parameters())
+    biases = sum(p.numel() for n, p in named.items()
+                 if n.endswith(".bias") or n.split(".")[0] in head)
+    for method, expected in (("bitfit", biases), ("full", sum(p.numel() for p in named.values()))):
+        peft = make_peft(method)
+        _, params = peft.init(pre.model, pre.params, jax.random.key(0))
+        assert peft.count(params).trainable == expected, method
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_on_the_family(family, method):
+    """One train step of each registered method: finite loss, the trainable leaves move, the
+    frozen ones do not exist in the state."""
+    from jaxpeft.optim import OptimConfig, make_optimizer
+    from jaxpeft.train import create_train_state, make_train_step
+
+    model_type, _, pre = family
+    peft = make_peft(method, {"vera": VeraConfig(rank=16)}.get(method))
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    mask = peft.mask(params)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, warmup_steps=0), mask)
+    state, frozen = create_train_state(params, mask, tx)
+    ids, attention, types = _batch(model_type)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attention),
+             "token_type_ids": jnp.asarray(types), "labels": jnp.asarray([0, 1, 0, 1]),
+             "weights": jnp.ones(4)}
+    before = jax.tree.map(np.asarray, state.trainable)
+    state, metrics = make_train_step(model, tx)(state, batch, jax.random.key(2), frozen)
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
+                                         before, state.trainable))
+    assert moved and any(moved)
+
+
+def test_targets_by_the_familys_own_names(family):
+    """peft's module names of the family work as --lora_targets (DistilBERT's q_lin, ...)."""
+    model_type, _, pre = family
+    own = get_family(model_type).targets
+    peft = make_peft("lora", LoraConfig(targets=(own["query"].rsplit(".", 1)[-1], own["output"])))
+    assert peft.options.targets == ("query", "output")
+    _, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    lora = [p for p in traverse_util.flatten_dict(params) if p[-1] == "lora_a"]
+    assert len(lora) == 2 * pre.config.num_hidden_layers
+    with pytest.raises(JaxpeftError, match="unknown LoRA target"):
+        make_peft("lora", LoraConfig(targets=("nonsense",)))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_runs_resume_bfloat16_and_devices(family_models, glue_dir, tmp_path, model_type):
+    """A real SST-2 run of each family (its own tokenizer, packed batches, dropout on):
+    killed and resumed it ends exactly as uninterrupted; bfloat16 compute trains; four
+    devices give one device's losses."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from jaxpeft.config import RunConfig
+    from jaxpeft.run import train_and_evaluate
+    from tests.helpers import REPO, comparable_rows, run_config
+
+    folder = family_models[model_type]
+    cfg = lambda name, **kw: run_config(folder, glue_dir, tmp_path / name, lora_dropout=0.1,  # noqa: E731
+                                        **kw)
+    full = train_and_evaluate(cfg("a"))
+    assert full["train"]["steps"] == 12 and np.isfinite(full["best"]["eval_loss"])
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_7(step):
+        if step == 7:
+            raise Kill()
+
+    with pytest.raises(Kill):
+        train_and_evaluate(cfg("b"), on_step=kill_at_7)
+    resumed = train_and_evaluate(RunConfig(**{**cfg("b").__dict__, "resume": True}))
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+    assert comparable_rows(tmp_path / "b" / "run") == comparable_rows(tmp_path / "a" / "run")
+
+    half = train_and_evaluate(cfg("c", dtype="bfloat16"))
+    assert abs(half["final"]["eval_loss"] - full["final"]["eval_loss"]) < 0.05
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "d4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run_glue", f"--model={folder}",
+         f"--data_dir={glue_dir}", "--task=sst2", "--method=lora", "--lora_dropout=0.1",
+         "--max_train_samples=96", "--batch_size=16", "--num_epochs=2", "--log_every=4",
+         "--eval_every=5", "--checkpoint_every=4", "--max_seq_length=64",
+         "--learning_rate=1e-3", "--cache_dir=", "--progress=false", f"--output_dir={out}"],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["devices"]["count"] == 4
+    four = [r["train_loss"] for r in json.loads("[" + ",".join(
+        (out / "metrics.jsonl").read_text().splitlines()) + "]") if "train_loss" in r]
+    one = [r["train_loss"] for r in map(json.loads, (tmp_path / "a" / "run" / "metrics.jsonl")
+                                         .read_text().splitlines()) if "train_loss" in r]
+    np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
