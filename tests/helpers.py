@@ -15,13 +15,17 @@ HF_CLASSES = {"bert": "BertForSequenceClassification",
               "roberta": "RobertaForSequenceClassification",
               "xlm-roberta": "XLMRobertaForSequenceClassification",
               "electra": "ElectraForSequenceClassification",
-              "distilbert": "DistilBertForSequenceClassification"}
+              "distilbert": "DistilBertForSequenceClassification",
+              "deberta-v2": "DebertaV2ForSequenceClassification"}
 PAD_AFTER = ("roberta", "xlm-roberta")  # families whose pad id is 1
 
 
 def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
     """A 2-layer (DistilBERT: 3), hidden-32 transformers config of a family; ELECTRA's
-    embeddings are narrower (16) than its hidden size, as in the small checkpoints."""
+    embeddings are narrower (16) than its hidden size, as in the small checkpoints; DeBERTa
+    is laid out as v3 (shared attention keys, c2p and p2c, LayerNorm'd relative embeddings,
+    no absolute positions or token types) with 8 position buckets, fewer than the test
+    sequences' lengths, so the logarithmic buckets are used."""
     import transformers
 
     common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -32,6 +36,13 @@ def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
         return transformers.BertConfig(type_vocab_size=2, **common)
     if model_type == "electra":
         return transformers.ElectraConfig(type_vocab_size=2, embedding_size=16, **common)
+    if model_type == "deberta-v2":
+        v3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                  norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+                  position_biased_input=False, type_vocab_size=0, pooler_hidden_act="gelu")
+        if "classifier_dropout" in common:
+            common["cls_dropout"] = common.pop("classifier_dropout")
+        return transformers.DebertaV2Config(**{**v3, **common})
     if model_type == "distilbert":
         names = {"hidden_size": "dim", "num_hidden_layers": "n_layers",
                  "num_attention_heads": "n_heads", "intermediate_size": "hidden_dim",

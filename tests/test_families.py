@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 
-FAMILIES = ("xlm-roberta", "electra", "distilbert")
+FAMILIES = ("xlm-roberta", "electra", "distilbert", "deberta-v2")
 ALL_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 # Options small enough for hidden 32; `lora_all` takes the regex form of target_modules.
 OPTIONS = {

@@ -75,7 +75,8 @@ def test_minilm_stsb_pairs_regression_parity(minilm_cls_dirs, glue_dir):
 @pytest.mark.parametrize("model_type,num_labels,pairs", [
     ("bert", 3, True), ("bert", 1, False), ("roberta", 2, False), ("roberta", 1, False),
     ("xlm-roberta", 3, False), ("xlm-roberta", 1, True), ("electra", 3, True),
-    ("electra", 1, False), ("distilbert", 3, True), ("distilbert", 1, False)])
+    ("electra", 1, False), ("distilbert", 3, True), ("distilbert", 1, False),
+    ("deberta-v2", 3, True), ("deberta-v2", 1, False)])
 def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
     """Logits and last hidden states of every family equal transformers' on padded single
     sentences and pairs (ELECTRA with embeddings narrower than its hidden size)."""
@@ -86,10 +87,43 @@ def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
     ref_logits, ref_hidden = torch_forward(torch_model, *args)
     logits, hidden = jax_forward(pre, *args)
     np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
-    np.testing.assert_allclose(hidden, ref_hidden, atol=TOL, rtol=0)
+    # DeBERTa's padded query rows attend to nothing in transformers (to the real tokens
+    # here); no real token reads them, so only the real tokens' states are compared.
+    shown = args[1][..., None] == 1 if model_type == "deberta-v2" else True
+    np.testing.assert_allclose(hidden * shown, ref_hidden * shown, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
+def test_deberta_v2_layout_parity(tmp_path):
+    """DeBERTa laid out as v2: separate position projections, absolute positions, token
+    types, embeddings narrower than the hidden size (embed_proj), an old-style
+    `pos_att_type` string, distances limited by max_relative_positions."""
+    torch_model = tiny_torch_model(
+        "deberta-v2", tmp_path, 3, position_buckets=-1, max_relative_positions=16,
+        share_att_key=False, pos_att_type="c2p|p2c", position_biased_input=True,
+        type_vocab_size=2, embedding_size=16, norm_rel_ebd="none")
+    pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+    assert pre.newly_initialized == ()
+    args = random_batch("bert", pairs=True, length=40)
+    ref_logits, ref_hidden = torch_forward(torch_model, *args)
+    logits, hidden = jax_forward(pre, *args)
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+    real = args[1][..., None] == 1  # transformers masks padded query rows differently
+    np.testing.assert_allclose(hidden * real, ref_hidden * real, atol=TOL, rtol=0)
+
+
+def test_deberta_relative_buckets_equal_transformers():
+    """The bucket table of deberta-v3-base (256 buckets, 512 positions) at 512 tokens."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+    from jaxpeft.models.deberta import relative_buckets
+
+    x = torch.zeros(1, 512, 8)
+    theirs = build_relative_position(x, x, bucket_size=256, max_position=512)[0].numpy()
+    np.testing.assert_array_equal(relative_buckets(512, 256, 512), theirs)
+    assert len(np.unique(theirs)) > 256  # the logarithmic part is exercised
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "deberta-v2"])
 def test_training_attention_path_matches_the_fused_one(tmp_path, model_type):
     """Training runs attention as einsum-softmax-dropout-einsum (heads moved first), the
     evaluation path through `jax.nn.dot_product_attention`, which the test above holds to

@@ -59,6 +59,18 @@ class EncoderConfig:
         return self.hidden_dropout_prob
 
     @property
+    def absolute_positions(self) -> bool:
+        """Whether the embeddings add a position table (DeBERTa-v3's relative attention does
+        not)."""
+        return True
+
+    @property
+    def project_in_embeddings(self) -> bool:
+        """Whether narrow embeddings are widened before their LayerNorm (DeBERTa) rather
+        than after the embeddings (ELECTRA)."""
+        return False
+
+    @property
     def embedding_width(self) -> int:
         """Width of the embedding tables (the hidden size unless `embedding_size` says)."""
         return self.embedding_size or self.hidden_size
@@ -75,6 +87,12 @@ class EncoderConfig:
         return self.num_labels == 1
 
     @classmethod
+    def family_fields(cls, d: dict, source: str) -> dict:
+        """A family's own reading of its config.json fields (checks, normalised values);
+        a family config class overrides it."""
+        return d
+
+    @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], num_labels: Optional[int] = None,
                      source: str = "config.json") -> "EncoderConfig":
         """Builds a config from a parsed Hugging Face `config.json`.
@@ -88,7 +106,8 @@ class EncoderConfig:
             raise JaxpeftError(f"{source}: not a model configuration (a JSON object)")
         family = get_family(d.get("model_type"), source)
         model_type = family.name
-        d = family.translate_config(d)
+        cls = family.config_class or cls
+        d = cls.family_fields(family.translate_config(d), source)
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise JaxpeftError(

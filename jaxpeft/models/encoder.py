@@ -217,7 +217,8 @@ class EmbeddingHook:
 
 
 class Dense(nn.Module):
-    """A linear layer (`kernel: (in, out)`, `bias: (out,)`) that PEFT hooks may change.
+    """A linear layer (`kernel: (in, out)`, `bias: (out,)`; `use_bias=False`: no bias, hooks
+    then see a zero one) that PEFT hooks may change.
 
     Any other parameter found in this module must belong to a hook in `runtime.hooks`: a
     tree with, say, LoRA leaves applied without the LoRA method configured is an error rather
@@ -227,6 +228,7 @@ class Dense(nn.Module):
     features: int
     config: EncoderConfig
     runtime: Runtime
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -235,8 +237,11 @@ class Dense(nn.Module):
                             jnp.float32).astype(dtype)
         x = x.astype(dtype)
         product = token_matmul(x, kernel)
-        bias = per_token(self.param("bias", nn.initializers.zeros, (self.features,),
-                                    jnp.float32), product)
+        if self.use_bias:
+            bias = per_token(self.param("bias", nn.initializers.zeros, (self.features,),
+                                        jnp.float32), product)
+        else:
+            bias = jnp.zeros_like(product)
         y = product + bias
         self._check_leaves()
         for hook in self.runtime.hooks_of(DenseHook):
@@ -385,7 +390,10 @@ class Layer(nn.Module):
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings (summed in float32), LayerNorm (output in the
     compute dtype), dropout. `config.embedding_width` wide (ELECTRA's may be narrower than
-    the hidden size); no token-type table when `type_vocab_size` is 0 (DistilBERT)."""
+    the hidden size); no token-type table when `type_vocab_size` is 0 (DistilBERT, DeBERTa-v3);
+    no position table when `config.absolute_positions` is false (DeBERTa's relative
+    attention), and DeBERTa's `embed_proj` widens narrow embeddings before the LayerNorm
+    (`config.project_in_embeddings`)."""
 
     config: EncoderConfig
     runtime: Runtime
@@ -409,9 +417,14 @@ class Embeddings(nn.Module):
             jnp.maximum(input_ids, 0) if hooks else input_ids)
         for hook in hooks:
             words = hook(self, input_ids, words)
-        x = words + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+        x = words
+        if cfg.absolute_positions:
+            x = x + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
         if cfg.type_vocab_size:
             x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        if cfg.project_in_embeddings and cfg.embedding_width != cfg.hidden_size:
+            x = Dense(cfg.hidden_size, cfg, self.runtime, use_bias=False, name="embed_proj")(
+                x, deterministic)
         x = layer_norm(cfg, self.runtime)(x)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -475,7 +488,7 @@ class Backbone(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         x = Embeddings(cfg, self.runtime, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic)
-        if cfg.embedding_width != cfg.hidden_size:
+        if x.shape[-1] != cfg.hidden_size:  # ELECTRA widens its embeddings here
             x = Dense(cfg.hidden_size, cfg, self.runtime, name="embeddings_project")(
                 x, deterministic)
         mask = expand_attention_mask(attention_mask)

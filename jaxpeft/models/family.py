@@ -34,6 +34,8 @@ class Family:
     config_names: config.json field -> `EncoderConfig` field, where the family names it
       otherwise (DistilBERT's `dim`, `n_layers`, ...).
     config_fixed: `EncoderConfig` values the family fixes whatever its config says.
+    config_class: an `EncoderConfig` subclass with the family's own fields (DeBERTa's
+      relative attention), if it has any.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Family:
     norms: tuple = ("LayerNorm",)
     config_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     config_fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    config_class: Any = None
 
     def translate_config(self, d: Mapping) -> dict:
         """A config.json's fields under `EncoderConfig`'s names."""

@@ -6,10 +6,12 @@ from typing import Any, Optional
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.bert import BERT, ELECTRA, ROBERTA, XLM_ROBERTA
+from jaxpeft.models.deberta import DEBERTA_V2
 from jaxpeft.models.distilbert import DISTILBERT
 from jaxpeft.models.family import Family
 
-FAMILIES = {f.name: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT)}
+FAMILIES = {f.name: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT,
+                                         DEBERTA_V2)}
 
 
 def get_family(model_type: Optional[str], source: str = "config.json") -> Family:
