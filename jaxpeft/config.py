@@ -21,6 +21,7 @@ from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
 from jaxpeft.data.glue import split_path
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import SELECTIONS
+from jaxpeft.models.checkpoint import peek_family
 from jaxpeft.models.encoder import DTYPES
 from jaxpeft.peft import METHODS, get_method, method_flags, peft_from_run
 from jaxpeft.peft.method import value_kind
@@ -291,6 +292,9 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
         if isinstance(value, float) and not math.isfinite(value):
             raise JaxpeftError(f"--{name} must be a finite number, got {value!r}")
     peft = peft_from_run(cfg)  # the method checks its own options
+    family = peek_family(cfg.model)
+    if family is not None:  # a local model: its family must have what the method needs
+        peft.check_family(family)
     rules = [
         (cfg.max_steps > 0 or cfg.num_epochs > 0, "give --num_epochs > 0 or --max_steps > 0"),
         (not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both"),

@@ -86,7 +86,8 @@ def family_models(tmp_path_factory, minilm_dir, glue_dir):
     wordpiece = transformers.AutoTokenizer.from_pretrained(minilm_dir)
     out = {}
     for model_type, tok in (("xlm-roberta", xlmr_tok), ("electra", wordpiece),
-                            ("distilbert", wordpiece), ("deberta-v2", wordpiece)):
+                            ("distilbert", wordpiece), ("deberta-v2", wordpiece),
+                            ("modernbert", wordpiece)):
         folder = tmp_path_factory.mktemp(model_type)
         config = tiny_hf_config(model_type, vocab_size=len(tok), max_position_embeddings=160)
         torch.manual_seed(0)

@@ -16,7 +16,8 @@ HF_CLASSES = {"bert": "BertForSequenceClassification",
               "xlm-roberta": "XLMRobertaForSequenceClassification",
               "electra": "ElectraForSequenceClassification",
               "distilbert": "DistilBertForSequenceClassification",
-              "deberta-v2": "DebertaV2ForSequenceClassification"}
+              "deberta-v2": "DebertaV2ForSequenceClassification",
+              "modernbert": "ModernBertForSequenceClassification"}
 PAD_AFTER = ("roberta", "xlm-roberta")  # families whose pad id is 1
 
 
@@ -25,7 +26,9 @@ def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
     embeddings are narrower (16) than its hidden size, as in the small checkpoints; DeBERTa
     is laid out as v3 (shared attention keys, c2p and p2c, LayerNorm'd relative embeddings,
     no absolute positions or token types) with 8 position buckets, fewer than the test
-    sequences' lengths, so the logarithmic buckets are used."""
+    sequences' lengths, so the logarithmic buckets are used; ModernBERT has 4 layers (global,
+    local, local, global) with a local window of 4 tokens each side, shorter than the test
+    sequences, and mean pooling."""
     import transformers
 
     common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -43,6 +46,15 @@ def tiny_hf_config(model_type: str, num_labels: int = 2, **overrides):
         if "classifier_dropout" in common:
             common["cls_dropout"] = common.pop("classifier_dropout")
         return transformers.DebertaV2Config(**{**v3, **common})
+    if model_type == "modernbert":
+        names = {"hidden_dropout_prob": "mlp_dropout",
+                 "attention_probs_dropout_prob": "attention_dropout"}
+        values = {names.get(k, k): v for k, v in common.items()}
+        values.setdefault("classifier_pooling", "mean")
+        values["num_hidden_layers"] = overrides.get("num_hidden_layers", 4)
+        return transformers.ModernBertConfig(
+            local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            cls_token_id=1, sep_token_id=2, **values)
     if model_type == "distilbert":
         names = {"hidden_size": "dim", "num_hidden_layers": "n_layers",
                  "num_attention_heads": "n_heads", "intermediate_size": "hidden_dim",
@@ -95,7 +107,7 @@ def torch_inputs(model, ids, mask, types) -> dict:
     import torch
 
     inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-    if model.config.model_type != "distilbert":
+    if model.config.model_type not in ("distilbert", "modernbert"):  # no token types
         inputs["token_type_ids"] = torch.tensor(types)
     return inputs
 

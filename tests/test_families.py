@@ -3,6 +3,8 @@ DistilBERT), against transformers + peft on tiny random models: trainable counts
 export (exactly peft's keys, the same logits) and its import, the merged export as a plain
 transformers model, and each method training through the unchanged train step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 
-FAMILIES = ("xlm-roberta", "electra", "distilbert", "deberta-v2")
+FAMILIES = ("xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert")
 ALL_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 # Options small enough for hidden 32; `lora_all` takes the regex form of target_modules.
 OPTIONS = {
@@ -51,9 +53,19 @@ def _batch(model_type):
     return random_batch(model_type, pairs=True, length=16)
 
 
+def _for_family(method, options, model_type):
+    """The options with query/key/value read as the fused `qkv` where the family has it."""
+    own = get_family(model_type).targets
+    if options is None or not hasattr(options, "targets") or "qkv" not in own:
+        return options
+    targets = tuple(dict.fromkeys(t if t in own else "qkv" for t in options.targets))
+    return dataclasses.replace(options, targets=targets)
+
+
 def _trained(pre, case, scale=0.05):
     """`(peft, model, params)` with every trainable leaf moved off its initial value."""
-    peft = make_peft(*OPTIONS[case]) if case in OPTIONS else make_peft(case)
+    method, options = OPTIONS.get(case, (case, None))
+    peft = make_peft(method, _for_family(method, options, pre.config.model_type))
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
     flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
     key = jax.random.key(1)
@@ -127,6 +139,8 @@ def test_bitfit_and_full_counts_equal_transformers(family):
     biases = sum(p.numel() for n, p in named.items()
                  if n.endswith(".bias") or n.split(".")[0] in head)
     for method, expected in (("bitfit", biases), ("full", sum(p.numel() for p in named.values()))):
+        if method == "bitfit" and not get_family(model_type).biases:
+            continue  # refused (test_every_method_trains_on_the_family)
         peft = make_peft(method)
         _, params = peft.init(pre.model, pre.params, jax.random.key(0))
         assert peft.count(params).trainable == expected, method
@@ -140,7 +154,12 @@ def test_every_method_trains_on_the_family(family, method):
     from jaxpeft.train import create_train_state, make_train_step
 
     model_type, _, pre = family
-    peft = make_peft(method, {"vera": VeraConfig(rank=16)}.get(method))
+    default = {"vera": VeraConfig(rank=16)}.get(method) or make_peft(method).options
+    peft = make_peft(method, _for_family(method, default, model_type))
+    if method == "bitfit" and not get_family(model_type).biases:
+        with pytest.raises(JaxpeftError, match="bitfit needs biases, which modernbert"):
+            peft.init(pre.model, pre.params, jax.random.key(0))
+        return
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
     mask = peft.mask(params)
     tx = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, warmup_steps=0), mask)
@@ -161,8 +180,9 @@ def test_targets_by_the_familys_own_names(family):
     """peft's module names of the family work as --lora_targets (DistilBERT's q_lin, ...)."""
     model_type, _, pre = family
     own = get_family(model_type).targets
-    peft = make_peft("lora", LoraConfig(targets=(own["query"].rsplit(".", 1)[-1], own["output"])))
-    assert peft.options.targets == ("query", "output")
+    first = "qkv" if "qkv" in own else "query"
+    peft = make_peft("lora", LoraConfig(targets=(own[first].rsplit(".", 1)[-1], own["output"])))
+    assert peft.options.targets == (first, "output")
     _, params = peft.init(pre.model, pre.params, jax.random.key(0))
     lora = [p for p in traverse_util.flatten_dict(params) if p[-1] == "lora_a"]
     assert len(lora) == 2 * pre.config.num_hidden_layers
@@ -185,8 +205,9 @@ def test_runs_resume_bfloat16_and_devices(family_models, glue_dir, tmp_path, mod
     from tests.helpers import REPO, comparable_rows, run_config
 
     folder = family_models[model_type]
+    targets = ("qkv",) if model_type == "modernbert" else ("query", "value")
     cfg = lambda name, **kw: run_config(folder, glue_dir, tmp_path / name, lora_dropout=0.1,  # noqa: E731
-                                        **kw)
+                                        lora_targets=targets, **kw)
     full = train_and_evaluate(cfg("a"))
     assert full["train"]["steps"] == 12 and np.isfinite(full["best"]["eval_loss"])
 
@@ -212,6 +233,7 @@ def test_runs_resume_bfloat16_and_devices(family_models, glue_dir, tmp_path, mod
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.run_glue", f"--model={folder}",
          f"--data_dir={glue_dir}", "--task=sst2", "--method=lora", "--lora_dropout=0.1",
+         f"--lora_targets={','.join(targets)}",
          "--max_train_samples=96", "--batch_size=16", "--num_epochs=2", "--log_every=4",
          "--eval_every=5", "--checkpoint_every=4", "--max_seq_length=64",
          "--learning_rate=1e-3", "--cache_dir=", "--progress=false", f"--output_dir={out}"],
@@ -223,3 +245,17 @@ def test_runs_resume_bfloat16_and_devices(family_models, glue_dir, tmp_path, mod
     one = [r["train_loss"] for r in map(json.loads, (tmp_path / "a" / "run" / "metrics.jsonl")
                                          .read_text().splitlines()) if "train_loss" in r]
     np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
+
+
+def test_a_method_the_family_cannot_host_is_refused_before_loading(family_models, tmp_path):
+    """LoRA's default query/value and BitFit on ModernBERT (fused qkv, no biases): one line
+    from the options check, before any weight is read; the family's own targets pass."""
+    from jaxpeft.config import RunConfig, validate
+
+    folder = family_models["modernbert"]
+    for method, message in (("lora", "lora needs query, value, which modernbert does not "
+                                     "have .*qkv, attention_output"),
+                            ("bitfit", "bitfit needs biases")):
+        with pytest.raises(JaxpeftError, match=message):
+            validate(RunConfig(task="sst2", model=str(folder), method=method))
+    validate(RunConfig(task="sst2", model=str(folder), method="lora", lora_targets=("Wqkv",)))

@@ -76,7 +76,8 @@ def test_minilm_stsb_pairs_regression_parity(minilm_cls_dirs, glue_dir):
     ("bert", 3, True), ("bert", 1, False), ("roberta", 2, False), ("roberta", 1, False),
     ("xlm-roberta", 3, False), ("xlm-roberta", 1, True), ("electra", 3, True),
     ("electra", 1, False), ("distilbert", 3, True), ("distilbert", 1, False),
-    ("deberta-v2", 3, True), ("deberta-v2", 1, False)])
+    ("deberta-v2", 3, True), ("deberta-v2", 1, False), ("modernbert", 3, True),
+    ("modernbert", 1, False)])
 def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
     """Logits and last hidden states of every family equal transformers' on padded single
     sentences and pairs (ELECTRA with embeddings narrower than its hidden size)."""
@@ -89,7 +90,7 @@ def test_tiny_random_parity(tmp_path, model_type, num_labels, pairs):
     np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
     # DeBERTa's padded query rows attend to nothing in transformers (to the real tokens
     # here); no real token reads them, so only the real tokens' states are compared.
-    shown = args[1][..., None] == 1 if model_type == "deberta-v2" else True
+    shown = args[1][..., None] == 1 if model_type in ("deberta-v2", "modernbert") else True
     np.testing.assert_allclose(hidden * shown, ref_hidden * shown, atol=TOL, rtol=0)
 
 
@@ -123,7 +124,31 @@ def test_deberta_relative_buckets_equal_transformers():
     assert len(np.unique(theirs)) > 256  # the logarithmic part is exercised
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "deberta-v2"])
+def test_modernbert_first_token_pooling_and_hub_config_names(tmp_path):
+    """ModernBERT with `cls` pooling, read from a config.json in the hub's older form
+    (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`)."""
+    import json
+
+    torch_model = tiny_torch_model("modernbert", tmp_path, 3, classifier_pooling="cls",
+                                   num_hidden_layers=5)
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert d["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention",
+                                "full_attention", "sliding_attention"]
+    d.pop("layer_types")
+    rope = d.pop("rope_parameters")
+    d.update(global_attn_every_n_layers=3,
+             global_rope_theta=rope["full_attention"]["rope_theta"],
+             local_rope_theta=rope["sliding_attention"]["rope_theta"])
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+    assert pre.config.layer_types == tuple(torch_model.config.layer_types)
+    args = random_batch("bert", length=24)
+    np.testing.assert_allclose(jax_forward(pre, *args)[0], torch_forward(torch_model, *args)[0],
+                               atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "deberta-v2",
+                                        "modernbert"])
 def test_training_attention_path_matches_the_fused_one(tmp_path, model_type):
     """Training runs attention as einsum-softmax-dropout-einsum (heads moved first), the
     evaluation path through `jax.nn.dot_product_attention`, which the test above holds to

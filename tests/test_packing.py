@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.mark.parametrize("model_type,pairs", [
     ("bert", False), ("bert", True), ("roberta", False), ("roberta", True),
-    ("xlm-roberta", True), ("electra", True), ("distilbert", True), ("deberta-v2", True)])
+    ("xlm-roberta", True), ("electra", True), ("distilbert", True), ("deberta-v2", True),
+    ("modernbert", True)])
 def test_packed_logits_equal_unpacked(tmp_path, model_type, pairs):
     tiny_torch_model(model_type, tmp_path, num_labels=3)
     pre = jaxpeft.load_pretrained(tmp_path, tokenizer=False)

@@ -30,6 +30,7 @@ from jaxpeft.errors import JaxpeftError, first_line
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import DTYPES, Runtime
 from jaxpeft.models.bert import SequenceClassifier
+from jaxpeft.models.family import Family
 from jaxpeft.models.registry import FAMILIES, build_model, get_family
 
 log = logging.getLogger("jaxpeft")
@@ -104,6 +105,19 @@ def portable_name(name_or_path: Union[str, os.PathLike]) -> str:
         return str(minilm_path())
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
+
+
+def peek_family(name_or_path: Union[str, os.PathLike]) -> Optional[Family]:
+    """The family of a local model folder (or the `minilm` alias) from its config.json,
+    without loading anything; None for hub ids and unreadable folders (loading reports
+    those)."""
+    name = os.fspath(name_or_path)
+    try:
+        path = minilm_path() if name == MINILM_ALIAS else Path(name).expanduser()
+        d = json.loads((path / "config.json").read_text())
+        return FAMILIES.get(d.get("model_type")) if isinstance(d, dict) else None
+    except (OSError, ValueError, JaxpeftError):
+        return None
 
 
 def _download(repo_id: str) -> Path:
@@ -206,8 +220,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def hf_module_key(modules: tuple) -> str:
-    """transformers' module name for a Flax module path: `layer_0` -> `layer.0`."""
-    return ".".join(re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules)
+    """transformers' module name for a Flax module path: `layer_0` -> `layer.0` (ModernBERT:
+    `layers_0` -> `layers.0`)."""
+    return ".".join(re.sub(r"^(layers?)_(\d+)$", r"\1.\2", m) for m in modules)
 
 
 def hf_key(path: tuple) -> str:

@@ -472,20 +472,9 @@ class Backbone(nn.Module):
                  deterministic: bool = True, segment_ids=None, example_row=None,
                  example_pos=None):
         cfg = self.config
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        if self.runtime.virtual_tokens and segment_ids is None:
-            input_ids, attention_mask, token_type_ids, position_ids = _prepend_slots(
-                self.runtime.virtual_tokens, input_ids, attention_mask, token_type_ids,
-                position_ids)
-        if position_ids is None:
-            position_ids = default_position_ids(cfg, input_ids)
-        if segment_ids is not None:
-            # Tokens attend within their own example; padding (0) only to padding, so no
-            # softmax runs over an empty set.
-            attention_mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-        elif attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
+        input_ids, attention_mask, token_type_ids, position_ids = prepare_inputs(
+            cfg, self.runtime, input_ids, attention_mask, token_type_ids, position_ids,
+            segment_ids)
         x = Embeddings(cfg, self.runtime, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic)
         if x.shape[-1] != cfg.hidden_size:  # ELECTRA widens its embeddings here
@@ -494,12 +483,39 @@ class Backbone(nn.Module):
         mask = expand_attention_mask(attention_mask)
         x = (self.layers or EncoderLayers)(cfg, self.runtime, name=self.layers_name)(
             x, mask, deterministic)
-        skip = self.runtime.first_token_offset
-        first = x[:, skip] if example_row is None else x[example_row, example_pos + skip]
+        first = first_tokens(x, self.runtime, example_row, example_pos)
         pooled = None
         if self.add_pooling_layer:
             pooled = Pooler(cfg, self.runtime, name="pooler")(first, deterministic)
         return x, first, pooled
+
+
+def prepare_inputs(config: EncoderConfig, runtime: Runtime, input_ids, attention_mask,
+                   token_type_ids, position_ids, segment_ids):
+    """`(input_ids, attention_mask, token_type_ids, position_ids)` as every family's backbone
+    uses them: a soft prompt's slots prepended to unpacked rows, default positions, and the
+    mask `[rows, key]` (unpacked) or block-diagonal `[rows, query, key]` (packed)."""
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    if runtime.virtual_tokens and segment_ids is None:
+        input_ids, attention_mask, token_type_ids, position_ids = _prepend_slots(
+            runtime.virtual_tokens, input_ids, attention_mask, token_type_ids, position_ids)
+    if position_ids is None:
+        position_ids = default_position_ids(config, input_ids)
+    if segment_ids is not None:
+        # Tokens attend within their own example; padding (0) only to padding, so no
+        # softmax runs over an empty set.
+        attention_mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    elif attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    return input_ids, attention_mask, token_type_ids, position_ids
+
+
+def first_tokens(x, runtime: Runtime, example_row=None, example_pos=None):
+    """Each example's first token `[examples, hidden]` (past a soft prompt read elsewhere):
+    row starts when unpacked, `(example_row, example_pos)` when packed."""
+    skip = runtime.first_token_offset
+    return x[:, skip] if example_row is None else x[example_row, example_pos + skip]
 
 
 def _prepend_slots(n, input_ids, attention_mask, token_type_ids, position_ids):

@@ -13,7 +13,8 @@ import re
 from typing import Any, Mapping, Optional
 
 # Our name of each layer a method may target; `Family.targets` gives its module per family.
-TARGET_NAMES = ("query", "key", "value", "attention_output", "intermediate", "output")
+# `qkv` is a fused query/key/value projection (ModernBERT's Wqkv).
+TARGET_NAMES = ("query", "key", "value", "qkv", "attention_output", "intermediate", "output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Family:
       `modules_to_save`).
     pooler: the module path of a pretrained pooler that `--train_pooler` trains (BERT).
     norms: the names of its LayerNorm modules.
+    peft_norms: peft's `target_modules` for its LayerNorms, where the names alone would
+      also hit modules without weights (ModernBERT's first `attn_norm` is an identity).
+    word_embeddings: transformers' path of the token embedding table below the prefix.
+    biases: whether its layers have biases (BitFit needs them).
     config_names: config.json field -> `EncoderConfig` field, where the family names it
       otherwise (DistilBERT's `dim`, `n_layers`, ...).
     config_fixed: `EncoderConfig` values the family fixes whatever its config says.
@@ -47,6 +52,9 @@ class Family:
     head: tuple = ("classifier",)
     pooler: Optional[str] = None
     norms: tuple = ("LayerNorm",)
+    peft_norms: Any = None
+    word_embeddings: str = "embeddings.word_embeddings"
+    biases: bool = True
     config_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     config_fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_class: Any = None
@@ -78,6 +86,10 @@ class Family:
     def pooler_regex(self) -> Optional[str]:
         """Regex over our parameter paths of the pretrained pooler, if the family has one."""
         return None if self.pooler is None else re.escape(self.pooler.replace(".", "/")) + "/.*"
+
+    def provides(self) -> set:
+        """What PEFT methods may require of it: its target names, and `biases`."""
+        return set(self.targets) | ({"biases"} if self.biases else set())
 
     @property
     def class_stem(self) -> str:

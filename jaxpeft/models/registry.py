@@ -8,10 +8,11 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.bert import BERT, ELECTRA, ROBERTA, XLM_ROBERTA
 from jaxpeft.models.deberta import DEBERTA_V2
 from jaxpeft.models.distilbert import DISTILBERT
+from jaxpeft.models.modernbert import MODERNBERT
 from jaxpeft.models.family import Family
 
 FAMILIES = {f.name: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT,
-                                         DEBERTA_V2)}
+                                         DEBERTA_V2, MODERNBERT)}
 
 
 def get_family(model_type: Optional[str], source: str = "config.json") -> Family:
@@ -29,6 +30,11 @@ def family_of_params(params: Any) -> Family:
             return family
     raise JaxpeftError(f"a parameter tree with top-level modules {sorted(params)} is no "
                        f"supported encoder ({', '.join(FAMILIES)})")
+
+
+def backbone_prefixes() -> set:
+    """The backbone prefixes of every family (`bert`, `model`, ...)."""
+    return {f.prefix for f in FAMILIES.values()}
 
 
 def norm_regex() -> str:

@@ -17,5 +17,8 @@ class BitFit(PeftMethod):
     summary = "train the biases (Ben Zaken et al., 2021)"
     default_learning_rate = 1e-3
 
+    def requires(self, options):
+        return ("biases",)
+
     def rules(self, options):
         return [(r".*/bias", True), (".*", False)]

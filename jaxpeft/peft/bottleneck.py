@@ -66,6 +66,9 @@ class _Bottleneck(PeftMethod):
     default_learning_rate = 1e-3
     mergeable = False
 
+    def requires(self, options):
+        return self.placements
+
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
         for i, mod in enumerate(target_modules(flat, self.placements, self.name)):
@@ -79,7 +82,7 @@ class _Bottleneck(PeftMethod):
 
     def rules(self, options):
         return [(r".*/adapter_(down|up)(_bias)?", True),
-                (rf".*/layer_\d+/(?:.*/)?{norm_regex()}/(scale|bias)", True), (".*", False)]
+                (rf".*/layers?_\d+/(?:.*/)?{norm_regex()}/(scale|bias)", True), (".*", False)]
 
     def hooks(self, options):
         return (AdapterHook(),)

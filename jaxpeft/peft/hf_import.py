@@ -36,10 +36,10 @@ def _module_paths(keys, prefix: str) -> set:
     """Our module paths of the peft keys that sit in encoder layers."""
     modules = set()
     for key in keys:
-        m = re.match(r"base_model\.model\.(.*\.layer\.\d+\.[^.]+(?:\.[^.]+)*?)\."
+        m = re.match(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?)\."
                      r"(lora_|ia3_l|ln_tuning_layers)", key)
         if m:
-            parts = re.sub(r"layer\.(\d+)", r"layer_\1", m.group(1)).split(".")
+            parts = re.sub(r"(layers?)\.(\d+)", r"\1_\2", m.group(1)).split(".")
             if parts[0] != prefix:
                 raise JaxpeftError(f"adapter tensor {key} is for a {parts[0]} model, the base "
                                    f"is {prefix}")

@@ -105,6 +105,9 @@ class Ia3(PeftMethod):
     default_learning_rate = 3e-3  # the IA3 paper's (T-Few) learning rate
     codec = Ia3Codec()
 
+    def requires(self, options):
+        return options.targets
+
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
         for target in options.targets:
@@ -128,5 +131,6 @@ class Ia3(PeftMethod):
                 flat[mod + ("kernel",)] = flat[mod + ("kernel",)] * s[:, None]
             else:
                 flat[mod + ("kernel",)] = flat[mod + ("kernel",)] * s[None, :]
-                flat[mod + ("bias",)] = flat[mod + ("bias",)] * s
+                if mod + ("bias",) in flat:  # bias-free layers (ModernBERT)
+                    flat[mod + ("bias",)] = flat[mod + ("bias",)] * s
         return traverse_util.unflatten_dict(flat)

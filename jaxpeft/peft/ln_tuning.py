@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from jaxpeft.models.registry import norm_regex
+from jaxpeft.models.registry import backbone_prefixes, norm_regex
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.method import NoOptions, PeftMethod
 
@@ -22,10 +22,13 @@ class LnTuningCodec(PeftCodec):
         return NoOptions()
 
     def config(self, options, family):
-        return {"target_modules": list(family.norms)}
+        return {"target_modules": family.peft_norms or list(family.norms)}
 
     def leaf(self, path, value):
-        if len(path) > 1 and re.fullmatch(norm_regex(), path[-2]):
+        # Norms of the backbone only: one in the head (ModernBERT's head/norm) is saved with
+        # the head (`modules_to_save`) under its plain name.
+        if len(path) > 1 and path[0] in backbone_prefixes() and re.fullmatch(norm_regex(),
+                                                                             path[-2]):
             return f"ln_tuning_layers.{'weight' if path[-1] == 'scale' else 'bias'}", value
         return None
 

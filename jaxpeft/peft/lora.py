@@ -183,6 +183,9 @@ class Lora(PeftMethod):
     default_learning_rate = 5e-4
     codec = LoraCodec()
 
+    def requires(self, options):
+        return options.targets
+
     def augment(self, params, options, rng):
         return add_lora(params, options, rng)
 

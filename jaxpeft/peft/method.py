@@ -148,6 +148,11 @@ class PeftMethod:
         return self.Options(**{field: getattr(run, name)
                                for field, name in option_flags(self.Options).items()})
 
+    def requires(self, options: Any) -> tuple:
+        """What the encoder family must have for this method: target names (`query`, `qkv`,
+        ...) or `biases` (default: nothing)."""
+        return ()
+
     def augment(self, params: Any, options: Any, rng: jax.Array) -> Any:
         """The parameter tree with this method's leaves added (default: unchanged)."""
         return params
@@ -192,9 +197,21 @@ class Peft:
         """The method's registry name (`--method`)."""
         return self.method.name
 
+    def check_family(self, family) -> None:
+        """Refuses, in one line, a family that lacks what this method needs (LoRA on query
+        and value of ModernBERT, whose projection is the fused `qkv`; BitFit without biases)."""
+        missing = [r for r in self.method.requires(self.options) if r not in family.provides()]
+        if missing:
+            offered = ", ".join(t for t in family.targets)
+            raise JaxpeftError(
+                f"{self.name} needs {', '.join(missing)}, which {family.name} does not have "
+                f"(its layers: {offered}{'' if family.biases else '; no biases'}); choose "
+                "others with the method's targets flag")
+
     def init(self, model: SequenceClassifier, params: Any,
              rng: jax.Array) -> tuple[SequenceClassifier, Any]:
         """`(model, params)` ready to train: new leaves added, forward-pass hooks installed."""
+        self.check_family(family_of_params(params))
         return self.attach(model), self.method.augment(params, self.options, rng)
 
     def attach(self, model: SequenceClassifier) -> SequenceClassifier:

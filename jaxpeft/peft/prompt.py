@@ -74,7 +74,11 @@ class PromptHook(EmbeddingHook):
 
 
 def _word_embeddings(params) -> jax.Array:
-    return params[family_of_params(params).prefix]["embeddings"]["word_embeddings"]["embedding"]
+    family = family_of_params(params)
+    table = params[family.prefix]
+    for name in family.word_embeddings.split("."):
+        table = table[name]
+    return table["embedding"]
 
 
 class PromptCodec(PeftCodec):

@@ -109,6 +109,9 @@ class Vera(PeftMethod):
     default_learning_rate = 4e-3
     codec = VeraCodec()
 
+    def requires(self, options):
+        return options.targets
+
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
         modules = target_modules(flat, options.targets, "VeRA")
