@@ -13,8 +13,10 @@ PyTorch (AdamW, the same method built from the same options, same shapes, same t
 count) and the ratio.
 
 Model FLOPs: the forward pass is 2 FLOPs per multiply-add of every dense layer plus the
-attention products; a method that trains the dense kernels (full) needs 3x that (forward,
-input gradients, weight gradients), the others 2x (no frozen weight gradients).
+attention products (ModernBERT: its gated feed-forward layer; DeBERTa: also the
+content-to-position and position-to-content products and the projections of the relative
+embeddings); a method that trains the dense kernels (full) needs 3x that (forward, input
+gradients, weight gradients), the others 2x (no frozen weight gradients).
 """
 
 import json
@@ -59,9 +61,13 @@ def model_flops(cfg, batch, seq, kernel_grads):
     """Analytic model FLOPs of one training step (see the module docstring)."""
     d, ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     tokens = batch * seq
-    dense = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
+    ffn = 3 * d * ff if cfg["model_type"] == "modernbert" else 2 * d * ff  # GeGLU: Wi is 2ff
+    dense = 2 * tokens * layers * (4 * d * d + ffn)
     attention = 2 * 2 * batch * layers * seq * seq * d
     forward = dense + attention
+    if cfg.get("relative_attention"):  # DeBERTa: c2p and p2c, and projecting the table
+        kinds, span = len(cfg["pos_att_type"]), 2 * cfg["position_buckets"]
+        forward += kinds * 2 * layers * (batch * seq * span * d + span * d * d)
     return forward * (3 if kernel_grads else 2)
 
 
@@ -297,8 +303,9 @@ def torch_worker(f, method, batch, seq):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     b = _random_batch(batch, seq, model.config.vocab_size)
-    keys = ("input_ids", "token_type_ids") + (("attention_mask",) if f.peer_mask == "ones"
-                                                else ())
+    types = () if model.config.model_type in ("distilbert", "modernbert") else (
+        "token_type_ids",)  # families without token types take none
+    keys = ("input_ids",) + types + (("attention_mask",) if f.peer_mask == "ones" else ())
     inputs = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in b.items()
               if k in keys}
     labels = torch.tensor(b["labels"], dtype=torch.long, device=dev)
@@ -373,7 +380,10 @@ def main(_):
 
     from jaxpeft.models.checkpoint import resolve_model_dir
 
-    cfg = json.load(open(f.config_json or resolve_model_dir(f.model) / "config.json"))
+    from jaxpeft.models import EncoderConfig
+
+    cfg = EncoderConfig.from_hf_dict(json.load(open(
+        f.config_json or resolve_model_dir(f.model) / "config.json")), num_labels=2).to_dict()
     peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32", f.peak_shape)
     have_torch = peer_available(f)
     print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "

@@ -5,7 +5,10 @@
 #      128x128, each beside the PyTorch transformers + peft peer;
 #   profile: where the time goes (benchmarks.profile_step): kernels of bert-base full and
 #      LoRA at 128x128;
-#   minilm: every method on MiniLM at 32x128 beside the peer.
+#   minilm: every method on MiniLM at 32x128 beside the peer;
+#   families: full fine-tuning and LoRA of each base-size family config (RoBERTa, XLM-R,
+#      ELECTRA, DistilBERT, DeBERTa-v3, ModernBERT) at 32x128 beside the peer (not in the
+#      default run: `bash benchmarks/gpu_check.sh families`).
 # Models are built from benchmarks/configs with random weights (no hub, no weights package),
 # and every measurement runs in one process per model (--in_process: a process per
 # measurement spends about half of a 10-minute job on start-up and CUDA set-up; peak memory
@@ -44,7 +47,15 @@ for stage in "${stages[@]}"; do
             --out="$out/bench_minilm_bf16.json" \
             --methods=full,lora,bitfit,dora,ia3,vera,ln_tuning,adapter_houlsby,adapter_pfeiffer,prompt:prompt_head=virtual \
             || status=1 ;;
-    *) echo "unknown stage $stage (bert, profile, minilm)"; exit 2 ;;
+    families) for name in roberta-base xlm-roberta-base electra-base distilbert-base \
+                    deberta-v3-base modernbert-base; do
+            lora=lora; [ "$name" = modernbert-base ] && lora=lora:lora_targets=qkv
+            "$py" -m benchmarks.bench_train --random_weights --dtype=bfloat16 --in_process \
+                --model="$name" --config_json="benchmarks/configs/$name/config.json" \
+                --peak_shape=8192x8192x8192 --shapes=32x128 --steps=10 --methods=full,$lora \
+                --out="$out/bench_${name}_bf16.json" || status=1
+        done ;;
+    *) echo "unknown stage $stage (bert, profile, minilm, families)"; exit 2 ;;
     esac
 done
 exit $status

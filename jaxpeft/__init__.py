@@ -1,5 +1,6 @@
 """jaxpeft: parameter-efficient fine-tuning (LoRA, DoRA, IA3, VeRA, adapters, prompts, ...) of
-BERT/RoBERTa on GLUE in JAX.
+BERT-family encoders (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2/v3, ModernBERT) on
+GLUE in JAX.
 
 Public API:
   load_pretrained(name_or_path, num_labels=None, dtype="float32") -> Pretrained

