@@ -266,7 +266,8 @@ def peer_available(f) -> bool:
 
 def torch_peer_model(f, method: str):
     """The transformers + peft model of a --methods entry, from the same weights or config
-    as jaxpeft's side, SDPA attention; NotImplementedError where peft has no such method."""
+    as jaxpeft's side, SDPA attention (eager where the family has no SDPA); NotImplementedError
+    where peft has no such method."""
     import torch
     import transformers
 
@@ -274,16 +275,23 @@ def torch_peer_model(f, method: str):
     from jaxpeft.models.checkpoint import resolve_model_dir
 
     torch.manual_seed(0)
-    if f.random_weights:
-        cfg = transformers.AutoConfig.from_pretrained(
-            os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
-            else resolve_model_dir(f.model))
-        cfg.num_labels = 2
-        model = transformers.AutoModelForSequenceClassification.from_config(
-            cfg, attn_implementation="sdpa")
-    else:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_dir(f.model), num_labels=2, attn_implementation="sdpa")
+    # SDPA where transformers has it for the family (DeBERTa has only its eager attention).
+    for attention in ("sdpa", "eager"):
+        try:
+            if f.random_weights:
+                cfg = transformers.AutoConfig.from_pretrained(
+                    os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
+                    else resolve_model_dir(f.model))
+                cfg.num_labels = 2
+                model = transformers.AutoModelForSequenceClassification.from_config(
+                    cfg, attn_implementation=attention)
+            else:
+                model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                    resolve_model_dir(f.model), num_labels=2, attn_implementation=attention)
+            break
+        except ValueError:
+            if attention == "eager":
+                raise
     return torch_model_for(model, _peft(method))
 
 

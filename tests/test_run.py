@@ -154,6 +154,43 @@ def test_predict_and_peft_export(tiny_model, glue_dir, tmp_path):
     assert results["predictions"] == [str(tmp_path / "run" / "predict" / "SST-2.tsv")]
 
 
+def test_peft_export_names_a_base_that_resolves_elsewhere(tiny_model, glue_dir, tmp_path):
+    """adapter_config.json names the base by a name that works on another machine (the
+    alias's hub id, a hub-cache folder's id, a folder as given): a copy of the export moved
+    elsewhere loads with `AutoPeftModelForSequenceClassification` alone and gives jaxpeft's
+    logits."""
+    import shutil
+
+    import peft as hf_peft
+
+    import jaxpeft
+    from jaxpeft.models.checkpoint import MINILM_HUB_ID, portable_name
+    from jaxpeft.peft import load_adapter
+
+    assert portable_name("minilm") == MINILM_HUB_ID == "sentence-transformers/all-MiniLM-L6-v2"
+    assert portable_name("roberta-base") == "roberta-base"
+    snapshot = tmp_path / "hub" / "models--org--tiny-bert" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert portable_name(str(snapshot)) == "org/tiny-bert"
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, max_steps=3, eval_every=0,
+                                  max_eval_samples=32, export_peft=True))
+    moved = tmp_path / "elsewhere" / "sst2-adapter"
+    shutil.copytree(tmp_path / "run" / "peft", moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model)
+    pre = jaxpeft.load_pretrained(tiny_model, num_labels=2)
+    model, params, _ = load_adapter(tmp_path / "run" / "best", pre)
+    shutil.rmtree(tmp_path / "run")
+    enc = pre.tokenizer(["a gripping film", "dull and lifeless"], padding=True,
+                        return_tensors="np")
+    ours = np.asarray(model.apply({"params": params}, enc["input_ids"], enc["attention_mask"],
+                                  enc["token_type_ids"]))
+    loaded = hf_peft.AutoPeftModelForSequenceClassification.from_pretrained(moved).eval()
+    with torch.no_grad():
+        theirs = loaded(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
 def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
     cfg = run_config(tiny_model, glue_dir, tmp_path, method="full", learning_rate=1e30,
                max_grad_norm=0.0, eval_every=1, log_every=1, max_eval_samples=32, num_epochs=1)

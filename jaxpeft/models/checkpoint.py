@@ -36,6 +36,7 @@ from jaxpeft.models.registry import FAMILIES, build_model, get_family
 log = logging.getLogger("jaxpeft")
 
 MINILM_ALIAS = "minilm"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the alias's package ships
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # What a hub download fetches: config, safetensors weights, tokenizer files; nothing else.
@@ -98,13 +99,20 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike]) -> Path:
 
 
 def portable_name(name_or_path: Union[str, os.PathLike]) -> str:
-    """A name other tools (transformers, peft) resolve to the same model: a hub id as given,
-    a local folder as its absolute path, the `minilm` alias as the folder it points to."""
+    """The name an export gives its base, so that it resolves on another machine: a hub id
+    as given; the `minilm` alias as the hub id of the model it ships; a folder of the
+    Hugging Face cache (`.../models--org--name/snapshots/<rev>`) as its hub id; any other
+    folder as the user wrote it (its config.json's `_name_or_path` is not trusted: it names
+    the model the folder was saved from, whose weights may differ, as MiniLM's names its
+    pre-training checkpoint)."""
     name = os.fspath(name_or_path)
     if name == MINILM_ALIAS:
-        return str(minilm_path())
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
+        return MINILM_HUB_ID
+    cached = re.search(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/?$",
+                       Path(name).expanduser().resolve().as_posix())
+    if cached and Path(name).expanduser().is_dir():
+        return f"{cached.group(1)}/{cached.group(2)}"
+    return name
 
 
 def peek_family(name_or_path: Union[str, os.PathLike]) -> Optional[Family]:
