@@ -157,6 +157,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             if not f.metadata.get("internal"):
                 object.__setattr__(self, f.name, values.pop(f.name, f.default))
+        # One spelling per task, so config.json, reports and plots never split one task.
+        object.__setattr__(self, "task", canonical_task(self.task))
         specs = method_flags()
         unknown = sorted(set(values) - set(specs))
         if unknown:
@@ -252,11 +254,21 @@ def help_text(name: str, option: Optional[Option] = None) -> str:
     return f"{text} One of: {', '.join(allowed)}."
 
 
+def canonical_task(name: Any) -> Any:
+    """A task's one name (`SST-2`, `sst-2`, `SST2` -> `sst2`); anything else unchanged (the
+    check that rejects it is `validate`'s)."""
+    try:
+        return get_task(name).name
+    except (JaxpeftError, AttributeError):
+        return name
+
+
 def recorded_options(run: dict) -> dict:
     """Every option's value in a saved run's settings (config.json's `run`): an option the
     run does not record (one added since) ran at its default; one this version does not know
-    is left out."""
-    return {n: run.get(n, o.default) for n, o in options().items()}
+    is left out. The task by its one name, however the run spelled it."""
+    values = {n: run.get(n, o.default) for n, o in options().items()}
+    return {**values, "task": canonical_task(values["task"])}
 
 
 def names_where(role: str, value: bool = True) -> tuple:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxpeft.config import names_where, recorded_options
+from jaxpeft.config import canonical_task, names_where, recorded_options
 from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, read_metrics, read_study,
                             split_rows, write_study)
 
@@ -242,8 +242,8 @@ def write_plots(runs: list, table: list, out: Path) -> list:
     matplotlib.use("Agg")  # files only, no display
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for task in sorted({r["config"]["run"]["task"] for r in runs}):
-        task_runs = [r for r in runs if r["config"]["run"]["task"] == task]
+    for task in sorted({canonical_task(r["config"]["run"]["task"]) for r in runs}):
+        task_runs = [r for r in runs if canonical_task(r["config"]["run"]["task"]) == task]
         main = task_runs[0]["results"]["main_metric"]
         rows = [t for t in table if t["task"] == task]
         written.append(_curves_plot(task, task_runs, main, out))

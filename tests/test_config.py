@@ -100,3 +100,15 @@ def test_train_step_xla_options_parse_values_with_commas():
     assert RunConfig().xla_options() == {}
     with pytest.raises(JaxpeftError, match="name=value options joined by ';'"):
         validate(RunConfig(train_step_xla_options="just_a_name"))
+
+
+def test_task_names_have_one_spelling():
+    """`SST-2`, `sst-2` and `SST2` are one task in config.json, resume checks and reports."""
+    from jaxpeft.config import RunConfig, recorded_options
+
+    for spelling in ("SST-2", "sst-2", "SST2", "sst2"):
+        assert RunConfig(task=spelling).task == "sst2"
+        assert RunConfig(task=spelling).to_dict()["task"] == "sst2"
+        assert recorded_options({"task": spelling})["task"] == "sst2"  # runs saved before
+    assert RunConfig(task="STS-B").with_output_dir().output_dir == "runs/stsb-lora"
+    assert RunConfig(task="nosuch").task == "nosuch"  # validate() names the problem
