@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,7 +29,7 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.bert import finish_logits
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import (ACTIVATIONS, Backbone, Dense, Dropout, Intermediate,
-                                    Residual, Runtime, layer_norm)
+                                    Residual, Runtime, layer_norm, weigh_values)
 from jaxpeft.models.family import Family
 
 
@@ -123,7 +122,7 @@ class DisentangledSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, rel_embeddings, deterministic: bool = True):
         cfg, rt = self.config, self.runtime
-        batch, length, _ = x.shape
+        length = x.shape[1]
         heads, d = cfg.num_attention_heads, cfg.head_dim
 
         kinds = cfg.pos_att_type if cfg.relative_attention else ()
@@ -157,11 +156,8 @@ class DisentangledSelfAttention(nn.Module):
                 # score[i, j] reads key j's row at the bucket of i - j
                 scores = scores + jnp.swapaxes(jnp.take_along_axis(
                     p2c, jnp.asarray(np.swapaxes(index, -1, -2)), axis=-1), -1, -2)
-        scores = jnp.where(mask, scores / scale, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhij,bjhd->bihd", probs, v)
-        return out.reshape(batch, length, cfg.hidden_size)
+        return weigh_values(scores / scale, mask, v, Dropout(cfg.attention_probs_dropout_prob),
+                            deterministic)
 
 
 class Attention(nn.Module):

@@ -335,6 +335,17 @@ def dropout_attention(q, k, v, mask, dropout: Dropout) -> jax.Array:
     return jnp.einsum("bnts,bnsh->bnth", probs, v).transpose(0, 2, 1, 3)
 
 
+def weigh_values(scores, mask, v, dropout: Dropout, deterministic: bool) -> jax.Array:
+    """The end of attention for families that build their own float32 `scores: [batch,
+    heads, query, key]` (scaled, position terms included): masked softmax, `dropout` on the
+    probabilities when training, the weighted sum of `v: [batch, key, heads, head_dim]`.
+    Returns `[batch, query, heads * head_dim]`."""
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), deterministic=deterministic)
+    out = jnp.einsum("bhij,bjhd->bihd", probs, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
 class Residual(nn.Module):
     """`dense -> dropout -> LayerNorm(x + residual)`: BERT's `*Output` blocks."""
 

@@ -29,7 +29,8 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.bert import finish_logits
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import (ACTIVATIONS, Dense, Dropout, EmbeddingHook, Runtime,
-                                    expand_attention_mask, first_tokens, prepare_inputs)
+                                    expand_attention_mask, first_tokens, prepare_inputs,
+                                    weigh_values)
 from jaxpeft.models.family import Family
 
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
@@ -150,10 +151,8 @@ class Attention(nn.Module):
             window = np.abs(slots[:, None] - slots[None, :]) <= cfg.local_attention // 2
             mask = mask & jnp.asarray(window)[None, None]
         scores = jnp.einsum("bihd,bjhd->bhij", q, k).astype(jnp.float32) / np.sqrt(d)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhij,bjhd->bihd", probs, v).reshape(rows, length, cfg.hidden_size)
+        out = weigh_values(scores, mask, v, Dropout(cfg.attention_probs_dropout_prob),
+                           deterministic)
         out = Dense(cfg.hidden_size, cfg, rt, use_bias=cfg.attention_bias, name="Wo")(
             out, deterministic)
         return Dropout(cfg.attention_probs_dropout_prob)(out, deterministic=deterministic)
