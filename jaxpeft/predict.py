@@ -6,7 +6,7 @@ from `config.json`) or an adapter folder, and a TSV (header row) or JSON-lines f
 for standard input. The text columns are found by the task's field names: the GLUE file
 columns (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `#1 String`/...) or the
 hub names (`premise`/`hypothesis`, ...); `columns` names them explicitly. An `index`,
-`idx` or `id` column is kept as the index, else the row number.
+`idx` or `id` column is written back as given (strings included), else the row number.
 """
 
 from __future__ import annotations
@@ -107,8 +107,26 @@ def text_columns(task: Task, rows: list, given: Optional[tuple], source: str) ->
                        f"{', '.join(columns)}); name them with --text_columns")
 
 
+def row_ids(rows: list, source: str) -> list[str]:
+    """Each row's id as the output writes it: the `index`/`idx`/`id` value as given (a
+    JSON number as written in JSON), else the row number."""
+    column = next((c for c in INDEX_COLUMNS if c in rows[0]), None)
+    if column is None:
+        return [str(i) for i in range(len(rows))]
+    ids = []
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        text = value if isinstance(value, str) else json.dumps(value)
+        if value is None or isinstance(value, (dict, list)) or any(c in text for c in "\t\r\n"):
+            raise JaxpeftError(f"{source}: row {i + 1}: the {column!r} value {text[:40]!r} "
+                               "cannot be written as an id (one line of text or a number)")
+        ids.append(text)
+    return ids
+
+
 def rows_to_split(task: Task, rows: list, columns: tuple, source: str) -> Split:
-    """The rows as an unlabeled split of `task`."""
+    """The rows as an unlabeled split of `task` (indexed by row number; `row_ids` gives the
+    ids the output writes)."""
     def texts(column):
         values = [row[column] for row in rows]
         bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
@@ -116,13 +134,8 @@ def rows_to_split(task: Task, rows: list, columns: tuple, source: str) -> Split:
             raise JaxpeftError(f"{source}: row {bad + 1}: {column!r} is not text")
         return values
 
-    index_column = next((c for c in INDEX_COLUMNS if c in rows[0]), None)
-    try:
-        idx = np.asarray([int(row[index_column]) for row in rows] if index_column
-                         else np.arange(len(rows)), np.int64)
-    except (TypeError, ValueError):
-        raise JaxpeftError(f"{source}: the {index_column!r} column must hold integers") from None
     n = len(rows)
+    idx = np.arange(n, dtype=np.int64)
     labels = np.full(n, np.nan, np.float32) if task.is_regression else np.full(n, -1, np.int32)
     return Split(task.name, "predict", texts(columns[0]),
                  texts(columns[1]) if len(columns) > 1 else None, labels, idx, source)
@@ -138,6 +151,7 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
     rows = read_rows(source)
     columns = text_columns(task, rows, columns, source)
     split = rows_to_split(task, rows, columns, source)
+    ids = row_ids(rows, source)
     if batch_size <= 0:
         raise JaxpeftError(f"--batch_size must be > 0, got {batch_size}")
     # The base checkpoint has no head; the adapter brings it, so the usual "newly
@@ -165,13 +179,13 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
         logits[batch["index"][real]] = np.asarray(step(params, batch))[real]
     table = [["index", "label"] + ([] if task.is_regression
                                    else [f"p_{name}" for name in task.label_names])]
-    for i, row in zip(split.idx, logits):
+    for i, row in zip(ids, logits):
         if task.is_regression:
-            table.append([str(i), f"{float(row[0]):.4f}"])
+            table.append([i, f"{float(row[0]):.4f}"])
         else:
             p = np.exp(row - row.max())
             p /= p.sum()
-            table.append([str(i), task.label_names[int(np.argmax(row))]]
+            table.append([i, task.label_names[int(np.argmax(row))]]
                          + [f"{v:.6f}" for v in p])
     text = "".join("\t".join(r) + "\n" for r in table)
     if output:

@@ -49,7 +49,25 @@ def test_json_lines_and_an_adapter_folder(trained, tmp_path):
     assert [r[1:] for r in from_adapter[1:]] == [r[1:] for r in from_run[1:]]
 
 
+def test_ids_are_written_back_as_given(trained, tmp_path):
+    """String ids (most data sets have them) and JSON numbers come back as the input wrote
+    them, in input order."""
+    run, _ = trained
+    src = tmp_path / "rows.jsonl"
+    ids = ["rev-007", 42, "a b", 3.5, "é-9"]
+    src.write_text("".join(json.dumps({"id": i, "sentence": t}) + "\n"
+                           for i, t in zip(ids, TEST_ROWS)))
+    table = predict_file(run, str(src), str(tmp_path / "out.tsv"))
+    assert [r[0] for r in table[1:]] == ["rev-007", "42", "a b", "3.5", "é-9"]
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("id\tsentence\n" + "".join(f"x{i:03d}\t{t}\n"
+                                               for i, t in enumerate(TEST_ROWS)))
+    assert [r[0] for r in predict_file(run, str(tsv), None)[1:]] == [
+        f"x{i:03d}" for i in range(len(TEST_ROWS))]
+
+
 @pytest.mark.parametrize("content,message", [
+    ('{"id": null, "sentence": "x"}\n', r"row 1: the 'id' value 'null' cannot be written"),
     ("text\nhello\n", r"no column\(s\) sentence for sst2 \(columns: text\)"),
     ("", "the input is empty"),
     ("sentence\n", "no rows after the header"),
