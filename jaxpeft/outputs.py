@@ -26,7 +26,8 @@ LOCK = ".lock"
 
 class RunLock:
     """An exclusive lock on a run folder for the length of a run (`flock` on `<out>/.lock`),
-    so two processes never train into one folder; the second gets a clear error."""
+    so two processes never train into one folder; the second gets a clear error. The file
+    is removed when the run ends, so finished folders hold only the run's files."""
 
     def __init__(self, output_dir: os.PathLike):
         self.path = Path(output_dir) / LOCK
@@ -34,16 +35,25 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise JaxpeftError(f"{self.path.parent}: another run is using this folder "
+                                   f"(process {holder}); wait for it to end or choose another "
+                                   "--output_dir") from None
+            # The previous holder removes the file before unlocking; a lock taken on the
+            # removed file guards nothing, so take it again on the file now at the path.
+            try:
+                if os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             f.close()
-            raise JaxpeftError(f"{self.path.parent}: another run is using this folder (process "
-                               f"{holder}); wait for it to end or choose another --output_dir"
-                               ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -53,6 +63,7 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it (see __enter__)
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None

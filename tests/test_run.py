@@ -52,6 +52,7 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
                for r in train_rows)
     assert (out / "best" / "adapter.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "8"]
+    assert not (out / ".lock").exists()  # the lock goes with the run
 
 
 def test_dev_half_selects_on_one_half_and_scores_on_the_other(tiny_model, glue_dir, tmp_path):
