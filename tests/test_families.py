@@ -217,7 +217,10 @@ def test_runs_resume_bfloat16_and_devices(family_models, glue_dir, tmp_path, mod
     small = dict(max_train_samples=48, max_eval_samples=48, log_every=2, eval_every=3,
                  checkpoint_every=2, lora_dropout=0.1,
                  lora_targets=("qkv",) if model_type == "modernbert" else ("query", "value"))
-    cfg = lambda name, **kw: run_config(folder, glue_dir, tmp_path / name, **small, **kw)  # noqa: E731
+
+    def cfg(name, **kw):
+        return run_config(folder, glue_dir, tmp_path / name, **small, **kw)
+
     full = train_and_evaluate(cfg("a"))
     assert full["train"]["steps"] == 6 and np.isfinite(full["best"]["eval_loss"])
 

@@ -1,5 +1,5 @@
-"""Flax encoders of every supported family (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2/v3,
-ModernBERT), classification heads and Hugging Face checkpoint loading."""
+"""Flax encoders of every supported family (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT,
+DeBERTa-v2/v3, ModernBERT), classification heads and Hugging Face checkpoint loading."""
 
 from jaxpeft.models.checkpoint import Pretrained, load_pretrained, load_tokenizer
 from jaxpeft.models.config import EncoderConfig

@@ -14,7 +14,8 @@ import jax
 
 from jaxpeft.models.bert import finish_logits
 from jaxpeft.models.config import EncoderConfig
-from jaxpeft.models.encoder import ACTIVATIONS, Backbone, Dense, Dropout, Runtime, attend, layer_norm
+from jaxpeft.models.encoder import (ACTIVATIONS, Backbone, Dense, Dropout, Runtime, attend,
+                                    layer_norm)
 from jaxpeft.models.family import Family
 
 
