@@ -9,13 +9,15 @@ the first token. Embeddings, attention, packing and the PEFT hooks are the share
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 
 from jaxpeft.models.bert import finish_logits
 from jaxpeft.models.config import EncoderConfig
-from jaxpeft.models.encoder import (ACTIVATIONS, Backbone, Dense, Dropout, Runtime, attend,
-                                    layer_norm)
+from jaxpeft.models.encoder import (ACTIVATIONS, Backbone, Dense, Dropout, EncoderLayers,
+                                    Runtime, attend, layer_norm)
 from jaxpeft.models.family import Family
 
 
@@ -64,18 +66,10 @@ class TransformerBlock(nn.Module):
         return layer_norm(cfg, rt, "output_layer_norm")(h + x)
 
 
-class Transformer(nn.Module):
+class Transformer(EncoderLayers):
     """The stack `layer_0 ... layer_{n-1}` (transformers' `distilbert.transformer`)."""
 
-    config: EncoderConfig
-    runtime: Runtime
-
-    @nn.compact
-    def __call__(self, x, mask, deterministic: bool = True):
-        for i in range(self.config.num_hidden_layers):
-            x = TransformerBlock(self.config, self.runtime, name=f"layer_{i}")(
-                x, mask, deterministic)
-        return x
+    block: ClassVar[type] = TransformerBlock
 
 
 class DistilBertClassifier(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -549,15 +550,17 @@ def _prepend_slots(n, input_ids, attention_mask, token_type_ids, position_ids):
 
 
 class EncoderLayers(nn.Module):
-    """The stack `layer_0 ... layer_{n-1}` (the `encoder` module of transformers)."""
+    """The stack `layer_0 ... layer_{n-1}` (the `encoder` module of transformers) of
+    `block` layers; a family with another layer subclasses it with its own `block`."""
 
     config: EncoderConfig
     runtime: Runtime
+    block: ClassVar[type] = Layer
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
         for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, self.runtime, name=f"layer_{i}")(x, mask, deterministic)
+            x = self.block(self.config, self.runtime, name=f"layer_{i}")(x, mask, deterministic)
         return x
 
 
