@@ -25,6 +25,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 
+# End-to-end runs of several seconds each: left out of the fast core (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 FAMILIES = ("xlm-roberta", "electra", "distilbert", "deberta-v2", "modernbert")
 ALL_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 # Options small enough for hidden 32; `lora_all` takes the regex form of target_modules.

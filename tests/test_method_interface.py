@@ -75,6 +75,7 @@ def toy_registered(monkeypatch):
     monkeypatch.setitem(METHODS, "toy_scale", ValueScaling())
 
 
+@pytest.mark.slow
 def test_a_registered_method_runs_end_to_end(toy_registered, tiny_model, glue_dir,
                                              tmp_path):
     from absl import flags
@@ -137,6 +138,7 @@ def test_every_registered_method_covers_every_leaf():
         assert 0 < peft.count(tree).trainable <= peft.count(tree).total, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_and_its_adapter_reproduces_the_run(tiny_model, glue_dir,
                                                                 tmp_path, method):
@@ -160,6 +162,7 @@ def test_every_method_trains_and_its_adapter_reproduces_the_run(tiny_model, glue
     assert accuracy == pytest.approx(results["best"]["eval_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,per_layer,trainable", [("adapter_houlsby", 2, 605_186),
                                                         ("adapter_pfeiffer", 1, 307_586)])
 def test_bottleneck_adapters_on_minilm(method, per_layer, trainable):

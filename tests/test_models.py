@@ -164,6 +164,7 @@ def test_modernbert_first_token_pooling_and_hub_config_names(tmp_path):
                                atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "deberta-v2",
                                         "modernbert"])
 def test_training_attention_path_matches_the_fused_one(tmp_path, model_type):
@@ -230,6 +231,7 @@ def test_token_matmul_is_matmul_in_value_and_gradients(shape):
         np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_base_model_checkpoint_loads_with_fresh_head(tmp_path, model_type, caplog):
     """A BertModel/RobertaModel checkpoint (no prefix, no head) loads; the head is reported."""
@@ -288,6 +290,7 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path):
     np.testing.assert_allclose(logits, torch_forward(torch_model, *args)[0], atol=3e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_bfloat16_gradients_accumulate_in_float32(tmp_path, method):
     """A parameter applied per token (bias, scale, embedding row) has a gradient summed over

@@ -12,6 +12,9 @@ import pytest
 
 from tests.helpers import REPO
 
+# End-to-end runs of several seconds each: left out of the fast core (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def _free_port():
     with socket.socket() as s:

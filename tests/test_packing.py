@@ -11,6 +11,7 @@ from tests.helpers import random_encoded, save_torch_model, tiny_hf_config, tiny
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,pairs", [
     ("bert", False), ("bert", True), ("roberta", False), ("roberta", True),
     ("xlm-roberta", True), ("electra", True), ("distilbert", True), ("deberta-v2", True),
@@ -94,6 +95,7 @@ def test_packed_eval_batches_close_at_max_examples():
                                  EvalPacking(Packing(64), 2, 8), 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,method", [("bert", "lora"), ("roberta", "lora"),
                                                 ("bert", "prompt"), ("roberta", "prompt")])
 def test_packed_evaluation_equals_bucketed(tmp_path, model_type, method):

@@ -139,6 +139,7 @@ def test_every_leaf_is_covered_and_head_always_trainable(tiny_dirs):
 
 # ---- freezing -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
 def test_steps_change_only_trainable_leaves(tiny_dirs, method):
     pre = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
@@ -177,6 +178,7 @@ def test_steps_change_only_trainable_leaves(tiny_dirs, method):
     assert int(state.step) == 3
 
 
+@pytest.mark.slow
 def test_train_step_xla_options_change_kernels_not_results(tiny_dirs):
     """--train_step_xla_options only picks kernels: LoRA steps compiled with matmuls handed
     to YNNPACK alone follow the default program's losses and weights to float rounding; an
@@ -209,6 +211,7 @@ def test_train_step_xla_options_change_kernels_not_results(tiny_dirs):
                  runs[1][1], runs[0][1])
 
 
+@pytest.mark.slow
 def test_optimizer_refuses_an_update_for_a_frozen_leaf(tiny_dirs):
     """optax.masked would pass a frozen leaf's gradient through unchanged: the optimizer
     built from the mask refuses such a tree instead of silently training the leaf."""
@@ -405,6 +408,7 @@ def test_regression_target_map_survives_adapter_and_export(tmp_path, mt):
                                ours, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_loraplus_scales_the_b_learning_rate(tiny_dirs, method):
     """LoRA+: from the same start and gradients, --loraplus_lr_ratio=4 makes every lora_b

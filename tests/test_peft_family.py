@@ -117,12 +117,14 @@ def test_export_loads_in_peft_with_same_logits_minilm(minilm, minilm_dir, sst2_b
     _check_export(minilm, minilm_dir, method, sst2_batch, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXPORTED)
 def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp_path):
     pre = jaxpeft.load_pretrained(tiny_roberta, tokenizer=False)
     _check_export(pre, tiny_roberta, method, random_batch("roberta"), tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
@@ -191,6 +193,7 @@ def test_dora_starts_equal_to_the_base_model(minilm, sst2_batch):
                                       deterministic=True)), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning"])
 @pytest.mark.parametrize("base", ["minilm", "roberta"])
 def test_merged_export_loads_in_plain_transformers(minilm, minilm_dir, sst2_batch, tiny_roberta,

@@ -48,6 +48,7 @@ def _train_in_torch(base_dir, config, batch, out, steps=3):
         return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_peft_trained_adapter_scores_as_in_pytorch(minilm_dir, glue_dir, sst2_batch, method,
                                                    tmp_path):
@@ -68,6 +69,7 @@ def test_peft_trained_adapter_scores_as_in_pytorch(minilm_dir, glue_dir, sst2_ba
     assert peft.count(params).trainable == tm.get_nb_trainable_parameters()[0]
 
 
+@pytest.mark.slow
 def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_batch, tmp_path):
 
     _train_in_torch(minilm_dir, CONFIGS["lora"](), sst2_batch, tmp_path / "lora", steps=1)
@@ -89,6 +91,7 @@ def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_bat
         import_peft(tmp_path / "vera", jaxpeft.load_pretrained(minilm_dir, num_labels=2))
 
 
+@pytest.mark.slow
 def test_converted_adapter_predicts_like_pytorch(minilm_dir, glue_dir, sst2_batch, tmp_path):
     """experiments/import_peft.py's function, then experiments/predict.py's, on real rows."""
     from jaxpeft.peft.hf_import import convert_peft_adapter

@@ -26,6 +26,7 @@ def trained(tiny_model, glue_dir, tmp_path_factory):
     return root / "run", data
 
 
+@pytest.mark.slow
 def test_predictions_equal_do_predict(trained, tmp_path):
     run, data = trained
     out = tmp_path / "preds.tsv"

@@ -39,6 +39,7 @@ def tiny(request, tmp_path_factory):
     return jaxpeft.load_pretrained(d, tokenizer=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["real", "virtual"])
 def test_packed_prompt_logits_equal_unpacked(tiny, head):
     """Unpacked rows get the prompt from the model; packed rows reserve its slots per
