@@ -8,9 +8,11 @@ a flat dict, and restored into the structure of a freshly built state of the sam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +27,48 @@ log = logging.getLogger("jaxpeft")
 
 def _leaves(state: TrainState) -> list:
     return jax.tree.leaves((state.step, state.trainable, state.opt_state))
+
+
+def _is_late_read(kind, value, tb) -> bool:
+    """A read of a damaged checkpoint that completes after orbax gave up on it: tensorstore's
+    callback finds orbax's event loop closed and Python prints the error, once per array."""
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (kind is RuntimeError and str(value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
+@contextlib.contextmanager
+def _library_logs_off():
+    """orbax logs its own `error` for a damaged file before raising, and asyncio the reads
+    it abandoned; the raise is handled (one notice), so those lines would only contradict
+    that the run goes on."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _quiet_late_reads() -> None:
+    """Drops the late reads' tracebacks (`_is_late_read`; tensorstore reports them as
+    unraisable errors); every other one still prints. A damaged checkpoint has its one
+    notice in `restore_intact`."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_late_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_late_read(unraisable.exc_type, unraisable.exc_value,
+                             unraisable.exc_traceback):
+            previous(unraisable)
+
+    hook._drops_late_reads = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -65,9 +109,11 @@ class Checkpointer:
         """Restores the newest checkpoint that reads back whole. A damaged one (a crash
         mid-save, a deleted or truncated file) is reported, removed, and the one before it
         used; with none intact, a `JaxpeftError` says so."""
+        _quiet_late_reads()
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                return self.restore(like, step)
+                with _library_logs_off():
+                    return self.restore(like, step)
             except Exception as e:  # orbax raises many types for damaged files
                 reason = first_line(e)[:160]
                 log.warning("checkpoint %s/%d is damaged (%s); trying the previous one",

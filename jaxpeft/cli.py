@@ -20,11 +20,44 @@ from jaxpeft.errors import JaxpeftError, RunInterrupted
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "--helpxml")
 
 
+class _PlainFormatter(logging.Formatter):
+    """jaxpeft's console format: the message, with `warning: ` / `error: ` before those."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The scripts' one console handler (a class of its own, so it is installed once). It
+    writes to the `sys.stderr` of the moment, which tests and tqdm may have replaced."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def cli_logging() -> None:
-    """Console logging for the scripts: warnings as plain lines, absl's INFO chatter off."""
+    """Console logging for the scripts: warnings as plain `warning:` lines (absl's glog-style
+    `W1205 12:00:00 ... file.py:300]` prefix off), absl's INFO chatter off."""
     from absl import logging as absl_logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    root = logging.getLogger()
+    # absl's app.run puts its own handler on the root logger; ours replaces it.
+    absl_handler = absl_logging.get_absl_handler()
+    if absl_handler in root.handlers:
+        root.removeHandler(absl_handler)
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        handler = _ConsoleHandler(sys.stderr)
+        handler.setFormatter(_PlainFormatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
     # orbax and jax log every checkpoint step at INFO through absl: keep the console readable.
     absl_logging.set_verbosity(absl_logging.WARNING)
 

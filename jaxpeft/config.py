@@ -72,7 +72,7 @@ class RunConfig:
     batch_size: int = _option(32, "Training examples per optimizer step (global, over all "
                               "devices).", check=_POSITIVE)
     eval_batch_size: int = _option(128, "Examples per evaluation batch.", check=_POSITIVE,
-                                   setting=False)
+                                   setting=False, resumable=True)
     num_epochs: float = _option(3.0, "Training epochs (ignored when --max_steps > 0).",
                                 check=(lambda v: v >= 0 and math.isfinite(v), ">= 0 and finite"))
     max_steps: int = _option(0, "Optimizer steps; > 0 overrides --num_epochs.",
@@ -97,9 +97,11 @@ class RunConfig:
         "computed on the other half, so a learning rate picked by select_* is scored fairly "
         "(docs/usage.md).", choices=lambda: SELECTIONS)
     eval_every: int = _option(0, "Evaluate every N steps (0: only at the end of each epoch "
-                              "and of training).", check=_NON_NEGATIVE)
-    log_every: int = _option(50, "Write a training row every N steps.", check=_POSITIVE)
-    seed: int = _option(0, "Seed for data order, dropout and new parameters.")
+                              "and of training).", check=_NON_NEGATIVE, resumable=True)
+    log_every: int = _option(50, "Write a training row every N steps.", check=_POSITIVE,
+                             resumable=True)
+    seed: int = _option(0, "Seed for data order, dropout and new parameters.",
+                        check=(lambda v: 0 <= v < 2**31, "in [0, 2**31)"))
     data_dir: str = _option("", "Folder in the GLUE layout (SST-2/train.tsv, ...); empty: load "
                             "from the Hugging Face hub.", **_IO)
     hub_dataset: str = _option(HUB_DATASET, "Hub dataset used when --data_dir is empty.", **_IO)
@@ -114,8 +116,7 @@ class RunConfig:
         check=(lambda v: all("=" in o for o in v.split(";") if o.strip()),
                "name=value options joined by ';'"), resumable=True, **_IO)
     cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
-                             "(empty: no cache).",
-                             **_IO)
+                             "(empty: no cache).", resumable=True, **_IO)
     max_train_samples: int = _option(0, "Use the first N training examples (0: all).",
                                      check=_NON_NEGATIVE)
     max_eval_samples: int = _option(0, "Use the first N validation examples (0: all).",
@@ -127,7 +128,7 @@ class RunConfig:
     resume: bool = _option(False, "Continue the run in --output_dir from its last checkpoint.",
                            resumable=True, sweepable=False, **_IO)
     checkpoint_every: int = _option(500, "Save an orbax checkpoint every N steps (0: only at "
-                                    "the end).", check=_NON_NEGATIVE, **_IO)
+                                    "the end).", check=_NON_NEGATIVE, resumable=True, **_IO)
     dtype: str = _option("float32", "Compute dtype (parameters stay float32).",
                          choices=lambda: tuple(DTYPES))
     do_predict: bool = _option(False, "Write GLUE test-set submission files with the best "

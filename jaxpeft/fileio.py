@@ -1,18 +1,75 @@
-"""Atomic file writes: a file is either absent, old, or complete — never half-written.
+"""Reading a user's text files with one clear error, and atomic writes: a file is either
+absent, old, or complete — never half-written.
 
-Used by the adapter files and the run writer, so an interrupted run never leaves a
-truncated JSON or weights file behind.
+`read_text` names the file (and the line of a bad byte) for every way a text file can fail to
+read. The atomic writes serve the adapter files and the run writer, so an interrupted run never
+leaves a truncated JSON or weights file behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def read_text(path: PathLike, what: str = "file") -> str:
+    """The UTF-8 text of `path` (`-`: standard input; a byte-order mark dropped). A missing
+    file, a folder, a link loop, no permission or a non-UTF-8 byte is a `JaxpeftError` naming
+    the file (and the line of the byte); `what` says what the file was meant to be."""
+    from jaxpeft.errors import JaxpeftError
+
+    name = "<stdin>" if os.fspath(path) == "-" else os.fspath(path)
+    try:
+        data = sys.stdin.buffer.read() if name == "<stdin>" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise JaxpeftError(f"{name}: {what} not found") from None
+    except IsADirectoryError:
+        raise JaxpeftError(f"{name}: is a folder, expected a {what}") from None
+    except OSError as e:
+        raise JaxpeftError(f"{name}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise JaxpeftError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); the "
+                           f"{what} must be UTF-8") from None
+
+
+def read_json_object(path: PathLike, what: str = "JSON file") -> dict:
+    """The JSON object in `path`; unreadable text, invalid JSON or another JSON value (a list,
+    a number) is a `JaxpeftError` naming the file."""
+    import json as _json
+
+    from jaxpeft.errors import JaxpeftError
+
+    text = read_text(path, what)
+    try:
+        value = _json.loads(text)
+    except ValueError as e:
+        raise JaxpeftError(f"{path}: the {what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise JaxpeftError(f"{path}: the {what} is not a JSON object (found "
+                           f"{type(value).__name__})")
+    return value
+
+
+def read_safetensors_file(path: PathLike) -> dict:
+    """All tensors of one safetensors file as numpy arrays; a missing, truncated or damaged
+    file is a `JaxpeftError` naming it."""
+    from safetensors.numpy import load_file
+
+    from jaxpeft.errors import JaxpeftError, first_line
+
+    try:
+        return load_file(os.fspath(path))
+    except Exception as e:  # SafetensorError, OSError: a truncated, damaged or missing file
+        raise JaxpeftError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _read_umask() -> int:

@@ -3,22 +3,130 @@ never delete what a run did not write."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Optional
 
 from jaxpeft.config import RunConfig, names_where, recorded_options
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.writer import CONFIG, METRICS, RESULTS, TENSORBOARD, RunWriter
+from jaxpeft.fileio import read_json_object
+from jaxpeft.writer import CONFIG, METRICS, RESULTS, TENSORBOARD
 
 
-def _comparable(d: dict) -> dict:
-    """The settings a resumed run must share (`recorded_options` less the resumable ones)."""
-    resumable = set(names_where("resumable"))
-    values = {n: v for n, v in recorded_options(d).items() if n not in resumable}
+# Options that set how long a run trains: --resume may raise them (the run is extended).
+LENGTH = ("num_epochs", "max_steps")
+# Options naming a file or folder: a resumed run compares what they point to.
+PLACES = ("data_dir", "model")
+# Flags of the resuming command itself, never recorded as a change of settings.
+COMMAND = ("resume", "overwrite")
+
+
+def _place(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    return os.path.realpath(path) if path.exists() else value
+
+
+def _comparable(run: dict) -> dict:
+    """The settings a resumed run must share: `recorded_options` less the resumable ones and
+    the length, places by where they point."""
+    skip = set(names_where("resumable")) | set(LENGTH)
+    values = {n: _place(v) if n in PLACES else v
+              for n, v in recorded_options(run).items() if n not in skip}
     return json.loads(json.dumps(values))  # tuples as lists, as read back from disk
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What `--resume` found in the run folder and what the new settings change.
+
+    `changed` maps each option whose value differs from the saved run's to `[saved, new]`
+    (only resumable options and the length can differ). A larger total extends the run: it
+    continues from its last checkpoint with the learning-rate schedule recomputed to end at
+    the new total, keeping the saved run's warmup (`warmup_steps`).
+    """
+
+    saved: dict
+    changed: dict
+    total_steps: int
+    saved_total_steps: int
+    warmup_steps: int
+
+    @property
+    def extends(self) -> bool:
+        """True when the run trains longer than the saved one was to."""
+        return self.total_steps > self.saved_total_steps
+
+
+def _read_run_file(path: Path, what: str) -> dict:
+    try:
+        return read_json_object(path, what)
+    except JaxpeftError as e:
+        raise JaxpeftError(f"{e}; restore it, or start the run again with --overwrite") from None
+
+
+def read_saved_run(out: Path) -> dict:
+    """The `config.json` of the run in `out`, after checking that every file `--resume`
+    needs is sound: config.json a jaxpeft run's, results.json readable when present,
+    checkpoints a folder, metrics.jsonl writable. Each fault is one error naming the file."""
+    saved = _read_run_file(out / CONFIG, "run settings file")
+    resolved = saved.get("resolved")
+    if not isinstance(saved.get("run"), dict) or not isinstance(resolved, dict):
+        raise JaxpeftError(f"{out / CONFIG}: not the config.json of a jaxpeft run (no 'run' and "
+                           "'resolved' settings); --resume continues only jaxpeft runs")
+    for key in ("total_steps", "warmup_steps", "steps_per_epoch"):
+        if not isinstance(resolved.get(key), int) or isinstance(resolved.get(key), bool):
+            raise JaxpeftError(f"{out / CONFIG}: resolved.{key} is missing or not a whole "
+                               "number; restore the file, or start again with --overwrite")
+    if (out / RESULTS).exists():
+        _read_run_file(out / RESULTS, "run results file")
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
+        raise JaxpeftError(f"{out / 'checkpoints'}: is a file, where the run keeps its "
+                           "checkpoint folder; move it away to --resume (the run then starts "
+                           "over), or choose another --output_dir")
+    metrics = out / METRICS
+    if metrics.exists() and (not metrics.is_file() or not os.access(metrics, os.W_OK)):
+        raise JaxpeftError(f"{metrics}: cannot be appended to (not a writable file); fix its "
+                           "permissions to --resume")
+    return saved
+
+
+def plan_resume(cfg: RunConfig) -> Optional[ResumePlan]:
+    """The plan for `--resume` into `cfg.output_dir`, decided from the folder's files alone
+    (before any model loads); None when there is no run to resume yet (a fresh start)."""
+    if not cfg.resume:
+        return None
+    out = Path(cfg.output_dir)
+    if not (out / CONFIG).exists():
+        if _entries(out):
+            raise JaxpeftError(f"{out}: --resume given, but this folder holds no run "
+                               f"({CONFIG} missing)")
+        return None
+    saved = read_saved_run(out)
+    old, new = _comparable(saved["run"]), _comparable(cfg.to_dict())
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise JaxpeftError(f"{out}: --resume with different settings than the run there "
+                           f"({changes}); only the length (--max_steps, --num_epochs) and "
+                           "options that do not change training may differ")
+    resolved = saved["resolved"]
+    total = cfg.max_steps or math.ceil(cfg.num_epochs * resolved["steps_per_epoch"])
+    if total < resolved["total_steps"]:
+        raise JaxpeftError(f"{out}: --resume cannot shorten a run ({resolved['total_steps']} "
+                           f"steps saved, {total} asked); give at least as many steps or "
+                           "epochs as before")
+    saved_run, now = recorded_options(saved["run"]), recorded_options(cfg.to_dict())
+    changed = {k: [saved_run[k], now[k]] for k in now if k not in COMMAND and json.dumps(
+        _place(saved_run[k]) if k in PLACES else saved_run[k]) != json.dumps(
+        _place(now[k]) if k in PLACES else now[k])}
+    return ResumePlan(saved, changed, total, resolved["total_steps"], resolved["warmup_steps"])
 
 
 LOCK = ".lock"
@@ -94,9 +202,10 @@ def _check_overwritable(out: Path) -> None:
                            f"this folder is not one ({found}); choose another --output_dir")
 
 
-def check_output_dir(cfg: RunConfig) -> None:
+def check_output_dir(cfg: RunConfig) -> Optional[ResumePlan]:
     """What can be told about `--output_dir` before anything loads: a file in the way, a
-    place that cannot be written, a folder holding a run without --resume/--overwrite."""
+    place that cannot be written, a folder holding a run without --resume/--overwrite, and
+    for --resume the plan (`plan_resume`)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise JaxpeftError(f"{out}: --output_dir is a file, not a folder")
@@ -109,6 +218,8 @@ def check_output_dir(cfg: RunConfig) -> None:
         raise _occupied(out)
     if _entries(out) and cfg.overwrite:
         _check_overwritable(out)
+        return None
+    return plan_resume(cfg)
 
 
 def _occupied(out: Path) -> JaxpeftError:
@@ -117,11 +228,11 @@ def _occupied(out: Path) -> JaxpeftError:
                         "--overwrite to replace it, or choose another --output_dir")
 
 
-def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
-    """Makes `output_dir` ready; returns True when resuming.
+def prepare_output_dir(cfg: RunConfig) -> Optional[ResumePlan]:
+    """Makes `output_dir` ready; returns the resume plan when resuming, else None.
 
-    A folder holding a run is only reused with `--resume` (same settings, except those that
-    may change on resume) or replaced with `--overwrite`.
+    A folder holding a run is only reused with `--resume` (`plan_resume`: same settings,
+    except those that may change on resume) or replaced with `--overwrite`.
     """
     out = Path(cfg.output_dir)
     existing = bool(_entries(out))
@@ -130,21 +241,9 @@ def prepare_output_dir(cfg: RunConfig, config_dict: dict) -> bool:
         for entry in _entries(out):  # the lock file stays: this process holds it
             # A link is removed, never followed: what it points to is not the run's.
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        existing = False
+        return None
     if cfg.resume:
-        if not (out / CONFIG).is_file():
-            if existing:
-                raise JaxpeftError(f"{out}: --resume given, but this folder holds no run "
-                                   f"({CONFIG} missing)")
-            return False  # nothing to resume yet: start fresh
-        old = _comparable(RunWriter(out).read_config()["run"])
-        new = _comparable(config_dict["run"])
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise JaxpeftError(f"{out}: --resume with different settings than the run there "
-                               f"({changes})")
-        return True
+        return plan_resume(cfg)  # again, under the lock
     if existing:
         raise _occupied(out)
-    return False
+    return None

@@ -7,7 +7,7 @@ it works on any mix of finished runs, sweeps, single runs and studies.
 
 from __future__ import annotations
 
-import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -15,8 +15,12 @@ from typing import Optional
 import numpy as np
 
 from jaxpeft.config import canonical_task, names_where, recorded_options
-from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, read_metrics, read_study,
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.fileio import read_json_object
+from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, RunWriter, read_metrics, read_study,
                             split_rows, write_study)
+
+log = logging.getLogger("jaxpeft")
 
 
 def load_runs(root: Path) -> list:
@@ -32,11 +36,21 @@ def load_runs(root: Path) -> list:
         folder = results.parent
         if not (folder / CONFIG).is_file():
             continue
-        train_rows, eval_rows = read_metrics(folder)
-        runs.append({"dir": folder, "config": json.loads((folder / CONFIG).read_text()),
-                     "results": json.loads(results.read_text()), "train_rows": train_rows,
-                     "eval_rows": eval_rows})
+        try:
+            runs.append(_read_run(folder))
+        except JaxpeftError as e:  # one damaged or foreign folder never hides the others
+            log.warning("skipped %s: %s", folder, e)
     return runs
+
+
+def _read_run(folder: Path) -> dict:
+    config = read_json_object(folder / CONFIG, "run settings file")
+    if not isinstance(config.get("run"), dict) or not isinstance(config.get("resolved"), dict):
+        raise JaxpeftError(f"{folder / CONFIG}: not the config.json of a jaxpeft run")
+    results = RunWriter(folder).read_results()
+    train_rows, eval_rows = read_metrics(folder)
+    return {"dir": folder, "config": config, "results": results, "train_rows": train_rows,
+            "eval_rows": eval_rows}
 
 
 # Never a reason to keep runs apart: options that do not change what a run computes, and the
@@ -264,8 +278,6 @@ def report_cli(roots, out_md: str = "", plots_dir: str = "", pack: str = "") -> 
 
 def _gather(roots) -> tuple[list, list]:
     """`(roots, runs)`: every finished run under `roots`, each once."""
-    from jaxpeft.errors import JaxpeftError
-
     roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
     runs, seen = [], set()
     for root in roots:

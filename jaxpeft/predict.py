@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from jaxpeft.data import Task, get_task
 from jaxpeft.data.batching import Packing, packed_split_batches, tokenize
 from jaxpeft.data.glue import Split
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.fileio import atomic_write_bytes
+from jaxpeft.fileio import atomic_write_bytes, read_text
 from jaxpeft.models import load_pretrained
 from jaxpeft.peft import load_adapter
 from jaxpeft.peft.adapters import ADAPTER_CONFIG, read_adapter_config
@@ -59,13 +58,8 @@ def find_adapter(run: Union[str, os.PathLike]) -> tuple[Path, dict]:
 
 def read_rows(source: str) -> list[dict]:
     """Rows of a TSV (with a header) or JSON-lines file, or of standard input (`-`)."""
-    if source == "-":
-        text, name = sys.stdin.read(), "<stdin>"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise JaxpeftError(f"{source}: input file not found")
-        text, name = path.read_text(encoding="utf-8-sig"), source
+    text = read_text(source, "input file")
+    name = "<stdin>" if source == "-" else source
     if not text.strip():
         raise JaxpeftError(f"{name}: the input is empty")
     if text.lstrip().startswith("{"):
@@ -156,13 +150,8 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
         raise JaxpeftError(f"--batch_size must be > 0, got {batch_size}")
     # The base checkpoint has no head; the adapter brings it, so the usual "newly
     # initialized head" warning would be wrong here.
-    quiet = logging.getLogger("jaxpeft")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        pre = load_pretrained(model or settings["model"], num_labels=task.num_labels)
-    finally:
-        quiet.setLevel(level)
+    pre = load_pretrained(model or settings["model"], num_labels=task.num_labels,
+                          warn_fresh=False)
     net, params, _ = load_adapter(folder, pre, check_base_name=model is None)
     length = int(settings.get("max_seq_length", 128))
     # Packed rows of one shape: no padding scored, one compilation (a soft prompt's slots

@@ -12,6 +12,7 @@ for their noun: `config` (options and validation), `distributed` (mesh and shard
 from __future__ import annotations
 
 import contextlib
+import os
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,12 +29,13 @@ from jaxpeft.data.batching import tokenize
 from jaxpeft.evaluation import main_metric_key, trivial_baseline
 from jaxpeft.loop import TrainLoop
 from jaxpeft.models.checkpoint import portable_name
-from jaxpeft.outputs import RunLock, check_output_dir, prepare_output_dir
+from jaxpeft.outputs import (LENGTH, ResumePlan, RunLock, check_output_dir,
+                             prepare_output_dir)
 from jaxpeft.peft import export_merged, export_peft
 from jaxpeft.peft.adapters import read_adapter_weights
 from jaxpeft.setup import Setup, build
 from jaxpeft.train import check_compiler_options, use_compilation_cache
-from jaxpeft.writer import RESULTS, RunWriter
+from jaxpeft.writer import CONFIG, METRICS, RESULTS, RunWriter
 
 
 def best_params(directory: Path, frozen: Any) -> Any:
@@ -109,12 +111,26 @@ def finish(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
     main = results["main_metric"]
     scored = "" if best.key == main else f" ({main} {best.best[main]:.4f})"
     tqdm.write(f"best {best.key} {best.best[best.key]:.4f} at step {best.best['step']}{scored}; "
-               f"{results['train']['examples_per_s']:.1f} train examples/s; results in "
-               f"{loop.out / RESULTS}")
+               f"{results['train']['examples_per_s']:.1f} train examples/s")
     warning = baseline_warning(results)
     if warning:
         tqdm.write(warning)
+    if writer.enabled:
+        tqdm.write(f"wrote {loop.out}: " + ", ".join(run_files(loop.out, results)))
     return results
+
+
+def run_files(out: Path, results: dict, only_exports: bool = False) -> list:
+    """The files and folders a finished run wrote into `out`, for the final line (only the
+    predictions and exports with `only_exports`)."""
+    names = [] if only_exports else [RESULTS, CONFIG, METRICS, "best/ (adapter)",
+                                     "checkpoints/"]
+    names += [os.path.relpath(p, out) for p in results.get("predictions", ())]
+    if "peft_export" in results:
+        names.append("peft/ (peft export)")
+    if "merged_export" in results:
+        names.append("merged/ (merged model)")
+    return names
 
 
 def baseline_warning(results: dict) -> Optional[str]:
@@ -128,6 +144,25 @@ def baseline_warning(results: dict) -> Optional[str]:
             f"{base[key]:.4f} ({what}): the model has learned nothing measurable yet")
 
 
+def fresh_leaves_notice(setup: Setup, frozen: Any) -> list:
+    """Lines naming the leaves the checkpoint did not have (a new head): trained ones are
+    said once; frozen ones (which would stay random) are a warning."""
+    fresh = setup.pre.newly_initialized
+    flat = traverse_util.flatten_dict(frozen)
+    trained = [p for p in fresh if flat.get(tuple(p.split("/")), 0) is None]
+    idle = [p for p in fresh if p not in trained]
+    source = f"not in the checkpoint of {setup.cfg.model}"
+    lines = []
+    if trained:
+        lines.append(f"new: {', '.join(trained)} ({source}; initialised with seed "
+                     f"{setup.cfg.seed} and trained)")
+    if idle:
+        lines.append(f"warning: {', '.join(idle)} {'is' if len(idle) == 1 else 'are'} {source}"
+                     f" and {setup.cfg.method} does not train "
+                     f"{'it' if len(idle) == 1 else 'them'}: random weights in the model")
+    return lines
+
+
 def train_and_evaluate(cfg: RunConfig,
                        on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Runs one fine-tuning job and returns the contents of `results.json`.
@@ -139,35 +174,42 @@ def train_and_evaluate(cfg: RunConfig,
 
     def check():
         task = validate(cfg, jax.device_count())
-        check_output_dir(cfg)  # before the model loads: a mistake here costs seconds
+        plan = check_output_dir(cfg)  # before the model loads: a mistake here costs seconds
         check_compiler_options(cfg.xla_options())
-        return task
+        return task, plan
 
     # With several processes, a user error on any of them stops all with its message.
-    task = distributed.agree(check)
+    task, plan = distributed.agree(check)
     if cfg.compilation_cache and cfg.cache_dir:
         use_compilation_cache(Path(cfg.cache_dir).expanduser() / "xla")
-    setup, params = distributed.agree(lambda: build(cfg, task))
+    # An extended run keeps its warmup; the decay is recomputed for the new total.
+    warmup = plan.warmup_steps if plan is not None and plan.extends else None
+    setup, params = distributed.agree(lambda: build(cfg, task, warmup_steps=warmup))
     writer = RunWriter(cfg.output_dir, enabled=distributed.is_writer())
     # The loop takes the tree over: from here on the base weights live in it alone.
     loop = TrainLoop(setup, params, writer, on_step)
     del params
     with RunLock(cfg.output_dir) if writer.enabled else contextlib.nullcontext():
-        return _run_locked(setup, loop, writer)
+        return _run_locked(setup, loop, writer, plan)
 
 
-def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
+def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter, plan) -> dict:
     cfg, config_dict = setup.cfg, setup.config_dict()
-    # Process 0 decides (it alone reads and writes the folder); the others follow.
-    resuming = distributed.agree(
-        lambda: prepare_output_dir(cfg, config_dict) if writer.enabled else None)
-    resuming = cfg.resume if resuming is None else resuming
+    if writer.enabled:
+        # Under the lock, process 0 checks the folder again (it alone reads and writes it).
+        plan = prepare_output_dir(cfg)
+    resuming = distributed.agree(lambda: plan is not None)
     if not resuming:
         writer.write_config(config_dict)
     if writer.enabled:
         tqdm.write(f"{setup.task.name} / {cfg.method} / {cfg.model}: {setup.counts}")
+        if not resuming:  # a resumed run restores these leaves: nothing new about them
+            for line in fresh_leaves_notice(setup, loop.frozen):
+                tqdm.write(line)
     if resuming:
         loop.restore()
+        if plan is not None and plan.changed:
+            record_changes(setup, loop, writer, plan, config_dict)
         done = writer.read_results()
         if done is not None and loop.step >= setup.optim.total_steps:
             return _after_finished(setup, loop, writer, done)
@@ -180,15 +222,38 @@ def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
         writer.close()
 
 
+def record_changes(setup: Setup, loop: TrainLoop, writer: RunWriter, plan: ResumePlan,
+                   config_dict: dict) -> None:
+    """A resumed run with changed settings: config.json takes the new ones and keeps the
+    saved run's under `history` (from which step each held); an extension says so."""
+    history = plan.saved.get("history")
+    entry = {"until_step": loop.step, "run": plan.saved["run"],
+             "resolved": plan.saved["resolved"], "changed": plan.changed}
+    writer.write_config({**config_dict,
+                         "history": (history if isinstance(history, list) else []) + [entry]})
+    if not writer.enabled:
+        return
+    if plan.extends:
+        tqdm.write(f"extending {loop.out} from {plan.saved_total_steps} to {plan.total_steps} "
+                   f"steps at step {loop.step}: the learning rate now decays to 0 at step "
+                   f"{plan.total_steps} (warmup stays {plan.warmup_steps} steps)")
+    other = {k: v for k, v in plan.changed.items() if k not in LENGTH}
+    if other:
+        tqdm.write("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                                      for k, (a, b) in other.items()))
+
+
 def _after_finished(setup: Setup, loop: TrainLoop, writer: RunWriter, results: dict) -> dict:
     """`--resume` on a finished run: nothing is retrained or rewritten except what was asked
     after training (predictions, exports), done from `best/`."""
     loop.ckpt.close()
     asked = _exports_asked(setup.cfg)
     if asked:
-        results = {**results, **predict_and_export(setup, loop, writer)}
+        made = predict_and_export(setup, loop, writer)
+        results = {**results, **made}
         writer.write_results(results)
-        tqdm.write(f"{loop.out}: finished earlier; wrote " + ", ".join(asked))
+        tqdm.write(f"{loop.out}: finished earlier; wrote "
+                   + ", ".join(run_files(loop.out, made, only_exports=True)))
     else:
         tqdm.write(f"{loop.out}: finished earlier at step {loop.step}; nothing to do")
     return results

@@ -18,7 +18,7 @@ import numpy as np
 
 import jaxpeft
 from jaxpeft.config import RunConfig, check_fits_model
-from jaxpeft.data import Task, load_split
+from jaxpeft.data import Split, Task, load_split
 from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_lengths,
                                    num_train_batches, tokenize)
 from jaxpeft.evaluation import main_metric_key, selection_key
@@ -102,8 +102,7 @@ def source_commit() -> Optional[str]:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def _encode_data(cfg: RunConfig, task: Task, tokenizer,
-                 cache_dir: Optional[str]) -> tuple[Encoded, dict]:
+def _read_data(cfg: RunConfig, task: Task) -> tuple[Split, dict]:
     train = load_split(task, "train", cfg.data_dir or None, cfg.hub_dataset)
     evals = {name: load_split(task, name, cfg.data_dir or None, cfg.hub_dataset)
              for name in task.eval_splits}
@@ -111,21 +110,28 @@ def _encode_data(cfg: RunConfig, task: Task, tokenizer,
         train = train.take(cfg.max_train_samples)
     if cfg.max_eval_samples:
         evals = {k: v.take(cfg.max_eval_samples) for k, v in evals.items()}
-    return (tokenize(train, tokenizer, cfg.max_seq_length, cache_dir),
-            {k: tokenize(v, tokenizer, cfg.max_seq_length, cache_dir) for k, v in evals.items()})
+    return train, evals
 
 
-def build(cfg: RunConfig, task: Task) -> tuple[Setup, Any]:
+def build(cfg: RunConfig, task: Task,
+          warmup_steps: Optional[int] = None) -> tuple[Setup, Any]:
     """`(setup, params)`: model and data loaded, method and optimizer built (user errors
-    surface here); `params` is the base tree with the method's leaves."""
-    pre = load_pretrained(cfg.model, num_labels=task.num_labels, dtype=cfg.dtype, seed=cfg.seed)
+    surface here); `params` is the base tree with the method's leaves. `warmup_steps`, when
+    given, overrides the options' warmup (an extended run keeps the one it started with)."""
+    # The data first: a mistake in it costs seconds, not a model load.
+    train, evals = _read_data(cfg, task)
+    # The run says itself whether a new head is trained (a resumed run restores it).
+    pre = load_pretrained(cfg.model, num_labels=task.num_labels, dtype=cfg.dtype, seed=cfg.seed,
+                          warn_fresh=False)
     # RoBERTa's positions start after its padding index (as transformers counts them).
     position_offset = pre.config.position_offset
     peft = peft_from_run(cfg)
     check_fits_model(cfg, pre.config.max_position_embeddings - position_offset,
                      peft.virtual_tokens)
     cache_dir = str(Path(cfg.cache_dir).expanduser()) if cfg.cache_dir else None
-    train_enc, eval_encs = _encode_data(cfg, task, pre.tokenizer, cache_dir)
+    train_enc = tokenize(train, pre.tokenizer, cfg.max_seq_length, cache_dir)
+    eval_encs = {k: tokenize(v, pre.tokenizer, cfg.max_seq_length, cache_dir)
+                 for k, v in evals.items()}
     packing = None
     if cfg.packing:
         # Row counts are a multiple of the device count, so packed rows shard evenly. The
@@ -145,7 +151,8 @@ def build(cfg: RunConfig, task: Task) -> tuple[Setup, Any]:
     model, params = peft.init(model, pre.params, jax.random.key(cfg.seed + 1))
     steps_per_epoch = num_train_batches(len(train_enc), cfg.batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    warmup = warmup_steps if warmup_steps is not None else (
+        cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps)))
     optim = OptimConfig(learning_rate=cfg.resolved_learning_rate(), total_steps=total_steps,
                         warmup_steps=min(warmup, total_steps), weight_decay=cfg.weight_decay,
                         max_grad_norm=cfg.max_grad_norm)

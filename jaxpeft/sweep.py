@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import traceback
 from pathlib import Path
 from typing import Sequence
 
+import jax
 from tqdm.auto import tqdm
 
-from jaxpeft.config import RunConfig, names_where, parse_value
+from jaxpeft.config import RunConfig, names_where, parse_value, validate
 from jaxpeft.errors import JaxpeftError, RunInterrupted
 from jaxpeft.fileio import atomic_write_json
 from jaxpeft.peft import peft_from_run
@@ -51,8 +53,11 @@ def parse_grid(grid: str) -> dict:
 
 def _fmt(v) -> str:
     if isinstance(v, tuple):
-        return "+".join(v)
-    return f"{v:g}" if isinstance(v, float) else str(v)
+        text = "+".join(v)
+    else:
+        text = f"{v:g}" if isinstance(v, float) else str(v)
+    # A value is part of one folder name: a path (`model=../m`) must not make it a path.
+    return re.sub(r"[^\w.+-]", "_", text)
 
 
 def expand(base: RunConfig, grid: dict, seeds: Sequence[int], root: Path) -> list:
@@ -65,6 +70,11 @@ def expand(base: RunConfig, grid: dict, seeds: Sequence[int], root: Path) -> lis
             label = ",".join(f"{n}={_fmt(v)}" for n, v in point.items()) or "base"
             folder = root / f"{label},seed={seed}"
             runs.append(dataclasses.replace(base, **point, seed=seed, output_dir=str(folder)))
+    folders = [cfg.output_dir for cfg in runs]
+    clash = next((f for f in folders if folders.count(f) > 1), None)
+    if clash:
+        raise JaxpeftError(f"grid: two grid points share the run folder {clash}; give values "
+                           "that differ in letters or digits")
     return runs
 
 
@@ -73,7 +83,8 @@ def run_sweep(base: RunConfig, grid: str, seeds: Sequence[int], root: str,
     """Runs the grid; returns (and writes to `<root>/sweep.json`) each run's status."""
     root_path = Path(root)
     runs = expand(base, parse_grid(grid), seeds, root_path)
-    for cfg in runs:  # the methods' options are checked before the first run starts
+    for cfg in runs:  # every run's options are checked before the first run starts
+        validate(cfg, jax.device_count())
         peft_from_run(cfg)
     status = {}
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
+from jaxpeft.fileio import atomic_write_bytes, atomic_write_json, read_json_object
 
 log = logging.getLogger("jaxpeft")
 
@@ -151,9 +151,17 @@ class RunWriter:
         return train, evals
 
     def read_results(self) -> Optional[dict]:
-        """The run's `results.json`, or None before the run has finished."""
+        """The run's `results.json`, or None before the run has finished; a damaged one is a
+        `JaxpeftError` naming it."""
         path = self.dir / RESULTS
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.exists():
+            return None
+        results = read_json_object(path, "run results file")
+        missing = [k for k in ("best", "params", "train", "main_metric") if k not in results]
+        if missing:
+            raise JaxpeftError(f"{path}: not the results.json of a jaxpeft run (no "
+                               f"{', '.join(missing)})")
+        return results
 
     def write_results(self, results: dict) -> None:
         """`results.json`: final and best metrics, counts, timings."""

@@ -20,11 +20,12 @@ def test_every_field_has_help_and_a_known_type():
 
 def test_roles_come_from_the_fields():
     assert "output_dir" not in config.names_where("sweepable")
-    # What a resumed run may change: where and how it reports, and the steps after training.
+    # What a resumed run may change: where and how it reports, how often it evaluates and
+    # saves, and the steps after training (the length is outputs.LENGTH's own rule).
     assert {"resume", "overwrite", "progress", "multihost", "output_dir", "do_predict",
             "export_peft", "export_merged", "tensorboard", "compilation_cache",
-            "train_step_xla_options"} == set(
-        config.names_where("resumable"))
+            "train_step_xla_options", "eval_every", "log_every", "checkpoint_every",
+            "eval_batch_size", "cache_dir"} == set(config.names_where("resumable"))
     not_settings = set(config.names_where("setting", False))
     assert {"cache_dir", "eval_batch_size", "output_dir"} <= not_settings
     assert not {"seed", "learning_rate", "lora_rank", "method"} & not_settings

@@ -55,6 +55,7 @@ def test_sst2_lora_run_writes_every_file(tiny_model, glue_dir, tmp_path):
     assert not (out / ".lock").exists()  # the lock goes with the run
 
 
+@pytest.mark.slow
 def test_dev_half_selects_on_one_half_and_scores_on_the_other(tiny_model, glue_dir, tmp_path):
     from jaxpeft.evaluation import dev_halves
 
@@ -89,6 +90,7 @@ def test_dev_half_selects_on_one_half_and_scores_on_the_other(tiny_model, glue_d
     assert halves["baseline"]["eval_accuracy"] == pytest.approx(majority)
 
 
+@pytest.mark.slow
 def test_stsb_bitfit_regression_run(tiny_model, glue_dir, tmp_path):
     results = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, task="stsb",
                                       method="bitfit", num_epochs=1, max_eval_samples=200))
@@ -102,6 +104,7 @@ class _Kill(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path):
     """A killed run resumed from its checkpoint ends exactly as an uninterrupted one (packed
     training batches, dropout on)."""
@@ -125,6 +128,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, glue_dir, tmp_path)
     assert comparable_rows(tmp_path / "b" / "run") == comparable_rows(tmp_path / "a" / "run")
 
 
+@pytest.mark.slow
 def test_finished_run_is_never_clobbered(tiny_model, glue_dir, tmp_path):
     cfg = run_config(tiny_model, glue_dir, tmp_path, max_steps=2, eval_every=0, max_eval_samples=50)
     train_and_evaluate(cfg)
@@ -138,6 +142,59 @@ def test_finished_run_is_never_clobbered(tiny_model, glue_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["seed"] == 3
 
 
+@pytest.mark.slow
+def test_resume_extends_a_finished_run(tiny_model, glue_dir, tmp_path, monkeypatch, capsys):
+    """`--resume` with more steps continues from the last checkpoint with the schedule
+    recomputed for the new total (the warmup kept), and settings that do not change training
+    may differ; config.json keeps the saved settings under `history`. A shorter run or a
+    changed setting is refused before the model loads."""
+    import jaxpeft.setup
+
+    short = run_config(tiny_model, glue_dir, tmp_path, max_steps=6, warmup_ratio=0.2,
+                       eval_every=3, max_eval_samples=64)
+    train_and_evaluate(short)
+    out = tmp_path / "run"
+    saved_lrs = {r["step"]: r["train_learning_rate"] for r in _train_rows(out)}
+    # Refusals come from the folder's files alone: the model is never loaded.
+    monkeypatch.setattr(jaxpeft.setup, "load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    resume = {**short.__dict__, "resume": True}
+    with pytest.raises(JaxpeftError, match=r"cannot shorten a run \(6 steps saved, 4 asked\)"):
+        train_and_evaluate(RunConfig(**{**resume, "max_steps": 4}))
+    with pytest.raises(JaxpeftError, match=r"different settings.*seed: 0 -> 1"):
+        train_and_evaluate(RunConfig(**{**resume, "max_steps": 12, "seed": 1}))
+    monkeypatch.undo()
+    # The same data folder written another way, more steps, other evaluation and logging.
+    relative = os.path.relpath(glue_dir)
+    extended = train_and_evaluate(RunConfig(**{**resume, "max_steps": 12, "eval_every": 4,
+                                               "log_every": 2, "data_dir": relative}))
+    said = capsys.readouterr().out
+    assert "extending" in said and "from 6 to 12 steps at step 6" in said
+    assert "warmup stays 1 steps" in said and "eval_every 3 -> 4" in said
+    assert extended["train"]["steps"] == 12
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["max_steps"] == 12 and config["resolved"]["total_steps"] == 12
+    assert config["resolved"]["warmup_steps"] == 1
+    [entry] = config["history"]
+    assert entry["until_step"] == 6 and entry["run"]["max_steps"] == 6
+    assert entry["changed"]["max_steps"] == [6, 12] and entry["changed"]["eval_every"] == [3, 4]
+    rows = _train_rows(out)
+    assert {r["step"]: r["train_learning_rate"] for r in rows if r["step"] <= 6} == saved_lrs
+    assert [r["step"] for r in rows] == [4, 6, 8, 10, 12]  # every 4, then every 2
+    # After step 6 the rates are those of a 12-step run with the saved warmup.
+    reference = train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "ref",
+                                              max_steps=12, warmup_steps=1, log_every=2,
+                                              eval_every=0, max_eval_samples=64))
+    assert reference["train"]["steps"] == 12
+    expected = {r["step"]: r["train_learning_rate"] for r in _train_rows(tmp_path / "ref" / "run")}
+    assert all(r["train_learning_rate"] == pytest.approx(expected[r["step"]], rel=1e-6)
+               for r in rows if r["step"] > 6)
+    # Resuming again with the same settings: finished, nothing to do, history unchanged.
+    train_and_evaluate(RunConfig(**{**resume, "max_steps": 12, "eval_every": 4,
+                                    "log_every": 2}))
+    assert json.loads((out / "config.json").read_text())["history"] == config["history"]
+
+
+@pytest.mark.slow
 def test_predict_and_peft_export(tiny_model, glue_dir, tmp_path):
     data = tmp_path / "glue"
     (data / "SST-2").mkdir(parents=True)
@@ -155,6 +212,7 @@ def test_predict_and_peft_export(tiny_model, glue_dir, tmp_path):
     assert results["predictions"] == [str(tmp_path / "run" / "predict" / "SST-2.tsv")]
 
 
+@pytest.mark.slow
 def test_peft_export_names_a_base_that_resolves_elsewhere(tiny_model, glue_dir, tmp_path):
     """adapter_config.json names the base by a name that works on another machine (the
     alias's hub id, a hub-cache folder's id, a folder as given): a copy of the export moved
@@ -192,6 +250,7 @@ def test_peft_export_names_a_base_that_resolves_elsewhere(tiny_model, glue_dir, 
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
     cfg = run_config(tiny_model, glue_dir, tmp_path, method="full", learning_rate=1e30,
                max_grad_norm=0.0, eval_every=1, log_every=1, max_eval_samples=32, num_epochs=1)
@@ -231,11 +290,37 @@ def _cli(args, env=None, timeout=600):
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_cli_error_has_no_traceback(tmp_path):
-    proc = _cli(["--task=sst2", "--model=/nonexistent", f"--output_dir={tmp_path}/x"])
+def test_cli_error_has_no_traceback(glue_dir, tmp_path):
+    proc = _cli(["--task=sst2", "--model=/nonexistent", f"--data_dir={glue_dir}",
+                 f"--output_dir={tmp_path}/x"])
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: /nonexistent: no such")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_terminal_shows_jaxpeft_lines_only(tiny_model, glue_dir, tmp_path):
+    """A command-line run prints its own lines: the new head once (not on --resume), warnings
+    as `warning:` lines without absl's glog prefix, and a last line naming every file."""
+    import re
+
+    out = tmp_path / "run"
+    args = ["--task=sst2", f"--model={tiny_model}", f"--data_dir={glue_dir}", "--max_steps=2",
+            "--max_train_samples=32", "--max_eval_samples=32", "--cache_dir=",
+            f"--output_dir={out}"]
+    first = _cli(args)
+    assert first.returncode == 0, first.stderr
+    text = first.stdout + first.stderr
+    assert not re.search(r"^[IWEF]\d{4} ", text, re.M)  # no glog-style prefix anywhere
+    assert "new: classifier/bias, classifier/kernel (not in the checkpoint of" in text
+    assert f"wrote {out}: results.json, config.json, metrics.jsonl, best/ (adapter), " \
+           "checkpoints/" in first.stdout.strip().splitlines()[-1]
+    again = _cli(args + ["--resume", "--export_peft"])
+    assert again.returncode == 0, again.stderr
+    text = again.stdout + again.stderr
+    assert "new:" not in text and not re.search(r"^[IWEF]\d{4} ", text, re.M)
+    assert again.stdout.strip().splitlines()[-1] == (
+        f"{out}: finished earlier; wrote peft/ (peft export)")
 
 
 def test_cli_help_documents_every_flag():
@@ -256,6 +341,7 @@ def test_cli_help_documents_every_flag():
             assert "(default: " in blocks[name], name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_four_devices_match_one_device(tiny_model, glue_dir, tmp_path, packing):
     """Data parallel over 4 (forced host) devices: same loss trajectory as 1 device."""

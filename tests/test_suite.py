@@ -15,6 +15,9 @@ from jaxpeft.evaluation import trivial_baseline
 from jaxpeft.run import baseline_warning
 from jaxpeft.suite import GLUE_TASKS, glue_metric_keys, run_suite, task_config, task_score
 
+# End-to-end runs of several seconds each: left out of the fast core (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 MNLI = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
         "sentence1_parse\tsentence2_parse\tsentence1\tsentence2")
 WORDS = "the film was good bad long short fine dull bright dark cold warm".split()

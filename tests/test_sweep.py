@@ -1,6 +1,7 @@
 """experiments/sweep.py and experiments/report.py on a tiny model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ from jaxpeft.config import RunConfig
 from jaxpeft.plots import pack_study, write_report
 from jaxpeft.sweep import expand, parse_grid, run_sweep, sweep_cli
 from jaxpeft.writer import read_study
+
+# End-to-end runs of several seconds each: left out of the fast core (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def test_parse_grid_types_and_errors(tmp_path):
@@ -37,14 +41,23 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
     assert list(status.values()) == ["ok"] * 4
     again = run_sweep(base, "learning_rate=1e-3,1e-2", [0, 1], str(root), progress=False)
     assert all(s.startswith("skipped") for s in again.values())
-    # a failing run is reported and does not stop the next one
-    mixed = run_sweep(base, "max_seq_length=4,64", [0], str(tmp_path / "mixed"),
+    # a run failing as it loads (truncated weights) is reported and does not stop the next
+    # one; a path in a grid value stays inside one folder name under the root
+    damaged = tmp_path / "damaged-model"
+    shutil.copytree(tiny_model, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\0" * 16)
+    mixed = run_sweep(base, f"model={damaged},{tiny_model}", [0], str(tmp_path / "mixed"),
                       progress=False)
-    assert mixed["max_seq_length=4,seed=0"].startswith("failed: --max_seq_length must be >= 8")
-    assert mixed["max_seq_length=64,seed=0"] == "ok"
-    with pytest.raises(JaxpeftError, match="LoRA rank"):  # checked before any run starts
-        run_sweep(base, "lora_rank=2,0", [0], str(tmp_path / "bad"), progress=False)
-    assert not (tmp_path / "bad" / "lora_rank=2,seed=0").exists()
+    [bad, good] = mixed
+    assert "/" not in bad and mixed[bad].startswith(f"failed: {damaged}")
+    assert "not a readable safetensors file" in mixed[bad]
+    assert mixed[good] == "ok" and (tmp_path / "mixed" / good / "results.json").is_file()
+    # options are checked for every grid point before any run starts
+    for grid, message in (("lora_rank=2,0", "LoRA rank"),
+                          ("max_seq_length=64,4", "--max_seq_length must be >= 8")):
+        with pytest.raises(JaxpeftError, match=message):
+            run_sweep(base, grid, [0], str(tmp_path / "bad"), progress=False)
+        assert not (tmp_path / "bad").exists()
     summary = json.loads((root / "sweep.json").read_text())
     assert len(summary["runs"]) == 4
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from jaxpeft.data.tasks import TSV_LABELS, Task, TsvLayout, get_task
 from jaxpeft.errors import JaxpeftError, first_line
+from jaxpeft.fileio import read_text
+from jaxpeft.hub import OFFLINE_ENV, offline_reason
 
 log = logging.getLogger("jaxpeft")
 
@@ -95,6 +97,11 @@ def split_path(task: Task, split: str, data_dir: Union[str, os.PathLike]) -> Pat
         raise JaxpeftError(f"task {task.name} has no split {split!r}; splits: "
                            f"{', '.join(task.files)}")
     path = Path(data_dir) / task.glue_dir / task.files[split]
+    if path.is_dir():
+        raise JaxpeftError(f"{path}: is a folder, expected the {task.name} {split} TSV file")
+    if path.is_symlink() and not path.exists():
+        raise JaxpeftError(f"{path}: a link that leads nowhere (a loop, or its target is "
+                           "gone)")
     if not path.is_file():
         expected = ", ".join(f"{task.glue_dir}/{f}" for f in task.files.values())
         raise JaxpeftError(f"{path}: file not found; a GLUE folder for {task.name} holds "
@@ -106,14 +113,8 @@ def read_tsv_split(task: Task, split: str, data_dir: Union[str, os.PathLike]) ->
     """Reads one split of `task` from a folder in the GLUE distribution layout."""
     path = split_path(task, split, data_dir)
     layout: TsvLayout = task.unlabeled if split.startswith("test") else task.labeled
-    # utf-8-sig drops MRPC's byte-order mark; GLUE files use no quoting at all.
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise JaxpeftError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); GLUE "
-                           "files are UTF-8") from None
+    # read_text drops MRPC's byte-order mark; GLUE files use no quoting at all.
+    text = read_text(path, "GLUE TSV file")
     rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t",
                            quoting=csv.QUOTE_NONE))
     header = None
@@ -180,6 +181,14 @@ def load_hub_split(task: Task, split: str, dataset: str = HUB_DATASET) -> Split:
     if split not in task.splits:
         raise JaxpeftError(f"task {task.name} has no split {split!r}; splits: "
                            f"{', '.join(task.splits)}")
+    # A local dataset folder needs no hub.
+    offline = None if Path(dataset).expanduser().exists() else offline_reason()
+    if offline and offline != OFFLINE_ENV:
+        # datasets would retry for ~40 s; with HF_HUB_OFFLINE it reads its own cache.
+        raise JaxpeftError(
+            f"could not load {task.name}/{split} from the hub dataset {dataset!r} ({offline}); "
+            "pass --data_dir with a folder in the GLUE layout (or set HF_HUB_OFFLINE=1 to use "
+            "a copy datasets cached earlier)")
     try:
         ds = datasets.load_dataset(dataset, _hub_config(task), split=split)
     except Exception as e:  # offline, missing config, ...: the user's remedy is the same

@@ -27,6 +27,8 @@ import numpy as np
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError, first_line
+from jaxpeft.fileio import read_json_object
+from jaxpeft.hub import offline_reason
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import DTYPES, Runtime
 from jaxpeft.models.bert import SequenceClassifier
@@ -116,30 +118,32 @@ def portable_name(name_or_path: Union[str, os.PathLike]) -> str:
 
 
 def peek_family(name_or_path: Union[str, os.PathLike]) -> Optional[Family]:
-    """The family of a local model folder (or the `minilm` alias) from its config.json,
-    without loading anything; None for hub ids and unreadable folders (loading reports
-    those)."""
+    """The family of a local model folder (or the `minilm` alias), from its config.json alone,
+    which is read and checked as loading would (a missing folder, a damaged or invalid
+    config.json is its `JaxpeftError`, before any weights are read); None for a hub id."""
     name = os.fspath(name_or_path)
-    try:
-        path = minilm_path() if name == MINILM_ALIAS else Path(name).expanduser()
-        d = json.loads((path / "config.json").read_text())
-        return FAMILIES.get(d.get("model_type")) if isinstance(d, dict) else None
-    except (OSError, ValueError, JaxpeftError):
+    path = Path(name).expanduser()
+    if name != MINILM_ALIAS and not path.exists() and not _looks_like_path(name):
         return None
+    path = resolve_model_dir(name)  # a local folder: never a download
+    return get_family(read_config(path).model_type)
 
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
+    offline = offline_reason()
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_ALLOW_PATTERNS)))
+        # Unreachable hub: a copy in the local cache still serves, without a request.
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_ALLOW_PATTERNS),
+                                      local_files_only=offline is not None))
     except RepositoryNotFoundError:
         raise JaxpeftError(
             f"{repo_id}: no such model on the Hugging Face hub (and no such local folder)"
         ) from None
     except Exception as e:  # offline, DNS, proxy, HTTP errors: all mean "hub unreachable"
-        reason = first_line(e)
+        reason = f"{offline}; not in the local hub cache" if offline else first_line(e)
         raise JaxpeftError(
             f"{repo_id}: could not download it from the Hugging Face hub ({reason}). Without "
             "hub access, pass a local folder holding config.json, model.safetensors and the "
@@ -153,10 +157,7 @@ def read_config(path: Path, num_labels: Optional[int] = None) -> EncoderConfig:
     if not cfg_file.is_file():
         raise JaxpeftError(f"{path}: no config.json in this folder; a Hugging Face model "
                            "folder needs config.json and model.safetensors")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
+    d = read_json_object(cfg_file, "model config")
     config = EncoderConfig.from_hf_dict(d, num_labels=num_labels, source=str(cfg_file))
     # A model_type edited over another family's weights would load with shifted positions.
     stem = get_family(config.model_type).class_stem
@@ -192,6 +193,12 @@ def _check_tokenizer(tok, config: EncoderConfig, where: str) -> None:
         raise JaxpeftError(f"{where}: the tokenizer has {n:,} tokens but the model's "
                            f"vocabulary has {config.vocab_size:,}; the tokenizer files are "
                            "missing or belong to another model")
+    # Checkpoints pad their tables a little (ModernBERT: 50,280 tokens, 50,368 rows); far
+    # fewer tokens than rows is more likely a tokenizer of another model.
+    if n < 0.9 * config.vocab_size:
+        log.warning("%s: the tokenizer has %s tokens but the model's embedding table has %s "
+                    "rows; check that the tokenizer belongs to this model", where, f"{n:,}",
+                    f"{config.vocab_size:,}")
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -307,7 +314,8 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: SequenceCla
 
 def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[int] = None,
                     dtype: str = "float32", seed: int = 0,
-                    tokenizer: Union[str, os.PathLike, None, bool] = None) -> Pretrained:
+                    tokenizer: Union[str, os.PathLike, None, bool] = None,
+                    warn_fresh: bool = True) -> Pretrained:
     """Loads an encoder checkpoint (any family of `jaxpeft.models.registry`) for sequence
     classification.
 
@@ -318,6 +326,8 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       seed: seeds the initialisation of any head not found in the checkpoint.
       tokenizer: where to load the tokenizer from (default: the model folder); False skips it.
+      warn_fresh: log a warning naming the newly initialised leaves (callers that replace
+        or train them, and say so themselves, turn it off).
     """
     if dtype not in DTYPES:
         raise JaxpeftError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -329,11 +339,18 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
     params, fresh, unused = params_from_state_dict(
         state_dict, model, jax.random.key(seed), source=str(path))
     del state_dict
-    if fresh:
+    if fresh and warn_fresh:
         log.warning("Some parameters of %s were not in the checkpoint (or had another shape) "
                     "and are newly initialized: %s. Train them before using the model.",
                     name_or_path, ", ".join(fresh))
-    if unused:
+    # Heads of other tasks (an MLM head) are expected; layers the config does not count
+    # mean config.json and the weights disagree, and the model would run truncated.
+    extra_layers = [k for k in unused if re.search(r"\blayers?\.\d+\.", k)]
+    if extra_layers:
+        log.warning("%s: the checkpoint holds %d layer tensors the model does not use (%s, ...); "
+                    "config.json's num_hidden_layers=%d is fewer than the weights have",
+                    path, len(extra_layers), extra_layers[0], config.num_hidden_layers)
+    elif unused:
         log.info("Checkpoint tensors not used by the model: %s", ", ".join(unused))
     tok = None
     if tokenizer is not False:

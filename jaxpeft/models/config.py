@@ -7,6 +7,7 @@ the modules can trust their config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 from jaxpeft.errors import JaxpeftError
@@ -121,16 +122,18 @@ class EncoderConfig:
             num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
         if num_labels < 1:
             raise JaxpeftError(f"num_labels must be >= 1, got {num_labels}")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                               "num_attention_heads", "intermediate_size") if k not in d]
+        missing = [k for k in _SIZES if k not in d]
         if missing:
             raise JaxpeftError(f"{source}: missing required fields: {', '.join(missing)}")
+        _check_values({k: d[k] for k in _SIZES}, {f.name: f for f in dataclasses.fields(cls)},
+                      source)
         if d["hidden_size"] % d["num_attention_heads"]:
             raise JaxpeftError(
                 f"{source}: hidden_size {d['hidden_size']} is not a multiple of "
                 f"num_attention_heads {d['num_attention_heads']}")
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in fields}
+        _check_values(kwargs, fields, source)
         kwargs["num_labels"] = int(num_labels)
         if kwargs.get("pad_token_id") is None:
             kwargs["pad_token_id"] = 1 if model_type in POSITIONS_AFTER_PAD else 0
@@ -141,3 +144,32 @@ class EncoderConfig:
     def to_dict(self) -> dict:
         """Plain-dict view, for JSON files."""
         return dataclasses.asdict(self)
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "intermediate_size")
+_DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+             "pooler_dropout", "embedding_dropout")
+
+
+def _check_values(values: dict, fields: dict, source: str) -> None:
+    """Refuses config.json values of the wrong type (`"hidden_size": "384"`) or out of range
+    (a negative eps, a dropout outside [0, 1), a size below 1), by name: they would otherwise
+    surface deep in the model or as a non-finite loss."""
+    for name, value in values.items():
+        kind = str(fields[name].type).replace("Optional[", "").rstrip("]")
+        if value is None and name not in _SIZES:
+            continue  # unset: the default applies (transformers writes null for some)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "int" and not (number and isinstance(value, int)):
+            raise JaxpeftError(f"{source}: {name} must be a whole number, got {value!r}")
+        if kind == "float" and not (number and math.isfinite(value)):
+            raise JaxpeftError(f"{source}: {name} must be a finite number, got {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise JaxpeftError(f"{source}: {name} must be true or false, got {value!r}")
+        if name in _SIZES and value < 1:
+            raise JaxpeftError(f"{source}: {name} must be >= 1, got {value!r}")
+        if name in _DROPOUTS and not 0 <= value < 1:
+            raise JaxpeftError(f"{source}: {name} must be in [0, 1), got {value!r}")
+        if name == "layer_norm_eps" and value <= 0:
+            raise JaxpeftError(f"{source}: layer_norm_eps must be > 0, got {value!r}")

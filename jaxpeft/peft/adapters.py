@@ -13,7 +13,6 @@ default scale or without its method.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxpeft.errors import JaxpeftError, first_line
-from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.fileio import (atomic_write_bytes, atomic_write_json, read_json_object,
+                            read_safetensors_file)
 from jaxpeft.models.checkpoint import Pretrained
 from jaxpeft.models.bert import SequenceClassifier
 from jaxpeft.peft.masks import path_str
@@ -76,12 +76,7 @@ def read_adapter_config(directory: os.PathLike) -> dict:
     cfg_file = Path(directory) / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise JaxpeftError(f"{directory}: no {ADAPTER_CONFIG}; not a jaxpeft adapter folder")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxpeftError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise JaxpeftError(f"{cfg_file}: not a {FORMAT} adapter description")
+    meta = read_json_object(cfg_file, "adapter description")
     if meta.get("format") != FORMAT or not isinstance(meta.get("peft"), dict):
         raise JaxpeftError(f"{cfg_file}: not a {FORMAT} adapter description")
     missing = [k for k in ("base_model", "num_labels", "architecture") if k not in meta]
@@ -108,13 +103,7 @@ def _check_base(directory, meta: dict, pre: Pretrained, check_base_name: bool) -
 
 def read_adapter_weights(directory: os.PathLike) -> dict[str, np.ndarray]:
     """`{path "a/b/c": array}`: the trainable leaves an adapter folder holds."""
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(Path(directory) / ADAPTER_WEIGHTS))
-    except Exception as e:  # SafetensorError, OSError: a truncated, damaged or missing file
-        raise JaxpeftError(f"{Path(directory) / ADAPTER_WEIGHTS}: not a readable safetensors "
-                           f"file ({first_line(e)})") from None
+    return read_safetensors_file(Path(directory) / ADAPTER_WEIGHTS)
 
 
 def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool = True

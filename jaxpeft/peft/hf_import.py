@@ -12,7 +12,6 @@ rule to keep in step. Every key peft saved must be used and every trainable leaf
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
+from jaxpeft.fileio import read_json_object, read_safetensors_file
 from jaxpeft.models import Pretrained, SequenceClassifier
 from jaxpeft.models.registry import get_family
 from jaxpeft.peft.hf_export import peft_items
@@ -50,15 +50,10 @@ def _module_paths(keys, prefix: str) -> set:
 def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassifier, Any, Peft]:
     """`(model, params, peft)` of a peft adapter folder on the loaded base `pre` (loaded with
     the adapter's number of labels), as `load_adapter` returns for jaxpeft's own files."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise JaxpeftError(f"{directory}: not a peft adapter folder ({CONFIG} and {WEIGHTS})")
-    try:
-        config = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise JaxpeftError(f"{directory / CONFIG}: not valid JSON ({e})") from None
+    config = read_json_object(directory / CONFIG, "peft adapter config")
     if config.get("task_type") != "SEQ_CLS":
         raise JaxpeftError(f"{directory / CONFIG}: task_type {config.get('task_type')!r}; "
                            "jaxpeft imports sequence-classification adapters (SEQ_CLS)")
@@ -67,7 +62,7 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
         supported = sorted({m.codec.peft_type for m in METHODS.values() if m.codec})
         raise JaxpeftError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} has no "
                            f"jaxpeft method (peft types here: {', '.join(supported)})")
-    saved = load_file(str(directory / WEIGHTS))
+    saved = read_safetensors_file(directory / WEIGHTS)
     prefix = get_family(pre.config.model_type).prefix
     options = method.codec.options_from(config, _module_paths(saved, prefix))
     train_pooler = any(".pooler." in k for k in saved)
@@ -104,6 +99,11 @@ def convert_peft_adapter(peft_dir: os.PathLike, model: str, task: str, output: o
     from jaxpeft.peft.adapters import save_adapter
 
     spec = get_task(task)
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        # An adapter folder of a run (its best/) or anything else: never written over.
+        raise JaxpeftError(f"{output}: --output exists and is not an empty folder; choose a "
+                           "new folder (nothing there is replaced)")
     pre = load_pretrained(model, num_labels=spec.num_labels, tokenizer=False)
     _, params, peft = import_peft(peft_dir, pre)
     return save_adapter(output, peft, params, base_model=model, config=pre.config,
