@@ -145,6 +145,10 @@ class RunConfig:
                                   resumable=True, **_IO)
     multihost: bool = _option(False, "Call jax.distributed.initialize() (TPU pods, multi-host "
                               "GPU).", resumable=True, **_IO)
+    multihost_timeout: int = _option(
+        60, "With --multihost: seconds to wait for every process to join, and for a peer "
+        "that stops answering before all processes stop (with one line saying which "
+        "checkpoint to resume from).", check=_POSITIVE, resumable=True, sweepable=False, **_IO)
     tensorboard: bool = _option(True, "Also write TensorBoard event files to "
                                 "<output_dir>/tensorboard (tensorboard --logdir runs).",
                                 resumable=True, **_IO)

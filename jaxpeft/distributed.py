@@ -2,12 +2,23 @@
 
 Batches are split over the `data` axis (each process feeds its own rows); parameters and
 optimizer state are replicated. With several processes only process 0 writes files.
+
+When JAX's distributed service finds a fault (a peer that died, never joined, or joined
+twice) it ends the process with a C++ abort and a stack dump; nothing in Python runs. So a
+`--multihost` command runs its work in a child process (`supervise`) and, if the child is
+aborted so, says why in one `error:` line.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -20,13 +31,14 @@ ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _MESSAGE_BYTES = 2048
 
 
-def initialize(multihost: bool) -> None:
+def initialize(multihost: bool, timeout_s: int = 60) -> None:
     """Joins the other processes of a multi-host job.
 
     With `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
     `JAX_PROCESS_ID` set, those are used (any cluster, or several processes on one machine);
     with none set, JAX detects the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes). CPU
-    processes talk through gloo.
+    processes talk through gloo. `timeout_s` bounds both the wait for every process to join
+    and how long a silent peer is waited for before all stop.
     """
     if not multihost:
         return
@@ -44,12 +56,110 @@ def initialize(multihost: bool) -> None:
         except ValueError:
             raise JaxpeftError("--multihost: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
                                "integers") from None
+        count, index = kwargs["num_processes"], kwargs["process_id"]
+        if count < 1 or not 0 <= index < count:
+            raise JaxpeftError(f"--multihost: JAX_PROCESS_ID={index} is not one of 0..{count - 1} "
+                               f"(JAX_NUM_PROCESSES={count})")
+        if index == 0:
+            _check_coordinator_port(kwargs["coordinator_address"])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s,
+                                   heartbeat_timeout_seconds=timeout_s)
     except (ValueError, RuntimeError) as e:
         raise JaxpeftError(f"--multihost: could not join the other processes "
                            f"({first_line(e)})") from None
+
+
+def _check_coordinator_port(address: str) -> None:
+    """Process 0 serves the coordinator: a port already taken means another process 0 (two
+    processes given the same id) or another job on it."""
+    port = address.rsplit(":", 1)[-1]
+    if not port.isdigit():
+        raise JaxpeftError(f"--multihost: JAX_COORDINATOR_ADDRESS={address!r} is not host:port")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", int(port)))
+        except OSError:
+            raise JaxpeftError(f"--multihost: port {port} of JAX_COORDINATOR_ADDRESS is in use: "
+                               "another process 0 runs there (two processes with "
+                               "JAX_PROCESS_ID=0?) or another program holds it") from None
+
+
+# ---- the supervising parent of a multi-host command ----------------------------------------
+
+WORKER_ENV = "JAXPEFT_MULTIHOST_WORKER"
+# JAX's C++ log lines (glog format: "W1205 12:00:00.000 ...") and, after a fatal one, the
+# abort's stack dump: the parent turns them into one line.
+_GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
+_FATAL = re.compile(r"^F\d{4} .*?\] (.*)")
+
+
+def _explain(fatal: list, output_dir: str) -> str:
+    """The one line for an abort by JAX's distributed service, from its fatal log line and
+    the lines after it (`absl::Status: ...`, `RPC: <the call that failed>`)."""
+    status = fatal[0].split("absl::Status:", 1)[-1].strip() or fatal[0]
+    context = " ".join(fatal)
+    who = f"process {os.environ.get('JAX_PROCESS_ID', '?')}"
+    if "ALREADY_EXISTS" in status or "incarnation" in status:
+        return (f"{who}: --multihost: another process joined with the same JAX_PROCESS_ID "
+                f"({status}); give every process its own id")
+    if "RegisterTask" in context or "register" in context.lower():
+        return (f"{who}: --multihost: not every one of the JAX_NUM_PROCESSES="
+                f"{os.environ.get('JAX_NUM_PROCESSES', '?')} processes joined within "
+                f"--multihost_timeout ({status}); start them all with the same "
+                "JAX_COORDINATOR_ADDRESS")
+    steps = sorted(int(p.name) for p in (Path(output_dir) / "checkpoints").glob("*")
+                   if p.name.isdigit()) if output_dir else []
+    resume = (f"continue all processes with --resume (the last checkpoint is step {steps[-1]})"
+              if steps else "no checkpoint was saved yet: start all processes again")
+    return (f"{who}: a peer process died or stopped answering ({status}); every process "
+            f"stops; {resume}")
+
+
+def supervise(multihost: bool, output_dir: str = "") -> Optional[int]:
+    """For a `--multihost` command: runs this same command as a child process and returns its
+    exit status, turning an abort by JAX's distributed service (a dead, missing or duplicate
+    peer) into one `error:` line naming the cause and the checkpoint to resume from. Returns
+    None where the work should run in this process (no --multihost, or this is the child).
+
+    The child runs in a session of its own (signals reach it once, forwarded by the parent)
+    and dies with the parent. Its standard output is the parent's; its standard error passes
+    through, less JAX's C++ log lines."""
+    if not multihost or os.environ.get(WORKER_ENV):
+        return None
+
+    def die_with_parent():  # Linux: the child gets SIGKILL when this process dies
+        try:
+            import ctypes
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    child = subprocess.Popen(sys.orig_argv, env={**os.environ, WORKER_ENV: "1"},
+                             stderr=subprocess.PIPE, text=True, errors="replace",
+                             start_new_session=True, preexec_fn=die_with_parent)
+    previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    fatal = None  # the fatal log line and the few after it (the failed call is named there)
+    try:
+        for line in child.stderr:
+            if fatal is None and _FATAL.match(line):
+                fatal = [_FATAL.match(line).group(1)]
+            elif fatal is not None and len(fatal) < 4:
+                fatal.append(line.strip())
+            if fatal is None and not _GLOG.match(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if fatal is not None and code in (-signal.SIGABRT, 128 + signal.SIGABRT):
+        print(f"error: {_explain(fatal, output_dir)}", file=sys.stderr)
+        return 1
+    return code if code >= 0 else 128 - code
 
 
 def agree(fn: Callable[[], Any]) -> Any:

@@ -135,11 +135,33 @@ def rows_to_split(task: Task, rows: list, columns: tuple, source: str) -> Split:
                  texts(columns[1]) if len(columns) > 1 else None, labels, idx, source)
 
 
+def check_output_file(output: str) -> None:
+    """Refuses, before anything is computed, an `--output` that is a folder, sits in a folder
+    that does not exist, or is a file other than an earlier predictions TSV (never
+    overwritten)."""
+    path = Path(output)
+    if path.is_dir():
+        raise JaxpeftError(f"{output}: --output is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise JaxpeftError(f"{output}: the folder {path.parent} does not exist")
+    if path.exists():
+        try:
+            with open(path, encoding="utf-8") as f:
+                ours = f.readline().startswith("index\tlabel")
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise JaxpeftError(f"{output}: --output exists and is not a predictions file; "
+                               "choose another name (nothing there is replaced)")
+
+
 def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str] = None, *,
                  model: Optional[str] = None, columns: Optional[tuple] = None,
                  batch_size: int = 64) -> list[list]:
     """Predicts every row of `source` with the adapter of `run`; writes the TSV to `output`
     (stdout if None) and returns its rows (header first)."""
+    if output:
+        check_output_file(output)
     folder, settings = find_adapter(run)
     task = get_task(settings["task"])
     rows = read_rows(source)

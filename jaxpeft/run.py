@@ -170,7 +170,7 @@ def train_and_evaluate(cfg: RunConfig,
     `on_step(step)` is called after every optimizer step (for tests and tooling).
     """
     cfg = cfg.with_output_dir()
-    distributed.initialize(cfg.multihost)
+    distributed.initialize(cfg.multihost, cfg.multihost_timeout)
 
     def check():
         task = validate(cfg, jax.device_count())
@@ -260,6 +260,10 @@ def _after_finished(setup: Setup, loop: TrainLoop, writer: RunWriter, results: d
 
 
 def train_cli(cfg: RunConfig) -> int:
-    """`train_and_evaluate` for the command line (`jaxpeft.cli.run_command`)."""
+    """`train_and_evaluate` for the command line (`jaxpeft.cli.run_command`; with
+    --multihost under `distributed.supervise`)."""
     cfg = cfg.with_output_dir()
+    supervised = distributed.supervise(cfg.multihost, cfg.output_dir)
+    if supervised is not None:
+        return supervised
     return run_command(lambda: train_and_evaluate(cfg), output_dir=cfg.output_dir)

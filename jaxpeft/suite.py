@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxpeft.config import RunConfig
 from jaxpeft.data import get_task
+from jaxpeft.distributed import supervise
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import eval_suffix
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
@@ -147,7 +148,7 @@ def run_suite(base: RunConfig, tasks: tuple = GLUE_TASKS, recipe: str = "standar
     if base.do_predict:
         summary["submission"] = write_submission(root)
         atomic_write_json(root / "glue.json", summary)
-    tqdm.write(f"GLUE score {summary['score']:.4f} over {summary['scored_tasks']} of 9 tasks; "
+    tqdm.write(f"GLUE score {_fmt(summary['score'])} over {summary['scored_tasks']} of 9 tasks; "
                f"table in {root / 'glue.md'}")
     return summary
 
@@ -180,7 +181,8 @@ def summarize(base: RunConfig, recipe: str, outcomes: dict) -> dict:
                       "best_step": best["step"]}
         scores.append(score)
     return {"model": base.model, "method": base.method, "recipe": recipe, "tasks": rows,
-            "score": float(sum(scores) / len(scores)) if scores else math.nan,
+            # None, not NaN, when no task scored: glue.json stays strict JSON.
+            "score": float(sum(scores) / len(scores)) if scores else None,
             "scored_tasks": len(scores), "references": references}
 
 
@@ -263,6 +265,9 @@ def suite_cli(base: RunConfig, tasks: tuple, recipe: str, explicit: frozenset) -
     """`run_suite` for the command line: user errors are one line and exit status 1, and so
     is a suite in which some task did not run."""
     base = dataclasses.replace(base, output_dir=str(suite_root(base)))
+    supervised = supervise(base.multihost)
+    if supervised is not None:
+        return supervised
 
     def work() -> int:
         summary = run_suite(base, tasks, recipe, explicit)

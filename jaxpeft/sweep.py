@@ -19,6 +19,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxpeft.config import RunConfig, names_where, parse_value, validate
+from jaxpeft.distributed import supervise
 from jaxpeft.errors import JaxpeftError, RunInterrupted
 from jaxpeft.fileio import atomic_write_json
 from jaxpeft.peft import peft_from_run
@@ -124,6 +125,9 @@ def sweep_cli(base: RunConfig, grid: str, seeds: Sequence[str], root: str,
               progress: bool = True) -> int:
     """Command-line entry: user errors print one line; exit 1 if any run failed; a stop
     signal ends the sweep after checkpointing the current run."""
+    supervised = supervise(base.multihost)
+    if supervised is not None:
+        return supervised
 
     def work() -> int:
         status = run_sweep(base, grid, [parse_value("seed", s) for s in seeds], root, progress)

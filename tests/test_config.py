@@ -25,7 +25,7 @@ def test_roles_come_from_the_fields():
     assert {"resume", "overwrite", "progress", "multihost", "output_dir", "do_predict",
             "export_peft", "export_merged", "tensorboard", "compilation_cache",
             "train_step_xla_options", "eval_every", "log_every", "checkpoint_every",
-            "eval_batch_size", "cache_dir"} == set(config.names_where("resumable"))
+            "eval_batch_size", "cache_dir", "multihost_timeout"} == set(config.names_where("resumable"))
     not_settings = set(config.names_where("setting", False))
     assert {"cache_dir", "eval_batch_size", "output_dir"} <= not_settings
     assert not {"seed", "learning_rate", "lora_rank", "method"} & not_settings
@@ -47,6 +47,9 @@ def test_parse_value_types():
     ({"resume": True, "overwrite": True}, "give --resume or --overwrite, not both"),
     ({"lora_alpha": 0.0}, "LoRA alpha must be > 0"),
     ({"batch_size": 6}, "--batch_size=6 must be a multiple of the 4 devices"),
+    ({"seed": -1}, "--seed must be in [0, 2**31), got -1"),
+    ({"seed": 2**64}, "--seed must be in [0, 2**31)"),
+    ({"multihost_timeout": 0}, "--multihost_timeout must be > 0"),
 ])
 def test_validate_names_the_option(overrides, message):
     with pytest.raises(JaxpeftError) as e:

@@ -167,6 +167,40 @@ def test_hub_path_maps_columns(tmp_path, monkeypatch):
         ["p0", "p1"], ["h0", "h1"], [2, 0], [7, 8])
 
 
+def test_unreachable_hub_fails_in_one_line_without_retries(monkeypatch, tmp_path):
+    """The hub probe's answer stops a hub dataset or model at once: datasets and
+    huggingface_hub are never asked (they would retry for ~40 s)."""
+    import datasets
+
+    import jaxpeft.hub
+    from jaxpeft.models.checkpoint import resolve_model_dir
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(jaxpeft.hub, "_probe", lambda endpoint: "cannot reach it: no route")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked"))
+    with pytest.raises(JaxpeftError, match=r"\(cannot reach it: no route\); pass --data_dir"):
+        load_split("rte", "validation")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(JaxpeftError, match=r"org/model: could not download it from the Hugging "
+                                           r"Face hub \(cannot reach it: no route; not in the "
+                                           r"local hub cache\)"):
+        resolve_model_dir("org/model")
+
+
+def test_split_file_that_is_a_folder_or_a_dangling_link_is_named(tmp_path):
+    (tmp_path / "SST-2" / "train.tsv").mkdir(parents=True)
+    with pytest.raises(JaxpeftError, match=r"SST-2/train.tsv: is a folder, expected the sst2 "
+                                           r"train TSV file"):
+        load_split("sst2", "train", tmp_path)
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "train.tsv").symlink_to(tmp_path / "RTE" / "train.tsv")  # a loop
+    with pytest.raises(JaxpeftError, match=r"RTE/train.tsv: a link that leads nowhere"):
+        load_split("rte", "train", tmp_path)
+
+
 def test_hub_unreachable_says_to_use_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

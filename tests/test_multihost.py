@@ -3,9 +3,12 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,15 +33,20 @@ def _args(model, glue_dir, out):
             f"--output_dir={out}"]
 
 
-def _launch(args_per_process, timeout=600):
+def _start(args_per_process, ids=None):
     port = _free_port()
     procs = []
-    for pid, args in enumerate(args_per_process):
+    for pid, args in zip(ids or range(len(args_per_process)), args_per_process):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                "JAX_NUM_PROCESSES": str(len(args_per_process)), "JAX_PROCESS_ID": str(pid),
                "JAX_PLATFORMS": "cpu"}
         procs.append(subprocess.Popen([sys.executable, *args, "--multihost"], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _launch(args_per_process, timeout=600, ids=None):
+    procs = _start(args_per_process, ids)
     return [(p.wait(timeout=timeout), p.stdout.read(), p.stderr.read()) for p in procs]
 
 
@@ -76,3 +84,61 @@ def test_user_error_on_one_process_stops_both_with_its_message(tiny_model, glue_
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: process 1: ") and "is a file, not a folder" in last
     assert not (tmp_path / "ok").exists()  # nothing written by process 0 either
+
+
+def test_same_process_id_twice_fails_fast_with_one_line(tiny_model, glue_dir, tmp_path):
+    """Two processes both given JAX_PROCESS_ID=0: the second finds the coordinator's port
+    taken, the first waits --multihost_timeout for the process that never comes; each ends
+    with one jaxpeft line and no abort dump."""
+    args = _args(tiny_model, glue_dir, tmp_path / "run") + ["--multihost_timeout=10"]
+    start = time.monotonic()
+    runs = _launch([args, args], ids=[0, 0], timeout=300)
+    assert time.monotonic() - start < 90
+    lasts = sorted(err.strip().splitlines()[-1] for _, _, err in runs)
+    assert all(code == 1 for code, _, _ in runs), lasts
+    # Started together, both may find the port free: then the service itself reports the
+    # duplicate to one of them.
+    assert any("another process 0 runs there (two processes with JAX_PROCESS_ID=0?)" in l
+               or "another process joined with the same JAX_PROCESS_ID" in l
+               for l in lasts), lasts
+    assert any("not every one of the JAX_NUM_PROCESSES=2 processes joined within "
+               "--multihost_timeout" in l for l in lasts), lasts
+    for _, _, err in runs:
+        assert "Check failure stack trace" not in err and not re.search(r"^F\d{4} ", err, re.M)
+
+
+def test_a_peer_killed_mid_run_stops_the_other_with_one_line(tiny_model, glue_dir, tmp_path):
+    """SIGKILL to one process mid-training: the other stops within --multihost_timeout and
+    says so in one line naming the checkpoint to resume from."""
+    out = tmp_path / "run"
+    args = _args(tiny_model, glue_dir, out) + ["--multihost_timeout=10", "--max_steps=400",
+                                               "--checkpoint_every=2", "--eval_every=0"]
+    procs = _start([args, args])
+    deadline = time.monotonic() + 300
+    while not any(p.name.isdigit() for p in (out / "checkpoints").glob("*")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    code = procs[0].wait(timeout=180)
+    assert time.monotonic() - killed < 60
+    err = procs[0].stderr.read()
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: process 0: a peer process died or stopped "
+                                         "answering"), err[-3000:]
+    assert re.search(r"continue all processes with --resume \(the last checkpoint is step "
+                     r"\d+\)", last)
+    assert "Check failure stack trace" not in err and not re.search(r"^F\d{4} ", err, re.M)
+    procs[1].wait(timeout=60)
+
+
+def test_a_process_id_out_of_range_is_refused_before_joining(monkeypatch):
+    from jaxpeft import distributed
+    from jaxpeft.errors import JaxpeftError
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(JaxpeftError, match=r"JAX_PROCESS_ID=2 is not one of 0..1 "
+                                           r"\(JAX_NUM_PROCESSES=2\)"):
+        distributed.initialize(True, timeout_s=5)

@@ -84,6 +84,24 @@ def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_bat
         (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(JaxpeftError, match=message):
             import_peft(tmp_path / "lora", jaxpeft.load_pretrained(minilm_dir, num_labels=2))
+    # damaged files: a config that is not an object, truncated weights; an --output in use
+    (tmp_path / "lora" / "adapter_config.json").write_text("[]")
+    with pytest.raises(JaxpeftError, match="adapter_config.json: the peft adapter config is "
+                                           "not a JSON object"):
+        import_peft(tmp_path / "lora", jaxpeft.load_pretrained(minilm_dir, num_labels=2))
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(JaxpeftError, match="adapter_model.safetensors: not a readable "
+                                           "safetensors file"):
+        import_peft(tmp_path / "lora", jaxpeft.load_pretrained(minilm_dir, num_labels=2))
+    from jaxpeft.peft.hf_import import convert_peft_adapter
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "adapter.json").write_text("{}")
+    with pytest.raises(JaxpeftError, match="--output exists and is not an empty folder"):
+        convert_peft_adapter(tmp_path / "lora", str(minilm_dir), "sst2", taken)
+    assert (taken / "adapter.json").read_text() == "{}"
     vera = hf_peft.VeraConfig(task_type="SEQ_CLS", r=16, target_modules=["query", "value"],
                               save_projection=True)
     _train_in_torch(minilm_dir, vera, sst2_batch, tmp_path / "vera", steps=1)

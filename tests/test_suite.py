@@ -150,6 +150,16 @@ def test_failed_task_is_reported_and_the_suite_goes_on(tiny_model, tmp_path, cap
     assert summary["tasks"]["wnli"]["status"] == "done" and summary["scored_tasks"] == 1
     assert "[mnli] not run:" in capsys.readouterr().out
     assert not (tmp_path / "s" / "mnli").exists()  # checked before anything was written
+    # A finished task whose results.json is damaged is skipped with a line, and the command
+    # exits 1 when any task did not run.
+    (tmp_path / "s" / "wnli" / "results.json").write_text('{"best": ')
+    summary = run_suite(base, ("wnli",), "standard", frozenset({"max_steps"}))
+    assert summary["tasks"]["wnli"]["status"] == "failed"
+    assert "wnli/results.json: the run results file is not valid JSON" in \
+        summary["tasks"]["wnli"]["reason"]
+    assert "[wnli] skipped:" in capsys.readouterr().out
+    from jaxpeft.suite import suite_cli
+    assert suite_cli(base, ("wnli",), "standard", frozenset({"max_steps"})) == 1
 
 
 def test_recipe_defaults_yield_to_explicit_flags(tmp_path):

@@ -31,7 +31,7 @@ def test_parse_grid_types_and_errors(tmp_path):
             parse_grid(bad)
 
 
-def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
+def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog):
     base = RunConfig(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
                      max_train_samples=64, batch_size=16, max_steps=4, log_every=2,
                      eval_every=2, max_eval_samples=64, max_seq_length=64, cache_dir="",
@@ -61,7 +61,16 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path):
     summary = json.loads((root / "sweep.json").read_text())
     assert len(summary["runs"]) == 4
 
+    # A damaged run and a folder of another tool are skipped with a warning, not fatal.
+    shutil.copytree(root / "learning_rate=0.01,seed=1", root / "damaged")
+    (root / "damaged" / "results.json").write_text("{")
+    (root / "other-tool").mkdir()
+    (root / "other-tool" / "config.json").write_text('{"model_type": "bert"}')
+    (root / "other-tool" / "results.json").write_text('{"accuracy": 0.9}')
     md = write_report(str(root))
+    assert f"skipped {root / 'damaged'}: {root / 'damaged' / 'results.json'}: the run " \
+        "results file is not valid JSON" in caplog.text
+    assert f"skipped {root / 'other-tool'}: " in caplog.text
     text = md.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| sst2 ")]
     assert [r.split(" | ")[:5] for r in rows] == [["| sst2", "lora", "—", "0.001", "8"],

@@ -333,6 +333,11 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
         raise JaxpeftError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_model_dir(name_or_path)
     config = read_config(path, num_labels)
+    tok = None
+    if tokenizer is not False:  # checked against the config before any weights are read
+        source = path if tokenizer in (None, True) else tokenizer
+        tok = load_tokenizer(source)
+        _check_tokenizer(tok, config, os.fspath(source))
     model = build_model(config, Runtime(dtype=dtype))
     state_dict = read_safetensors(path)
     _check_weights_family(state_dict, config.model_type, str(path))
@@ -352,11 +357,6 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], num_labels: Optional[
                     path, len(extra_layers), extra_layers[0], config.num_hidden_layers)
     elif unused:
         log.info("Checkpoint tensors not used by the model: %s", ", ".join(unused))
-    tok = None
-    if tokenizer is not False:
-        source = path if tokenizer in (None, True) else tokenizer
-        tok = load_tokenizer(source)
-        _check_tokenizer(tok, config, os.fspath(source))
     return Pretrained(model=model, params=params, tokenizer=tok, config=config,
                       name_or_path=os.fspath(name_or_path), path=path,
                       newly_initialized=fresh)
