@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxpeft.data.batching import (Encoded, Packing, eval_batches, num_train_batches,
                                    packed_split_batches)
-from jaxpeft.data.tasks import TSV_LABELS, Task
+from jaxpeft.data.tasks import TSV_LABELS, Task, get_task
 from jaxpeft.distributed import Sharder
 from jaxpeft.metrics import compute_metrics
 
@@ -33,6 +33,21 @@ def eval_suffix(task: Task, split: str) -> str:
 def main_metric_key(task: Task) -> str:
     """The results key a task is reported by (MNLI: matched accuracy)."""
     return f"eval_{task.main_metric}{eval_suffix(task, task.eval_splits[0])}"
+
+
+def glue_metric_keys(task_name: str) -> list:
+    """The results keys (`eval_...`) a task's GLUE score averages."""
+    task = get_task(task_name)
+    return [f"eval_{m}{eval_suffix(task, s)}" for s in task.eval_splits for m in task.metrics]
+
+
+def task_score(task_name: str, row: dict) -> Optional[float]:
+    """GLUE's score of one task from an evaluation row (or baseline): the mean of its
+    metrics over its dev splits; None if the row lacks one."""
+    keys = glue_metric_keys(task_name)
+    if not all(k in row for k in keys):
+        return None
+    return float(sum(row[k] for k in keys) / len(keys))
 
 
 SELECTIONS = ("dev", "dev_half")

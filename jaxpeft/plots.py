@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxpeft.config import canonical_task, names_where, recorded_options
 from jaxpeft.errors import JaxpeftError
+from jaxpeft.evaluation import task_score
 from jaxpeft.fileio import read_json_object
 from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, RunWriter, read_metrics, read_study,
                             split_rows, write_study)
@@ -100,6 +101,8 @@ def summarize(runs: list) -> list:
         main = group[0]["results"]["main_metric"]
         picked_by = group[0]["results"].get("selected_by", main)
         best = np.array([g["results"]["best"][main] for g in group], np.float64)
+        baseline = (group[0]["results"].get("baseline") or {}).get(main)
+        scores = [task_score(s["task"], g["results"]["best"]) for g in group]
         params = group[0]["results"]["params"]
         stats = {}
         for stat in ("update_ratio", "loss_decrease"):
@@ -112,6 +115,11 @@ def summarize(runs: list) -> list:
             "metric": main.removeprefix("eval_"), "mean": float(best.mean()),
             "std": float(best.std(ddof=1)) if len(best) > 1 else 0.0, "seeds": len(group),
             "median": float(np.median(best)), "min": float(best.min()), "max": float(best.max()),
+            # A cell at or below the constant prediction's score has learned nothing.
+            "baseline": baseline,
+            "trivial": baseline is not None and float(np.median(best)) <= baseline + 1e-9,
+            "task_scores": [x for x in scores if x is not None],
+            "baseline_score": task_score(s["task"], group[0]["results"].get("baseline") or {}),
             "selection": None if picked_by == main else float(np.mean(
                 [g["results"]["best"][picked_by] for g in group])), "chosen": False,
             "trainable": params["trainable"], "percent": params["percent"],
@@ -143,8 +151,8 @@ def markdown_table(table: list) -> str:
     """The summary as a Markdown table (step sizes: means over the logged training steps)."""
     lines = ["| task | method | setting | lr | rank | trainable | % | best metric (mean ± std; "
              "median [min, max]) | seeds | steps | ‖Δθ‖/‖θ‖ per step | −⟨g,Δθ⟩ per step | "
-             "train s | ex/s | selection half |",
-             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "train s | ex/s | selection half | trivial baseline |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for t in table:
         spread = (f" ± {t['std']:.4f}; {t['median']:.4f} [{t['min']:.4f}, {t['max']:.4f}]"
                   if t["seeds"] > 1 else "")  # no spread from a single seed
@@ -155,7 +163,64 @@ def markdown_table(table: list) -> str:
             f"{t['rank'] or '—'} | {t['trainable']:,} | {t['percent']:.3f} | {t['metric']} "
             f"{t['mean']:.4f}{spread} | {t['seeds']} | {t['steps']} | "
             f"{_sci(t['update_ratio'])} | {_sci(t['loss_decrease'])} | {t['wall_s']:.0f} | "
-            f"{t['examples_per_s']:.1f} | {selection} |")
+            f"{t['examples_per_s']:.1f} | {selection} | {_baseline_cell(t)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _baseline_cell(t: dict) -> str:
+    if t["baseline"] is None:
+        return "—"
+    return f"{t['baseline']:.4f}" + (" **trivial**" if t["trivial"] else "")
+
+
+def glue_table(table: list) -> list:
+    """Per method (and rank, setting): the chosen learning rate's GLUE task scores on each
+    task (median over seeds, with min and max), and the GLUE score, the mean of the task
+    medians over the tasks the method has. Only rows the selection half chose are used, so
+    every number is scored on examples that did not pick it."""
+    methods = defaultdict(dict)
+    for t in table:
+        if t["chosen"] and t["task_scores"]:
+            methods[(t["method"], t["rank"], t["setting"])][t["task"]] = t
+    out = []
+    for (method, rank, setting), tasks in sorted(methods.items(), key=str):
+        cells = {task: {"median": float(np.median(t["task_scores"])),
+                        "min": float(min(t["task_scores"])),
+                        "max": float(max(t["task_scores"])), "seeds": len(t["task_scores"]),
+                        "learning_rate": t["learning_rate"], "trivial": t["trivial"],
+                        "baseline": t["baseline_score"], "wall_s": t["wall_s"]}
+                 for task, t in tasks.items()}
+        first = next(iter(tasks.values()))
+        out.append({"method": method, "rank": rank, "setting": setting,
+                    "trainable": first["trainable"], "percent": first["percent"],
+                    "tasks": cells,
+                    "score": float(np.mean([c["median"] for c in cells.values()])),
+                    "train_s": float(sum(c["wall_s"] * c["seeds"] for c in cells.values()))})
+    return out
+
+
+def glue_markdown(rows: list) -> str:
+    """`glue_table` as Markdown: a column per task (median [min, max] over seeds, the chosen
+    learning rate below it, † when at or below the trivial baseline), the GLUE score over the
+    tasks present, trainable parameters and the training seconds of the chosen runs."""
+    tasks = sorted({task for r in rows for task in r["tasks"]})
+    lines = ["| method | trainable | " + " | ".join(tasks) + " | GLUE score (tasks) | train s |",
+             "|---|---:|" + "---|" * len(tasks) + "---:|---:|"]
+    for r in rows:
+        label = " ".join(x for x in (r["method"], f"r{r['rank']}" if r["rank"] else "",
+                                     r["setting"]) if x)
+        cells = []
+        for task in tasks:
+            c = r["tasks"].get(task)
+            if c is None:
+                cells.append("—")
+                continue
+            spread = f" [{c['min']:.3f}, {c['max']:.3f}]" if c["seeds"] > 1 else ""
+            cells.append(f"{c['median']:.4f}{' †' if c['trivial'] else ''}{spread}<br>"
+                         f"lr {c['learning_rate']:g}, {c['seeds']} seed"
+                         f"{'s' if c['seeds'] > 1 else ''}")
+        lines.append(f"| {label} | {r['trainable']:,} | " + " | ".join(cells) +
+                     f" | {r['score']:.4f} ({len(r['tasks'])}) | {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +314,50 @@ def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
     return _save(fig, out / f"{task}_lr.png")
 
 
+def _methods_plot(task: str, rows: list, out: Path) -> Optional[Path]:
+    """Each method's GLUE task score at its chosen learning rate, one point per seed, the
+    median as a bar, and the trivial baseline as a line."""
+    import matplotlib.pyplot as plt
+
+    chosen = sorted((t for t in rows if t["chosen"] and t["task_scores"]),
+                    key=lambda t: (t["method"], t["rank"] or 0, t["setting"]))
+    if not chosen:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(chosen) + 2), 4.5))
+    labels = []
+    for i, t in enumerate(chosen):
+        ax.bar(i, np.median(t["task_scores"]), color="#c6dbef", width=0.6)
+        ax.plot([i] * len(t["task_scores"]), t["task_scores"], "o", color="#08519c", ms=4)
+        labels.append(" ".join(x for x in (t["method"], f"r{t['rank']}" if t["rank"] else "",
+                                           t["setting"]) if x))
+    if chosen[0]["baseline_score"] is not None:
+        ax.axhline(chosen[0]["baseline_score"], color="gray", ls="--", lw=1,
+                   label="trivial baseline")
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(chosen)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="GLUE task score (held-out dev half)",
+           title=f"{task}: each method at its chosen rate (points: seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, out / f"{task}_methods.png")
+
+
+def _glue_plot(rows: list, out: Path) -> Optional[Path]:
+    """The GLUE score per method (mean of its task medians), tasks counted in the label."""
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 4.5))
+    labels = [" ".join(x for x in (r["method"], f"r{r['rank']}" if r["rank"] else "",
+                                   r["setting"]) if x) + f" ({len(r['tasks'])})" for r in rows]
+    ax.bar(range(len(rows)), [r["score"] for r in rows], color="#6baed6")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="GLUE score (mean of task medians)",
+           title="GLUE score per method (tasks counted)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, out / "glue_scores.png")
+
+
 def write_plots(runs: list, table: list, out: Path) -> list:
     """Loss curves, validation metric vs steps, metric/params vs rank, metric vs lr (PNG)."""
     import matplotlib
@@ -262,8 +371,10 @@ def write_plots(runs: list, table: list, out: Path) -> list:
         rows = [t for t in table if t["task"] == task]
         written.append(_curves_plot(task, task_runs, main, out))
         written += [p for p in (_rank_plot(task, rows, main, out),
-                                _lr_plot(task, rows, main, out)) if p is not None]
-    return written
+                                _lr_plot(task, rows, main, out),
+                                _methods_plot(task, rows, out)) if p is not None]
+    glue = _glue_plot(glue_table(table), out)
+    return written + ([glue] if glue is not None else [])
 
 
 def report_cli(roots, out_md: str = "", plots_dir: str = "", pack: str = "") -> int:
@@ -339,6 +450,11 @@ def write_report(roots, out_md: str = "", plots_dir: str = "") -> Path:
     plots = write_plots(runs, table, Path(plots_dir) if plots_dir else default_plots)
     text = [f"# Report: {len(runs)} runs under {where}", "",
             f"jaxpeft source of the runs: {_commits(runs)}.", "", markdown_table(table), ""]
+    glue = glue_table(table)
+    if glue:
+        text += ["## GLUE task scores at the learning rate the selection half chose", "",
+                 "Median over seeds [min, max] on the held-out dev halves; † at or below the "
+                 "task's trivial baseline (a constant prediction).", "", glue_markdown(glue), ""]
     text += [f"![{p.stem}]({p.relative_to(md_path.parent) if p.is_relative_to(md_path.parent) else p})"
              for p in plots]
     atomic_write_bytes(md_path, ("\n".join(text) + "\n").encode())

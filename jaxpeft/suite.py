@@ -31,7 +31,7 @@ from jaxpeft.config import RunConfig
 from jaxpeft.data import get_task
 from jaxpeft.distributed import supervise
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.evaluation import eval_suffix
+from jaxpeft.evaluation import glue_metric_keys, task_score
 from jaxpeft.fileio import atomic_write_bytes, atomic_write_json
 from jaxpeft.cli import run_command
 from jaxpeft.run import train_and_evaluate
@@ -87,21 +87,6 @@ def task_config(base: RunConfig, task: str, recipe: str, explicit: set,
               "learning_rate": dict(r.learning_rate).get(base.method)}
     chosen = {k: v for k, v in values.items() if v is not None and k not in explicit}
     return dataclasses.replace(base, **chosen, task=task, output_dir=str(output_dir / task))
-
-
-def glue_metric_keys(task_name: str) -> list:
-    """The results keys (`eval_...`) a task's GLUE score averages."""
-    task = get_task(task_name)
-    return [f"eval_{m}{eval_suffix(task, s)}" for s in task.eval_splits for m in task.metrics]
-
-
-def task_score(task_name: str, row: dict) -> Optional[float]:
-    """GLUE's score of one task from an evaluation row (or baseline): the mean of its
-    metrics over its dev splits; None if the row lacks one."""
-    keys = glue_metric_keys(task_name)
-    if not all(k in row for k in keys):
-        return None
-    return float(sum(row[k] for k in keys) / len(keys))
 
 
 def suite_root(base: RunConfig) -> Path:

@@ -86,10 +86,21 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog):
         selection.setdefault(results["learning_rate"], []).append(
             results["best"]["select_accuracy"])
     picked = max(selection, key=lambda lr: np.mean(selection[lr]))
-    chosen = [r.split(" | ")[3] for r in rows if r.endswith("**chosen** |")]
+    chosen = [r.split(" | ")[3] for r in rows if "**chosen**" in r]
     assert chosen == [f"{picked:g}"]
+    # The GLUE table: the chosen rate's held-out score, median over seeds, † when it does not
+    # beat the constant prediction (as the baseline column marks the cell **trivial**).
+    held_out = [json.loads((root / f"learning_rate={picked:g},seed={seed}" / "results.json")
+                           .read_text()) for seed in (0, 1)]
+    median = float(np.median([r["best"]["eval_accuracy"] for r in held_out]))
+    trivial = median <= held_out[0]["baseline"]["eval_accuracy"] + 1e-9
+    [glue_row] = [line for line in text.splitlines() if line.startswith("| lora r8 |")]
+    assert glue_row.split(" | ")[2].startswith(f"{median:.4f}{' †' if trivial else ''} [")
+    assert f"lr {picked:g}, 2 seeds" in glue_row and glue_row.endswith(
+        f" | {median:.4f} (1) | {sum(r['train']['wall_s'] for r in held_out):.0f} |")
+    assert ("**trivial**" in next(r for r in rows if "**chosen**" in r)) == trivial
     pngs = sorted(p.name for p in (root / "plots").glob("*.png"))
-    assert pngs == ["sst2_curves.png", "sst2_lr.png"]
+    assert pngs == ["glue_scores.png", "sst2_curves.png", "sst2_lr.png", "sst2_methods.png"]
     assert all((root / "plots" / p).stat().st_size > 10_000 for p in pngs)
 
     # Runs that differ in another setting are never averaged together; the column names it.
