@@ -133,6 +133,22 @@ $py -m experiments.sweep --root=runs/methods-stsb --task=stsb $c --grid="method=
 m --grid="method=full;learning_rate=2e-4,4e-4"
 m --seeds=1 --grid="method=full;learning_rate=2e-4"
 
+# 10. GLUE at the standard recipe (3 epochs, batch 32, 128 tokens, warmup 6 %): every method,
+#     a learning-rate grid per method, the rate and checkpoint picked on a fixed half of each
+#     dev set and scored on the other (--select_on=dev_half); the five small tasks first, then
+#     SST-2; then seeds 1 and 2 at each method's chosen rate (read from the report's
+#     **chosen** rows). Many hours on a 2-core CPU; runs resume.
+g() { $py -m experiments.sweep --root="runs/glue-standard/$1" --model=minilm --data_dir=$data \
+      --select_on=dev_half --method="$1" --progress=false --grid="task=$2;learning_rate=$3" \
+      --seeds="${4:-0}"; }
+rates=(lora:2e-4,5e-4,1.25e-3,3e-3 full:1e-5,2e-5,5e-5 bitfit:3e-4,1e-3,3e-3 ia3:1e-3,3e-3,1e-2
+       ln_tuning:3e-4,1e-3,3e-3 dora:2e-4,5e-4,1.25e-3,3e-3 vera:1e-3,4e-3,1e-2
+       adapter_houlsby:3e-4,1e-3,3e-3 adapter_pfeiffer:3e-4,1e-3,3e-3 prompt:1e-2,3e-2,1e-1)
+for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
+for m in "${rates[@]}"; do g "${m%%:*}" sst2 "${m#*:}"; done
+$py -m experiments.report --root=runs/glue-standard --out=docs/results/glue-standard.md \
+    --plots_dir=docs/results/plots-glue-standard
+
 # Keep each study's runs as one file (config, results and metric rows of every run).
 p() { $py -m experiments.report --root="runs/$1" --pack="docs/studies/$2.jsonl.gz"; }
 for s in methods-sst2 methods-stsb rank-sst2 long-stsb family-sst2 family-mrpc family-stsb \

@@ -78,7 +78,7 @@ def dev_halves(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[: n // 2]), np.sort(order[n // 2:])
 
 
-def _scored_parts(select_on: str, n: int) -> dict:
+def scored_parts(select_on: str, n: int) -> dict:
     """Key prefix -> example indices whose metrics go under it."""
     if select_on == "dev":
         return {"eval_": np.arange(n)}
@@ -106,7 +106,7 @@ def trivial_baseline(task: Task, encs: dict, select_on: str = "dev") -> dict:
     out = {"kind": "constant prediction" if task.is_regression else "majority class"}
     for split, enc in encs.items():
         suffix = eval_suffix(task, split)
-        labels = enc.labels[_scored_parts(select_on, len(enc))["eval_"]]
+        labels = enc.labels[scored_parts(select_on, len(enc))["eval_"]]
         if task.is_regression:
             preds = np.full(len(labels), float(np.mean(labels)), np.float32)
         else:
@@ -170,7 +170,7 @@ class Evaluator:
         for split, enc in encs.items():
             preds, loss = self.score(params, enc, f"eval {split}")
             suffix = eval_suffix(self.task, split)
-            for prefix, part in _scored_parts(self.select_on, len(enc)).items():
+            for prefix, part in scored_parts(self.select_on, len(enc)).items():
                 out[f"{prefix}loss{suffix}"] = float(loss[part].mean())
                 out[f"{prefix}examples{suffix}"] = len(part)
                 losses.setdefault(prefix, []).append(float(loss[part].mean()))

@@ -354,10 +354,10 @@ def test_folder_without_config(tmp_path):
 def test_folder_without_weights_names_files_and_conversion(tmp_path):
     tiny_hf_config("bert").save_pretrained(tmp_path)
     with pytest.raises(JaxpeftError, match=r"model\.safetensors.*model\.safetensors\.index\.json"):
-        jaxpeft.load_pretrained(tmp_path)
+        jaxpeft.load_pretrained(tmp_path, tokenizer=False)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(JaxpeftError, match="save_pretrained"):
-        jaxpeft.load_pretrained(tmp_path)
+        jaxpeft.load_pretrained(tmp_path, tokenizer=False)
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
