@@ -373,6 +373,18 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_model, glue_dir, tmp_
         train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, output_dir=str(run),
                                       overwrite=True, max_steps=2))
     assert (run / "notes.txt").read_text() == "mine" and (run / "results.json").is_file()
+    # A link inside a run folder is removed, never followed: what it points to survives.
+    (run / "notes.txt").unlink()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "data.bin").write_bytes(bytes(range(256)))
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(keep, target_is_directory=True)
+    train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path, output_dir=str(run),
+                                  overwrite=True, max_steps=2, eval_every=0,
+                                  max_eval_samples=32))
+    assert (keep / "data.bin").read_bytes() == bytes(range(256))
+    assert not (run / "checkpoints").is_symlink() and (run / "results.json").is_file()
 
 
 @pytest.mark.slow
