@@ -40,10 +40,9 @@ def _is_late_read(kind, value, tb) -> bool:
 
 @contextlib.contextmanager
 def _library_logs_off():
-    """orbax logs its own `error` for a damaged file before raising, and asyncio the reads
-    it abandoned; the raise is handled (one notice), so those lines would only contradict
-    that the run goes on."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
+    """orbax logs its own `error` for a damaged file before raising; the raise is handled
+    (one notice), so that line would only contradict that the run goes on."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
@@ -52,6 +51,30 @@ def _library_logs_off():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+# Checkpoint folders being restored: asyncio's reports of reads orbax abandoned in them.
+_ABANDONED: set = set()
+
+
+class _AbandonedReads(logging.Filter):
+    """Drops asyncio's "Future/Task exception was never retrieved" for reads in a checkpoint
+    folder being restored (a damaged checkpoint's abandoned reads, logged whenever their
+    futures are collected, so no time window covers them); anything else asyncio logs
+    passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not ("exception was never retrieved" in text
+                    and any(path in text for path in _ABANDONED))
+
+
+def _quiet_abandoned_reads(folder: Path) -> None:
+    if not _ABANDONED:
+        logging.getLogger("asyncio").addFilter(_AbandonedReads())
+    _ABANDONED.add(str(folder))
 
 
 def _quiet_late_reads() -> None:
@@ -109,6 +132,8 @@ class Checkpointer:
         """Restores the newest checkpoint that reads back whole. A damaged one (a crash
         mid-save, a deleted or truncated file) is reported, removed, and the one before it
         used; with none intact, a `JaxpeftError` says so."""
+        # Before the first attempt: a failed read's futures may be collected inside orbax.
+        _quiet_abandoned_reads(self.directory)
         _quiet_late_reads()
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:

@@ -1,7 +1,9 @@
 """Reliability: steps after training redone from best/ without retraining, moved run folders,
 torn metrics lines, tokenizers and configs that do not match the weights, flag errors."""
 
+import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -249,8 +251,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_model, glue_d
             f.write_bytes(f.read_bytes()[:3])
     capfd.readouterr()
     train_and_evaluate(run_config(tiny_model, glue_dir, tmp_path / "b", resume=True, **kw))
-    assert "checkpoints/5 is damaged" in caplog.text
-    assert [r.levelname for r in caplog.records if r.levelno >= 30] == ["WARNING"]
+    gc.collect()  # the abandoned reads' futures report when collected: make it happen here
+    # When they are collected is not ours to choose: asyncio's report of one, as it reads,
+    # is dropped whenever it comes; its other errors still pass.
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.error("Future exception was never retrieved\nfuture: <Future finished "
+                      "exception=ValueError('OUT_OF_RANGE: ... local file \"%s/5/state/\"')>",
+                      ckpts)
+    asyncio_log.error("Task exception was never retrieved: something else")
+    shown = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= 30]
+    assert [level for level, _ in shown] == ["WARNING", "ERROR"]
+    assert "checkpoints/5 is damaged" in shown[0][1]
+    assert shown[1][1] == "Task exception was never retrieved: something else"
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Event loop is closed" not in err
     assert comparable_rows(tmp_path / "b" / "run") == comparable_rows(tmp_path / "a" / "run")
