@@ -124,9 +124,9 @@ def supervise(multihost: bool, output_dir: str = "") -> Optional[int]:
     peer) into one `error:` line naming the cause and the checkpoint to resume from. Returns
     None where the work should run in this process (no --multihost, or this is the child).
 
-    The child runs in a session of its own (signals reach it once, forwarded by the parent)
-    and dies with the parent. Its standard output is the parent's; its standard error passes
-    through, less JAX's C++ log lines."""
+    The child runs in a process group of its own (signals reach it once, forwarded by the
+    parent) and dies with the parent. Its standard output is the parent's; its standard
+    error passes through, less JAX's C++ log lines."""
     if not multihost or os.environ.get(WORKER_ENV):
         return None
 

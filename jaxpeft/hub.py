@@ -2,7 +2,7 @@
 
 Without network, huggingface_hub and datasets retry each request with back-off: two dozen
 lines of noise and ~40 s before the error. Instead one short request to the hub's endpoint
-(through huggingface_hub's own HTTP session, so proxies and certificates are honoured) tells
+(through huggingface_hub's own HTTP client, so proxies and certificates are honoured) tells
 whether it answers at all; `HF_HUB_OFFLINE=1` (or `TRANSFORMERS_OFFLINE=1`) says so without
 asking. Models and datasets already in the local Hugging Face cache stay usable offline.
 """

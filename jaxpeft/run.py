@@ -12,8 +12,8 @@ for their noun: `config` (options and validation), `distributed` (mesh and shard
 from __future__ import annotations
 
 import contextlib
-import os
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -193,12 +193,14 @@ def train_and_evaluate(cfg: RunConfig,
         return _run_locked(setup, loop, writer, plan)
 
 
-def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter, plan) -> dict:
+def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter,
+                plan: Optional[ResumePlan]) -> dict:
     cfg, config_dict = setup.cfg, setup.config_dict()
-    if writer.enabled:
-        # Under the lock, process 0 checks the folder again (it alone reads and writes it).
-        plan = prepare_output_dir(cfg)
-    resuming = distributed.agree(lambda: plan is not None)
+    # Under the lock, process 0 checks the folder again (it alone writes it; an error there
+    # stops every process). The others keep the plan `check` found: the folder is on a
+    # filesystem every process sees, as orbax's checkpoints require.
+    plan = distributed.agree(lambda: prepare_output_dir(cfg) if writer.enabled else plan)
+    resuming = plan is not None
     if not resuming:
         writer.write_config(config_dict)
     if writer.enabled:
