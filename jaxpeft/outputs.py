@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 from jaxpeft.config import RunConfig, names_where, recorded_options
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.fileio import read_json_object
-from jaxpeft.writer import CONFIG, METRICS, RESULTS, TENSORBOARD
+from jaxpeft.writer import CONFIG, METRICS, RESULTS, TENSORBOARD, RunWriter
 
 
 # Options that set how long a run trains: --resume may raise them (the run is extended).
@@ -64,28 +63,21 @@ class ResumePlan:
         return self.total_steps > self.saved_total_steps
 
 
-def _read_run_file(path: Path, what: str) -> dict:
-    try:
-        return read_json_object(path, what)
-    except JaxpeftError as e:
-        raise JaxpeftError(f"{e}; restore it, or start the run again with --overwrite") from None
-
-
 def read_saved_run(out: Path) -> dict:
     """The `config.json` of the run in `out`, after checking that every file `--resume`
     needs is sound: config.json a jaxpeft run's, results.json readable when present,
     checkpoints a folder, metrics.jsonl writable. Each fault is one error naming the file."""
-    saved = _read_run_file(out / CONFIG, "run settings file")
-    resolved = saved.get("resolved")
-    if not isinstance(saved.get("run"), dict) or not isinstance(resolved, dict):
-        raise JaxpeftError(f"{out / CONFIG}: not the config.json of a jaxpeft run (no 'run' and "
-                           "'resolved' settings); --resume continues only jaxpeft runs")
+    writer = RunWriter(out)
+    try:
+        saved = writer.read_config()
+        writer.read_results()
+    except JaxpeftError as e:
+        raise JaxpeftError(f"{e}; restore it, or start the run again with --overwrite") from None
+    resolved = saved["resolved"]
     for key in ("total_steps", "warmup_steps", "steps_per_epoch"):
         if not isinstance(resolved.get(key), int) or isinstance(resolved.get(key), bool):
             raise JaxpeftError(f"{out / CONFIG}: resolved.{key} is missing or not a whole "
                                "number; restore the file, or start again with --overwrite")
-    if (out / RESULTS).exists():
-        _read_run_file(out / RESULTS, "run results file")
     if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
         raise JaxpeftError(f"{out / 'checkpoints'}: is a file, where the run keeps its "
                            "checkpoint folder; move it away to --resume (the run then starts "

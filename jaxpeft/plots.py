@@ -17,7 +17,6 @@ import numpy as np
 from jaxpeft.config import canonical_task, names_where, recorded_options
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import task_score
-from jaxpeft.fileio import read_json_object
 from jaxpeft.writer import (CONFIG, STUDY_SUFFIX, RESULTS, RunWriter, read_metrics, read_study,
                             split_rows, write_study)
 
@@ -45,13 +44,10 @@ def load_runs(root: Path) -> list:
 
 
 def _read_run(folder: Path) -> dict:
-    config = read_json_object(folder / CONFIG, "run settings file")
-    if not isinstance(config.get("run"), dict) or not isinstance(config.get("resolved"), dict):
-        raise JaxpeftError(f"{folder / CONFIG}: not the config.json of a jaxpeft run")
-    results = RunWriter(folder).read_results()
+    writer = RunWriter(folder)
     train_rows, eval_rows = read_metrics(folder)
-    return {"dir": folder, "config": config, "results": results, "train_rows": train_rows,
-            "eval_rows": eval_rows}
+    return {"dir": folder, "config": writer.read_config(), "results": writer.read_results(),
+            "train_rows": train_rows, "eval_rows": eval_rows}
 
 
 # Never a reason to keep runs apart: options that do not change what a run computes, and the

@@ -121,8 +121,15 @@ class RunWriter:
             atomic_write_json(self.dir / CONFIG, _clean(config))
 
     def read_config(self) -> dict:
-        """The run's `config.json` (for resuming)."""
-        return json.loads((self.dir / CONFIG).read_text())
+        """The run's `config.json`; a damaged or foreign one (no `run` and `resolved`
+        settings) is a `JaxpeftError` naming it."""
+        path = self.dir / CONFIG
+        config = read_json_object(path, "run settings file")
+        if not isinstance(config.get("run"), dict) or not isinstance(config.get("resolved"),
+                                                                     dict):
+            raise JaxpeftError(f"{path}: not the config.json of a jaxpeft run (no 'run' and "
+                               "'resolved' settings)")
+        return config
 
     def log(self, row: dict) -> None:
         """Appends one row to `metrics.jsonl`."""
