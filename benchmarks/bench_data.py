@@ -13,6 +13,7 @@ import numpy as np
 
 from absl import app, flags
 
+from benchmarks import machine
 from jaxpeft.data import load_split
 from jaxpeft.data.batching import Packing, bucket_lengths, padding_stats, tokenize
 from jaxpeft.models import load_tokenizer
@@ -26,6 +27,7 @@ flags.DEFINE_integer("batch_size", 32, "examples per batch")
 
 def main(_):
     f = flags.FLAGS
+    print(machine.line())
     tok = load_tokenizer(f.model)
     split = load_split(f.task, "train", f.data_dir)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from benchmarks import machine
 from jaxpeft.data import get_task
 from jaxpeft.peft import METHODS
 
@@ -46,6 +47,7 @@ def main(_):
         raise SystemExit(f"unknown method {f.method!r}")
     # Both sides inherit the environment: one allocator setting for each.
     malloc = os.environ.get("GLIBC_TUNABLES") or "default"
+    print(machine.line())
     print(f"malloc: {malloc} (both sides)")
     rows = []
     print(f"{'task':>5} {'impl':>10} {'train s':>8} {'ex/s':>7} {'dev metric (final)':>24}")

@@ -30,6 +30,8 @@ import traceback
 import numpy as np
 from absl import app, flags
 
+from benchmarks import machine
+
 flags.DEFINE_string("model", "minilm", "model name or folder")
 flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time; "
                   "'name:flag=value:...' sets run_glue options (prompt:prompt_head=virtual)")
@@ -394,6 +396,7 @@ def main(_):
         f.config_json or resolve_model_dir(f.model) / "config.json")), num_labels=2).to_dict()
     peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32", f.peak_shape)
     have_torch = peer_available(f)
+    print(machine.line())
     print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"malloc {malloc}")
@@ -455,7 +458,8 @@ def main(_):
     if f.out:
         os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
         with open(f.out, "w") as fh:
-            json.dump({"model": f.model, "dtype": f.dtype, "matmul_peak_flops_per_s": peak,
+            json.dump({"model": f.model, "dtype": f.dtype, "machine": machine.describe(),
+                       "matmul_peak_flops_per_s": peak,
                        "malloc": malloc, "results": results, "failed": failed}, fh, indent=2)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (errors above)")

@@ -28,6 +28,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from benchmarks import machine
 from benchmarks.bench_train import (  # noqa: F401 - and its flags
     _random_batch, _train_setup, each_measurement, interleave, start_variant)
 
@@ -172,6 +173,7 @@ def main(_):
     f = flags.FLAGS
     import jax
 
+    print(machine.line())
     print(f"device {jax.devices()[0].device_kind}, dtype {f.dtype}, model {f.model}")
     for method, batch, seq in each_measurement(f):
         profile(f, method, batch, seq)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
 from jaxpeft.data.glue import split_path
+from jaxpeft.distributed import mesh_shape
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.evaluation import SELECTIONS
 from jaxpeft.models.checkpoint import peek_family
@@ -149,6 +150,12 @@ class RunConfig:
         60, "With --multihost: seconds to wait for every process to join, and for a peer "
         "that stops answering before all processes stop (with one line saying which "
         "checkpoint to resume from).", check=_POSITIVE, resumable=True, sweepable=False, **_IO)
+    mesh: str = _option(
+        "", "Device mesh, axis:size pairs: data (batch rows) and fsdp (parameters, gradients "
+        "and optimizer state sharded over it, batch rows too), e.g. fsdp:8 or data:2,fsdp:4; "
+        "an axis left out takes the remaining devices; empty: data over every device, "
+        "parameters replicated. Same numbers on any mesh (docs/usage.md).",
+        resumable=True, **_IO)
     tensorboard: bool = _option(True, "Also write TensorBoard event files to "
                                 "<output_dir>/tensorboard (tensorboard --logdir runs).",
                                 resumable=True, **_IO)
@@ -333,6 +340,7 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
             splits += [(t, s) for t, s, _ in task.prediction_files()]
         for t, split in splits:
             split_path(t, split, cfg.data_dir)
+    mesh_shape(cfg.mesh, device_count)
     for name in ("batch_size", "eval_batch_size"):
         if getattr(cfg, name) % device_count:
             raise JaxpeftError(f"--{name}={getattr(cfg, name)} must be a multiple of the "

@@ -1,7 +1,12 @@
-"""Devices and hosts: multi-host start-up, the `data` mesh, batches onto it, results off it.
+"""Devices and hosts: multi-host start-up, the mesh, batches and parameters onto it, results
+off it.
 
-Batches are split over the `data` axis (each process feeds its own rows); parameters and
-optimizer state are replicated. With several processes only process 0 writes files.
+The mesh has two axes (`--mesh=data:N,fsdp:M`). Batch rows are split over both (each process
+feeds its own rows). Parameters, gradients and optimizer state are sharded over `fsdp` along
+their largest dimension that `fsdp` divides (fully sharded data parallel); leaves too small to
+be worth it stay whole on every device, and with `fsdp:1` (the default, pure data parallel)
+everything is replicated. Only annotations are written: XLA inserts the gathers and
+reductions. With several processes only process 0 writes files.
 
 When JAX's distributed service finds a fault (a peer that died, never joined, or joined
 twice) it ends the process with a C++ abort and a stack dump; nothing in Python runs. So a
@@ -11,6 +16,7 @@ aborted so, says why in one `error:` line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -191,15 +197,91 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-class Sharder:
-    """Puts host batches onto the `data` mesh axis and replicates parameters."""
+MESH_AXES = ("data", "fsdp")
+# Leaves under this many elements stay whole on every device: biases, LayerNorm scales and
+# low-rank factors cost little memory, and sharding them would add one gather each.
+MIN_SHARDED_ELEMENTS = 2 ** 14
 
-    def __init__(self):
-        # Auto axes: the compiler propagates the batch sharding through the model (GSPMD).
-        self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                                  axis_types=(jax.sharding.AxisType.Auto,))
-        self.data = NamedSharding(self.mesh, PartitionSpec("data"))
+
+def parse_mesh(text: str) -> dict:
+    """`'data:2,fsdp:4'` as `{'data': 2, 'fsdp': 4}` (`''`: `{}`); a bad part is one
+    `JaxpeftError` naming it."""
+    sizes = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, size = (x.strip() for x in part.partition(":"))
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise JaxpeftError(f"--mesh={text}: {part!r} is not axis:size with an axis of "
+                               f"{', '.join(MESH_AXES)} and a size >= 1 (e.g. "
+                               "--mesh=data:2,fsdp:4)")
+        if name in sizes:
+            raise JaxpeftError(f"--mesh={text}: axis {name} given twice")
+        sizes[name] = int(size)
+    return sizes
+
+
+def mesh_shape(text: str, device_count: int) -> tuple:
+    """`(data, fsdp)` for `--mesh=text` over `device_count` devices. An axis left out takes
+    the devices the other leaves (`fsdp:4` on 8 devices is `data:2,fsdp:4`; `''` is
+    `data:<all>`)."""
+    sizes = parse_mesh(text)
+    used = math.prod(sizes.values())
+    if device_count % used or (len(sizes) == len(MESH_AXES) and used != device_count):
+        raise JaxpeftError(f"--mesh={text} needs {used} devices"
+                           f"{'' if len(sizes) == len(MESH_AXES) else ' (or a multiple)'}; "
+                           f"this run has {device_count}")
+    if "data" not in sizes:
+        return device_count // used, sizes.get("fsdp", 1)
+    return sizes["data"], device_count // sizes["data"]
+
+
+def leaf_spec(shape: tuple, fsdp: int, min_elements: int = MIN_SHARDED_ELEMENTS) -> PartitionSpec:
+    """Where one leaf of `shape` lives: split over `fsdp` along its largest dimension that
+    `fsdp` divides (the first of equals), or whole on every device when it is small, no
+    dimension divides, or `fsdp` is 1."""
+    if fsdp == 1 or math.prod(shape) < min_elements:
+        return PartitionSpec()
+    fits = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
+    if not fits:
+        return PartitionSpec()
+    axis = max(fits, key=lambda d: (shape[d], -d))
+    return PartitionSpec(*(("fsdp" if d == axis else None) for d in range(len(shape))))
+
+
+def _shard_bytes(x: Any) -> int:
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+
+class Sharder:
+    """The run's mesh: host batches onto it (rows over every device) and parameter trees
+    onto it (`place`: sharded over `fsdp` per `leaf_spec`)."""
+
+    def __init__(self, mesh: str = "", devices: Optional[list] = None,
+                 min_elements: int = MIN_SHARDED_ELEMENTS):
+        devices = list(jax.devices() if devices is None else devices)
+        self.shape = dict(zip(MESH_AXES, mesh_shape(mesh, len(devices))))
+        self.min_elements = min_elements
+        # Auto axes: the compiler propagates the shardings through the model (GSPMD).
+        self.mesh = jax.make_mesh(tuple(self.shape.values()), MESH_AXES,
+                                  axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                                  devices=devices)
+        self.data = NamedSharding(self.mesh, PartitionSpec(MESH_AXES))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    def describe(self) -> str:
+        """`data:2,fsdp:4`."""
+        return ",".join(f"{k}:{v}" for k, v in self.shape.items())
+
+    def shardings(self, tree: Any) -> Any:
+        """A `NamedSharding` per leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s)."""
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, leaf_spec(
+            x.shape, self.shape["fsdp"], self.min_elements)), tree)
+
+    def place(self, tree: Any) -> Any:
+        """`tree` on the mesh per `shardings` (leaves already placed so are not copied)."""
+        return jax.device_put(tree, self.shardings(tree))
 
     def replicate(self, tree: Any) -> Any:
         """The tree on every device (arrays already placed so are not copied)."""
@@ -217,8 +299,15 @@ class Sharder:
         return out
 
     def gather(self, tree: Any) -> Any:
-        """Host numpy copies of (possibly multi-host) arrays."""
+        """Host numpy copies of (possibly multi-host, possibly sharded) arrays; with several
+        processes a collective that every process must call."""
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             return multihost_utils.process_allgather(tree, tiled=True)
         return jax.device_get(tree)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of `tree`'s arrays (its shard of each; the whole of a
+    replicated leaf)."""
+    return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))

@@ -159,13 +159,15 @@ class TrainLoop:
                  on_step: Optional[Callable[[int], None]] = None):
         self.setup, self.cfg, self.writer, self.on_step = setup, setup.cfg, writer, on_step
         self.out = Path(setup.cfg.output_dir)
-        self.sharder = distributed.Sharder()
+        self.sharder = distributed.Sharder(self.cfg.mesh)
         mask = setup.peft.mask(params)
         tx = make_optimizer(setup.optim, mask, setup.peft.lr_multipliers(params))
-        state, frozen = create_train_state(params, mask, tx)
-        # `frozen`: the base weights that do not train, held once and handed to the export.
-        self.state, self.frozen = self.sharder.replicate(state), self.sharder.replicate(frozen)
-        self.train_step = make_train_step(setup.model, tx, self.cfg.xla_options())
+        # `frozen`: the base weights that do not train, held once (in their shards) and
+        # handed to the export; the state is made in its shards.
+        self.state, self.frozen = create_train_state(self.sharder.place(params), mask, tx,
+                                                     self.sharder.shardings)
+        self.train_step = make_train_step(setup.model, tx, self.cfg.xla_options(),
+                                          self.sharder.shardings(self.state))
         self.schedule = make_schedule(setup.optim)
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets, setup.pad_id,
@@ -182,6 +184,14 @@ class TrainLoop:
     def ckpt(self) -> Checkpointer:
         """The run's checkpoints, opened on first use: the folder is prepared by then."""
         return Checkpointer(self.out / "checkpoints")
+
+    def memory(self) -> dict:
+        """The mesh and the bytes one device holds of the parameters (trainable and frozen)
+        and of the optimizer state (config.json's `devices`)."""
+        return {"mesh": self.sharder.describe(),
+                "bytes_per_device": {
+                    "params": distributed.bytes_per_device((self.state.trainable, self.frozen)),
+                    "optimizer_state": distributed.bytes_per_device(self.state.opt_state)}}
 
     @property
     def params(self) -> Any:
@@ -283,9 +293,15 @@ class TrainLoop:
             tqdm.write("  ".join(f"{c:>{max(len(c), 8)}}" for c in columns))
             self.header_printed = True
         tqdm.write(_format_row({**row, "train_loss": self.recent_loss}, columns))
-        if self.best.update(row) and self.writer.enabled:
+        if self.best.update(row):
+            # Every process takes part: with parameters sharded over several processes the
+            # trainable leaves are gathered to the host before process 0 writes them.
+            trainable = self.sharder.gather(self.state.trainable)
+            if not self.writer.enabled:
+                return
             setup = self.setup
-            save_adapter(self.out / "best", setup.peft, self.params, base_model=self.cfg.model,
+            save_adapter(self.out / "best", setup.peft, combine(trainable, self.frozen),
+                         base_model=self.cfg.model,
                          config=setup.pre.config, target=setup.target,
                          run={"task": setup.task.name,
                               "max_seq_length": self.cfg.max_seq_length})

@@ -55,6 +55,11 @@ def predict_and_export(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict
     leaves join the loop's frozen tree (the base weights are never loaded twice)."""
     cfg, out = setup.cfg, loop.out
     params, peft = best_params(out / "best", loop.frozen), setup.peft
+    if (cfg.export_merged or cfg.export_peft) and jax.process_count() > 1:
+        # Base weights sharded over several processes: every process joins the gather, and
+        # process 0 exports from the host copy.
+        host = loop.sharder.gather(loop.frozen)
+        params = best_params(out / "best", host)
     extra = {}
     if cfg.do_predict:
         evaluator = dataclasses.replace(loop.evaluator, progress=False)
@@ -78,6 +83,15 @@ def predict_and_export(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict
                     target=setup.target, config=setup.pre.config)
         extra["peft_export"] = str(out / "peft")
     return extra
+
+
+def mesh_line(devices: dict) -> str:
+    """`mesh data:2,fsdp:4 over 8 cpu devices: per device, parameters 11.2 MiB, optimizer
+    state 20.1 MiB` (from config.json's `devices`)."""
+    held = devices["bytes_per_device"]
+    return (f"mesh {devices['mesh']} over {devices['count']} {devices['platform']} devices: "
+            f"per device, parameters {held['params'] / 2**20:.1f} MiB, optimizer state "
+            f"{held['optimizer_state'] / 2**20:.1f} MiB")
 
 
 def _exports_asked(cfg: RunConfig) -> list:
@@ -196,6 +210,7 @@ def train_and_evaluate(cfg: RunConfig,
 def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter,
                 plan: Optional[ResumePlan]) -> dict:
     cfg, config_dict = setup.cfg, setup.config_dict()
+    config_dict["devices"].update(loop.memory())
     # Under the lock, process 0 checks the folder again (it alone writes it; an error there
     # stops every process). The others keep the plan `check` found: the folder is on a
     # filesystem every process sees, as orbax's checkpoints require.
@@ -205,6 +220,8 @@ def _run_locked(setup: Setup, loop: TrainLoop, writer: RunWriter,
         writer.write_config(config_dict)
     if writer.enabled:
         tqdm.write(f"{setup.task.name} / {cfg.method} / {cfg.model}: {setup.counts}")
+        if jax.device_count() > 1:
+            tqdm.write(mesh_line(config_dict["devices"]))
         if not resuming:  # a resumed run restores these leaves: nothing new about them
             for line in fresh_leaves_notice(setup, loop.frozen):
                 tqdm.write(line)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -41,20 +41,29 @@ class TrainState:
     opt_state: Any
 
 
-def create_train_state(params: Any, mask: Any,
-                       tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
+def create_train_state(params: Any, mask: Any, tx: optax.GradientTransformation,
+                       shardings: Optional[Callable[[Any], Any]] = None
+                       ) -> tuple[TrainState, Any]:
     """`(state, frozen)`: `params` split by `mask`, the optimizer initialised on the
     trainable half.
 
     Only the trainable leaves are copied (the train step donates the state, and the caller's
     `params` stay usable); `frozen` holds the caller's own arrays, so base weights are never
-    duplicated.
+    duplicated. `shardings` (a tree of shapes -> a tree of shardings, e.g.
+    `Sharder.shardings`) makes the state directly in its shards: the optimizer's moments
+    never exist whole on one device.
     """
     trainable, frozen = partition(params, mask)
-    trainable = jax.tree.map(jnp.copy, trainable)
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                       opt_state=tx.init(trainable))
-    return state, frozen
+
+    def init(trainable):
+        return TrainState(step=jnp.zeros((), jnp.int32),
+                          trainable=jax.tree.map(jnp.copy, trainable),
+                          opt_state=tx.init(trainable))
+
+    if shardings is None:
+        return init(trainable), frozen
+    out = shardings(jax.eval_shape(init, trainable))
+    return jax.jit(init, out_shardings=out)(trainable), frozen
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) -> jax.Array:
@@ -129,13 +138,16 @@ def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
 
 
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
-                    compiler_options: Optional[dict] = None):
+                    compiler_options: Optional[dict] = None, state_shardings: Any = None):
     """`train_step` with the model and optimizer bound, jitted once, donating the state
     (never the frozen weights, which every step reads). `compiler_options` are XLA options
     for this one program (`--train_step_xla_options`); they change which kernels run, not
-    the math."""
+    the math. `state_shardings` (the state's `NamedSharding`s) pins the new state to the
+    layout of the old, so every step reuses the donated buffers and one compilation."""
     step = functools.partial(train_step, model=model, tx=tx)
-    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None)
+    pinned = {} if state_shardings is None else {"out_shardings": (state_shardings, None)}
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None,
+                   **pinned)
 
 
 def check_compiler_options(options: dict) -> None:

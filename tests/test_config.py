@@ -25,7 +25,8 @@ def test_roles_come_from_the_fields():
     assert {"resume", "overwrite", "progress", "multihost", "output_dir", "do_predict",
             "export_peft", "export_merged", "tensorboard", "compilation_cache",
             "train_step_xla_options", "eval_every", "log_every", "checkpoint_every",
-            "eval_batch_size", "cache_dir", "multihost_timeout"} == set(config.names_where("resumable"))
+            "eval_batch_size", "cache_dir", "multihost_timeout", "mesh"} == set(
+                config.names_where("resumable"))
     not_settings = set(config.names_where("setting", False))
     assert {"cache_dir", "eval_batch_size", "output_dir"} <= not_settings
     assert not {"seed", "learning_rate", "lora_rank", "method"} & not_settings

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from tests.helpers import REPO
 
@@ -25,8 +26,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _args(model, glue_dir, out):
-    return ["-m", "experiments.run_glue", "--task=sst2", "--method=lora", f"--model={model}",
+def _args(model, glue_dir, out, method="lora"):
+    return ["-m", "experiments.run_glue", "--task=sst2", f"--method={method}", f"--model={model}",
             f"--data_dir={glue_dir}", "--max_train_samples=64", "--batch_size=16",
             "--max_steps=4", "--log_every=2", "--eval_every=2", "--max_eval_samples=64",
             "--max_seq_length=64", "--learning_rate=1e-3", "--cache_dir=", "--progress=false",
@@ -54,11 +55,19 @@ def _rows(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tiny_model, glue_dir, tmp_path):
-    one = subprocess.run([sys.executable, *_args(tiny_model, glue_dir, tmp_path / "one")],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("method,mesh,extra", [
+    ("lora", "", []),
+    # Parameters sharded over the two processes: the best adapter (every leaf, for full
+    # fine-tuning) and the merged export gather them.
+    ("full", "fsdp:2", []),
+    ("lora", "fsdp:2", ["--export_merged"])])
+def test_two_processes_match_one(tiny_model, glue_dir, tmp_path, method, mesh, extra):
+    args = _args(tiny_model, glue_dir, tmp_path / "one", method) + extra
+    one = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    runs = _launch([_args(tiny_model, glue_dir, tmp_path / "two")] * 2)
+    args = _args(tiny_model, glue_dir, tmp_path / "two", method) + extra + [f"--mesh={mesh}"]
+    runs = _launch([args] * 2)
     for code, _, err in runs:
         assert code == 0, err[-2000:]
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -72,6 +81,13 @@ def test_two_processes_match_one(tiny_model, glue_dir, tmp_path):
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["best"]["eval_accuracy"] == pytest.approx(
         json.loads((tmp_path / "one" / "results.json").read_text())["best"]["eval_accuracy"])
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["devices"]["mesh"] == ("data:1,fsdp:2" if mesh else "data:2,fsdp:1")
+    for name in ("best/adapter.safetensors",) + (("merged/model.safetensors",) if extra else ()):
+        one_w, two_w = (load_file(tmp_path / run / name) for run in ("one", "two"))
+        assert one_w.keys() == two_w.keys()
+        for k in one_w:
+            np.testing.assert_allclose(two_w[k], one_w[k], atol=1e-5, err_msg=f"{name} {k}")
 
 
 def test_user_error_on_one_process_stops_both_with_its_message(tiny_model, glue_dir,

@@ -276,6 +276,8 @@ def test_non_finite_loss_stops_and_keeps_best(tiny_model, glue_dir, tmp_path):
     ({"method": "prompt", "num_virtual_tokens": 0}, "--num_virtual_tokens must be a positive"),
     ({"method": "prompt", "max_seq_length": 120}, "--max_seq_length=120 + 20 virtual tokens "
                                                   "exceeds"),
+    ({"mesh": "fsdp:2"}, "--mesh=fsdp:2 needs 2 devices (or a multiple); this run has 1"),
+    ({"mesh": "model:2"}, "'model:2' is not axis:size with an axis of data, fsdp"),
 ])
 def test_user_errors_one_line(tiny_model, glue_dir, tmp_path, capsys, overrides, message):
     code = train_cli(run_config(tiny_model, glue_dir, tmp_path, **overrides))
