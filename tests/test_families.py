@@ -17,6 +17,7 @@ from jaxpeft.models.registry import get_family
 from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, import_peft,
                           make_peft)
 from jaxpeft.peft.ia3 import Ia3Config
+from jaxpeft.peft.loha import LohaConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, tiny_torch_model, torch_inputs
@@ -39,6 +40,7 @@ OPTIONS = {
     "vera": ("vera", VeraConfig(rank=16)),
     "ln_tuning": ("ln_tuning", None),
     "prompt": ("prompt", PromptConfig(num_virtual_tokens=4, head="virtual")),
+    "loha": ("loha", LohaConfig(rank=4, alpha=8)),
 }
 
 
@@ -119,7 +121,7 @@ def test_peft_export_and_import(family, case, tmp_path):
                                ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning"])
+@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha"])
 def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
     model_type, folder, pre = family
     peft, model, params = _trained(pre, case)

@@ -1,4 +1,4 @@
-"""DoRA, IA3, VeRA, LN-tuning and prompt tuning (and LoRA, as the reference) against Hugging
+"""DoRA, IA3, VeRA, LN-tuning, prompt tuning and LoHa (and LoRA, as the reference) against Hugging
 Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
 the same logits, the same gradients, and merged models equal to unmerged ones."""
 
@@ -11,6 +11,7 @@ import jaxpeft
 from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.ia3 import Ia3Config
+from jaxpeft.peft.loha import LohaConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
@@ -34,6 +35,9 @@ CASES = {
                                         target_modules=["query", "value"], save_projection=True)),
     "ln_tuning": (None, lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS",
                                                        target_modules=["LayerNorm"])),
+    "loha": (LohaConfig(rank=8, alpha=16),
+             lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=8, alpha=16,
+                                        target_modules=["query", "value"])),
     # peft's head reads the first virtual token: --prompt_head=virtual
     "prompt": (PromptConfig(num_virtual_tokens=20, head="virtual"),
                lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
@@ -76,7 +80,8 @@ def _torch_logits(model, args):
 
 @pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
                                              ("ia3", 16_898), ("vera", 8_450),
-                                             ("ln_tuning", 10_754), ("prompt", 8_450)])
+                                             ("ln_tuning", 10_754), ("prompt", 8_450),
+                                             ("loha", 148_226)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -108,7 +113,7 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt"]
+EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha"]
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -125,7 +130,8 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt",
+                                    "loha"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.train import per_example_loss
@@ -171,13 +177,14 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)
     leaves = {p[-1] for p in traverse_util.flatten_dict(merged)}
     assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out",
-                         "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b"}
+                         "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b", "loha_u1", "loha_v1",
+                         "loha_u2", "loha_v2"}
     unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
                                                       deterministic=True)),
@@ -194,7 +201,7 @@ def test_dora_starts_equal_to_the_base_model(minilm, sst2_batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha"])
 @pytest.mark.parametrize("base", ["minilm", "roberta"])
 def test_merged_export_loads_in_plain_transformers(minilm, minilm_dir, sst2_batch, tiny_roberta,
                                                    method, base, tmp_path):

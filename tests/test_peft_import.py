@@ -23,6 +23,8 @@ CONFIGS = {
     "ia3": lambda: hf_peft.IA3Config(task_type="SEQ_CLS"),
     "ln_tuning": lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
     "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
+    "loha": lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=4, alpha=8,
+                                       target_modules=["query", "value", "output.dense"]),
 }
 
 

@@ -15,6 +15,7 @@ from jaxpeft.peft.dora import Dora
 from jaxpeft.peft.full import Full
 from jaxpeft.peft.ia3 import Ia3
 from jaxpeft.peft.ln_tuning import LnTuning
+from jaxpeft.peft.loha import Loha
 from jaxpeft.peft.lora import Lora
 from jaxpeft.peft.prompt import Prompt
 from jaxpeft.peft.vera import Vera
@@ -31,6 +32,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     AdapterHoulsby(),
     AdapterPfeiffer(),
     Prompt(),
+    Loha(),
 )}
 
 

@@ -1,0 +1,157 @@
+"""LoHa (Hyeon-Woo et al., 2022, FedPara; peft's LOHA): a Hadamard product of two low-rank
+updates per targeted Dense layer.
+
+Beside each `--lora_targets` kernel `(in, out)` the tree gets `loha_u1`, `loha_u2`
+`(in, r)` and `loha_v1`, `loha_v2` `(r, out)`; the layer adds `x @ ΔW` with
+`ΔW = (u1 @ v1) ⊙ (u2 @ v2) · alpha / r`, so a rank-r pair reaches rank r² updates. peft's
+initialisation: `u1`, `v1`, `v2` Kaiming-uniform (bound 1/sqrt(fan_in) of peft's layout),
+`u2 = 0`, so the model starts equal to the base. The rank, alpha and targets are LoRA's
+flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`). peft's rank and module dropout are
+not implemented (an adapter using them is refused on import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.encoder import DenseHook, token_matmul
+from jaxpeft.peft.codec import PeftCodec
+from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
+                               targets_of_modules)
+from jaxpeft.peft.method import MethodOptions, PeftMethod, shared_flag
+
+LEAVES = ("loha_u1", "loha_v1", "loha_u2", "loha_v2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LohaConfig(MethodOptions):
+    """LoHa options: rank r of each factor pair, alpha (scale alpha / r), targets."""
+
+    rank: int = shared_flag("lora_rank", 8)
+    alpha: float = shared_flag("lora_alpha", 16.0)
+    targets: tuple = shared_flag("lora_targets", ("query", "value"))
+    label: ClassVar[str] = "LoHa"
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise JaxpeftError(f"LoHa rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise JaxpeftError(f"LoHa alpha must be > 0, got {self.alpha}")
+        object.__setattr__(self, "targets", check_targets(self.targets, "LoHa"))
+
+    @property
+    def scale(self) -> float:
+        """The multiplier of the Hadamard product."""
+        return self.alpha / self.rank
+
+
+def _uniform(key, shape, fan_in):
+    bound = 1.0 / math.sqrt(fan_in)  # torch's kaiming_uniform_(a=sqrt(5))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def add_loha(params, config: LohaConfig, rng: jax.Array):
+    """A new tree with LoHa's four factors beside every targeted kernel."""
+    flat = dict(traverse_util.flatten_dict(params))
+    if any(p[-1] in LEAVES for p in flat):
+        raise JaxpeftError("these params already have LoHa leaves")
+    r = config.rank
+    for i, mod in enumerate(target_modules(flat, config.targets, "LoHa")):
+        fan_in, fan_out = flat[mod + ("kernel",)].shape
+        keys = jax.random.split(jax.random.fold_in(rng, i), 3)
+        # peft's hada_w1_b (r, in) has fan-in `in`; hada_w1_a, hada_w2_a (out, r) have r.
+        flat[mod + ("loha_u1",)] = _uniform(keys[0], (fan_in, r), fan_in)
+        flat[mod + ("loha_v1",)] = _uniform(keys[1], (r, fan_out), r)
+        flat[mod + ("loha_u2",)] = jnp.zeros((fan_in, r), jnp.float32)
+        flat[mod + ("loha_v2",)] = _uniform(keys[2], (r, fan_out), r)
+    return traverse_util.unflatten_dict(flat)
+
+
+def loha_delta(u1, v1, u2, v2, scale):
+    """`ΔW (in, out) = (u1 @ v1) ⊙ (u2 @ v2) · scale`."""
+    return (u1 @ v1) * (u2 @ v2) * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class LohaHook(DenseHook):
+    """Adds `x @ ΔW` in layers holding LoHa leaves. ΔW is formed (in x out) once per call,
+    as peft does; its cost does not grow with the batch."""
+
+    scale: float
+    leaves: tuple = LEAVES
+
+    def __call__(self, dense, x, y, kernel, bias, deterministic):
+        if not dense.has_variable("params", "loha_u1"):
+            return y
+        u1, v1, u2, v2 = (dense.get_variable("params", n).astype(y.dtype) for n in LEAVES)
+        return y + token_matmul(x, loha_delta(u1, v1, u2, v2, jnp.asarray(self.scale, y.dtype)))
+
+
+class LohaCodec(PeftCodec):
+    """peft's LOHA: `hada_w1_a` (out, r), `hada_w1_b` (r, in), `hada_w2_a`, `hada_w2_b`."""
+
+    peft_type = "LOHA"
+    NAMES = {"loha_u1": "hada_w1_b", "loha_v1": "hada_w1_a", "loha_u2": "hada_w2_b",
+             "loha_v2": "hada_w2_a"}
+
+    def config(self, options, family):
+        return {"r": options.rank, "alpha": options.alpha, "rank_dropout": 0.0,
+                "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
+                "target_modules": peft_target_modules(options, family)}
+
+    def options_from(self, config, modules):
+        refuse_patterns_and_dropout(config, "LoHa")
+        return LohaConfig(rank=int(config["r"]), alpha=float(config["alpha"]),
+                          targets=targets_of_modules(modules, "LoHa"))
+
+    def leaf(self, path, value):
+        return (self.NAMES[path[-1]], value.T) if path[-1] in self.NAMES else None
+
+
+def refuse_patterns_and_dropout(config, label: str) -> None:
+    """A LyCORIS-style peft adapter (LoHa, LoKr) that jaxpeft would not reproduce: per-module
+    rank/alpha patterns, rank or module dropout."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise JaxpeftError(f"{label}: per-module rank/alpha patterns are not supported")
+    for name in ("rank_dropout", "module_dropout"):
+        if config.get(name):
+            raise JaxpeftError(f"{label}: {name}={config[name]} is not implemented in jaxpeft "
+                               f"(0 only)")
+
+
+class Loha(PeftMethod):
+    """LoHa on the `--lora_targets` Dense layers; its four factors (and the head) train."""
+
+    name = "loha"
+    summary = "Hadamard product of two low-rank updates (LoHa, Hyeon-Woo et al., 2022)"
+    Options = LohaConfig
+    default_learning_rate = 1e-3
+    codec = LohaCodec()
+
+    def requires(self, options):
+        return options.targets
+
+    def augment(self, params, options, rng):
+        return add_loha(params, options, rng)
+
+    def rules(self, options):
+        return [(r".*/loha_[uv][12]", True), (".*", False)]
+
+    def hooks(self, options):
+        return (LohaHook(scale=options.scale),)
+
+    def merge(self, params, options):
+        flat = dict(traverse_util.flatten_dict(params))
+        for path in [p for p in flat if p[-1] == "loha_u1"]:
+            mod = path[:-1]
+            u1, v1, u2, v2 = (flat.pop(mod + (n,)) for n in LEAVES)
+            flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + loha_delta(u1, v1, u2, v2,
+                                                                           options.scale)
+        return traverse_util.unflatten_dict(flat)
