@@ -16,6 +16,7 @@ the process's peak memory, each in its own process.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -107,7 +108,12 @@ def _run(f, spec) -> dict:
                            f"--_shard_worker={spec}"], capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"failed": proc.stderr.strip().splitlines()[-1:] or ["no output"]}
+        # The last line that is not one of XLA's log lines; a SIGKILL is most often the
+        # kernel's out-of-memory killer.
+        said = [l for l in proc.stderr.strip().splitlines() if not re.match(r"[IWE]\d{4} ", l)]
+        why = ("killed by SIGKILL (out of memory?)" if proc.returncode == -9
+               else (said[-1:] or ["no output"])[0])
+        return {"failed": [f"exit {proc.returncode}: {why}"]}
     return json.loads(lines[-1][len("RESULT "):])
 
 

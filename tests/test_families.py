@@ -18,6 +18,7 @@ from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, impor
                           make_peft)
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.loha import LohaConfig
+from jaxpeft.peft.lokr import LokrConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, tiny_torch_model, torch_inputs
@@ -41,6 +42,7 @@ OPTIONS = {
     "ln_tuning": ("ln_tuning", None),
     "prompt": ("prompt", PromptConfig(num_virtual_tokens=4, head="virtual")),
     "loha": ("loha", LohaConfig(rank=4, alpha=8)),
+    "lokr": ("lokr", LokrConfig(rank=2, alpha=4)),
 }
 
 
@@ -121,7 +123,7 @@ def test_peft_export_and_import(family, case, tmp_path):
                                ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha"])
+@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha", "lokr"])
 def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
     model_type, folder, pre = family
     peft, model, params = _trained(pre, case)

@@ -1,4 +1,4 @@
-"""DoRA, IA3, VeRA, LN-tuning, prompt tuning and LoHa (and LoRA, as the reference) against Hugging
+"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa and LoKr (and LoRA, as the reference) against Hugging
 Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
 the same logits, the same gradients, and merged models equal to unmerged ones."""
 
@@ -12,6 +12,7 @@ from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.loha import LohaConfig
+from jaxpeft.peft.lokr import LokrConfig, kron_factors
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
@@ -37,6 +38,9 @@ CASES = {
                                                        target_modules=["LayerNorm"])),
     "loha": (LohaConfig(rank=8, alpha=16),
              lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=8, alpha=16,
+                                        target_modules=["query", "value"])),
+    "lokr": (LokrConfig(rank=8, alpha=16),
+             lambda: hf_peft.LoKrConfig(task_type="SEQ_CLS", r=8, alpha=16,
                                         target_modules=["query", "value"])),
     # peft's head reads the first virtual token: --prompt_head=virtual
     "prompt": (PromptConfig(num_virtual_tokens=20, head="virtual"),
@@ -81,7 +85,7 @@ def _torch_logits(model, args):
 @pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
                                              ("ia3", 16_898), ("vera", 8_450),
                                              ("ln_tuning", 10_754), ("prompt", 8_450),
-                                             ("loha", 148_226)])
+                                             ("loha", 148_226), ("lokr", 8_450)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -113,7 +117,7 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha"]
+EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr"]
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -131,7 +135,7 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt",
-                                    "loha"])
+                                    "loha", "lokr"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.train import per_example_loss
@@ -177,14 +181,14 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)
     leaves = {p[-1] for p in traverse_util.flatten_dict(merged)}
     assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out",
                          "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b", "loha_u1", "loha_v1",
-                         "loha_u2", "loha_v2"}
+                         "loha_u2", "loha_v2", "lokr_w1", "lokr_w2_a", "lokr_w2_b"}
     unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
                                                       deterministic=True)),
@@ -201,7 +205,8 @@ def test_dora_starts_equal_to_the_base_model(minilm, sst2_batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha",
+                                    "lokr"])
 @pytest.mark.parametrize("base", ["minilm", "roberta"])
 def test_merged_export_loads_in_plain_transformers(minilm, minilm_dir, sst2_batch, tiny_roberta,
                                                    method, base, tmp_path):
@@ -237,3 +242,39 @@ def test_methods_that_do_not_merge_refuse_the_merged_export(minilm, tmp_path):
         _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
         with pytest.raises(JaxpeftError, match="cannot be merged"):
             export_merged(tmp_path, peft, params, base_dir=".", tokenizer=None)
+
+
+def test_lokr_factors_are_peft_s():
+    from peft.tuners.lokr.layer import factorization
+
+    for dim in (1, 2, 7, 32, 37, 64, 384, 768, 1024, 1536, 3072, 4096):
+        for factor in (-1, 1, 2, 4, 8, 16, 5):
+            assert kron_factors(dim, factor) == factorization(dim, factor), (dim, factor)
+
+
+def test_lokr_low_rank_first_factor_matches_peft(minilm, minilm_dir, sst2_batch, tmp_path):
+    """`--lokr_decompose_both` with a split factor: both Kronecker factors low-rank (r=2 is
+    under half of 8), the same count, keys and logits as peft."""
+    options = LokrConfig(rank=2, alpha=4, targets=("query", "value", "output"),
+                         decompose_both=True, decompose_factor=8)
+    peft = make_peft("lokr", options)
+    model, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    flat = traverse_util.flatten_dict(params)
+    params = traverse_util.unflatten_dict({p: v + 0.05 * jax.random.normal(
+        jax.random.key(i), v.shape) if p[-1].startswith("lokr_") else v
+        for i, (p, v) in enumerate(sorted(flat.items()))})
+    assert {p[-1] for p in flat if p[-1].startswith("lokr_")} == {
+        "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
+    config = hf_peft.LoKrConfig(task_type="SEQ_CLS", r=2, alpha=4, decompose_both=True,
+                                decompose_factor=8,
+                                target_modules=r".*\.(query|value|[0-9]+\.output\.dense)")
+    theirs_model = hf_peft.get_peft_model(_torch_model(minilm_dir), config)
+    assert peft.count(params).trainable == theirs_model.get_nb_trainable_parameters()[0]
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
+    from safetensors.numpy import load_file
+    assert set(load_file(str(tmp_path / "adapter_model.safetensors"))) == set(
+        hf_peft.get_peft_model_state_dict(theirs_model))
+    theirs = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir),
+                                                             tmp_path).eval(), sst2_batch)
+    ours = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)

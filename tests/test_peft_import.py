@@ -25,6 +25,8 @@ CONFIGS = {
     "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
     "loha": lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=4, alpha=8,
                                        target_modules=["query", "value", "output.dense"]),
+    "lokr": lambda: hf_peft.LoKrConfig(task_type="SEQ_CLS", r=4, alpha=8, decompose_both=True,
+                                       target_modules=["query", "key"]),
 }
 
 
