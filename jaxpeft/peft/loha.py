@@ -81,8 +81,10 @@ def loha_delta(u1, v1, u2, v2, scale):
 
 @dataclasses.dataclass(frozen=True)
 class LohaHook(DenseHook):
-    """Adds `x @ ΔW` in layers holding LoHa leaves. ΔW is formed (in x out) once per call,
-    as peft does; its cost does not grow with the batch."""
+    """Computes `x @ (W + ΔW) + b` in layers holding LoHa leaves: ΔW is formed (in x out)
+    once per call, as peft does, and folded into the frozen kernel, so the layer runs one
+    product over the tokens and one input-gradient product, not two of each (XLA drops the
+    base output `y`); ΔW's gradient is `xᵀ dy` either way."""
 
     scale: float
     leaves: tuple = LEAVES
@@ -91,7 +93,8 @@ class LohaHook(DenseHook):
         if not dense.has_variable("params", "loha_u1"):
             return y
         u1, v1, u2, v2 = (dense.get_variable("params", n).astype(y.dtype) for n in LEAVES)
-        return y + token_matmul(x, loha_delta(u1, v1, u2, v2, jnp.asarray(self.scale, y.dtype)))
+        delta = loha_delta(u1, v1, u2, v2, jnp.asarray(self.scale, y.dtype))
+        return token_matmul(x, kernel + delta) + bias
 
 
 class LohaCodec(PeftCodec):

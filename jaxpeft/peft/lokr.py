@@ -124,7 +124,9 @@ def lokr_delta(leaves: dict, scale) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LokrHook(DenseHook):
-    """Adds `x @ ΔW` in layers holding LoKr leaves; ΔW is formed once per call, as peft does."""
+    """Computes `x @ (W + ΔW) + b` in layers holding LoKr leaves: ΔW formed once per call,
+    as peft does, and folded into the frozen kernel (one product over the tokens, as
+    `LohaHook`)."""
 
     scale: float
     leaves: tuple = LEAVES
@@ -134,7 +136,7 @@ class LokrHook(DenseHook):
                 if dense.has_variable("params", n)}
         if not held:
             return y
-        return y + token_matmul(x, lokr_delta(held, jnp.asarray(self.scale, y.dtype)))
+        return token_matmul(x, kernel + lokr_delta(held, jnp.asarray(self.scale, y.dtype))) + bias
 
 
 class LokrCodec(PeftCodec):
