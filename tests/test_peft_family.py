@@ -278,3 +278,91 @@ def test_lokr_low_rank_first_factor_matches_peft(minilm, minilm_dir, sst2_batch,
                                                              tmp_path).eval(), sst2_batch)
     ours = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_lora_init_from_the_kernel_matches_peft(minilm, minilm_dir, sst2_batch, init, tmp_path):
+    """PiSSA and OLoRA: the residual base (W − scale·a0 b0) equals the one peft makes in
+    place, the model starts as the base, and a trained adapter exports as a rank-2r plain
+    LoRA that peft loads on the unchanged base with our logits; merged equals unmerged."""
+    options = LoraConfig(rank=8, alpha=16, targets=("query", "value"), init=init)
+    peft = make_peft("lora", options)
+    model, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    tm = hf_peft.get_peft_model(_torch_model(minilm_dir), hf_peft.LoraConfig(
+        task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"],
+        init_lora_weights=init))
+    assert peft.count(params).trainable == tm.get_nb_trainable_parameters()[0]
+    query = params["bert"]["encoder"]["layer_3"]["attention"]["self"]["query"]
+    residual = np.asarray(query["kernel"] - options.scale * query["lora_a0"] @ query["lora_b0"])
+    theirs = tm.base_model.model.bert.encoder.layer[3].attention.self.query.base_layer.weight
+    np.testing.assert_allclose(residual, theirs.detach().numpy().T, atol=2e-6, rtol=0)
+    base = np.asarray(minilm.model.apply({"params": minilm.params}, *sst2_batch,
+                                         deterministic=True))
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, *sst2_batch,
+                                                      deterministic=True)), base, atol=1e-5)
+    peft, model, params = _trained_with(minilm, peft)
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
+    from safetensors.numpy import load_file
+    config = hf_peft.PeftConfig.from_pretrained(tmp_path)
+    assert config.r == 16 and config.lora_alpha == 32 and config.init_lora_weights is True
+    expected = set(hf_peft.get_peft_model_state_dict(hf_peft.get_peft_model(
+        _torch_model(minilm_dir), config)))
+    assert set(load_file(str(tmp_path / "adapter_model.safetensors"))) == expected
+    loaded = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir),
+                                                             tmp_path).eval(), sst2_batch)
+    ours = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
+    assert np.abs(ours - base).max() > 1e-3
+    np.testing.assert_allclose(loaded, ours, atol=1e-5, rtol=0)
+    plain, merged = peft.merge(model, params)
+    np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
+                                                      deterministic=True)), ours, atol=1e-5)
+
+
+def _trained_with(pre, peft, scale=0.05, seed=1):
+    """`(peft, model, params)` of `peft` with every trainable leaf moved off its start."""
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
+    key = jax.random.key(seed)
+    for i, path in enumerate(sorted(flat)):
+        if mask[path]:
+            flat[path] = flat[path] + scale * jax.random.normal(jax.random.fold_in(key, i),
+                                                                flat[path].shape)
+    return peft, model, traverse_util.unflatten_dict(flat)
+
+
+def test_lora_gaussian_init_is_peft_s(minilm, minilm_dir, sst2_batch, tmp_path):
+    """`--lora_init=gaussian`: lora_a normal with std 1/r (peft's), lora_b zero; the export
+    names the init and loads in peft with our logits."""
+    peft = make_peft("lora", LoraConfig(rank=8, alpha=16, init="gaussian"))
+    _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    a = np.concatenate([np.asarray(v).ravel() for p, v in traverse_util.flatten_dict(
+        params).items() if p[-1] == "lora_a"])
+    assert abs(a.std() - 1 / 8) < 0.005 and abs(a.mean()) < 0.005
+    peft, model, params = _trained_with(minilm, peft)
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
+    assert hf_peft.PeftConfig.from_pretrained(tmp_path).init_lora_weights == "gaussian"
+    loaded = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir),
+                                                             tmp_path).eval(), sst2_batch)
+    np.testing.assert_allclose(loaded, np.asarray(model.apply(
+        {"params": params}, *sst2_batch, deterministic=True)), atol=1e-5, rtol=0)
+
+
+def test_dora_refuses_other_inits(minilm):
+    from jaxpeft.errors import JaxpeftError
+
+    with pytest.raises(JaxpeftError, match="DoRA starts from LoRA's default"):
+        make_peft("dora", LoraConfig(init="pissa")).init(minilm.model, minilm.params,
+                                                         jax.random.key(0))
+
+
+def test_adapter_options_saved_before_lora_init_still_load():
+    """adapter.json files written before `--lora_init` existed have no `init`: they meant
+    LoRA's default start. Any other missing or unknown field stays an error."""
+    from jaxpeft.errors import JaxpeftError
+
+    saved = LoraConfig(rank=4, alpha=8).to_dict()
+    del saved["init"]
+    assert LoraConfig.from_dict(saved) == LoraConfig(rank=4, alpha=8)
+    del saved["alpha"]
+    with pytest.raises(JaxpeftError, match="do not match"):
+        LoraConfig.from_dict(saved)

@@ -131,3 +131,23 @@ def test_converted_adapter_predicts_like_pytorch(minilm_dir, glue_dir, sst2_batc
         probs = torch.softmax(tm(**enc).logits, -1).numpy()
     ours = np.array([[float(x) for x in r[2:]] for r in table[1:]])
     np.testing.assert_allclose(ours, probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_pissa_and_olora_adapters_import_on_the_plain_base(minilm_dir, sst2_batch, init,
+                                                                 tmp_path):
+    """An adapter peft trained from a PiSSA / OLoRA start and saved as such (its factors are
+    relative to the residual base peft makes when it loads it): the import builds the same
+    residual from the plain base and scores as the PyTorch model."""
+    config = hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=init,
+                                target_modules=["query", "value"])
+    tm = _train_in_torch(minilm_dir, config, sst2_batch, tmp_path)
+    pre = jaxpeft.load_pretrained(minilm_dir, num_labels=2)
+    model, params, peft = import_peft(tmp_path, pre)
+    assert peft.name == "lora" and peft.options.init == init
+    with torch.no_grad():
+        theirs = tm(**{k: torch.tensor(v) for k, v in zip(
+            ("input_ids", "attention_mask", "token_type_ids"), sst2_batch)}).logits.numpy()
+    ours = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -24,6 +24,11 @@ class PeftCodec:
         """Why these options have no peft export, or None when they have one."""
         return None
 
+    def portable(self, peft: Any, params: Any) -> tuple[Any, Any]:
+        """`(peft, params)` as the export writes them: a tree peft loads on the unchanged
+        base (LoRA from PiSSA/OLoRA: a plain LoRA of twice the rank); default unchanged."""
+        return peft, params
+
     def config(self, options: Any, family: Any) -> dict:
         """The method's fields of peft's `adapter_config.json` (beside task and head) for a
         model of `family` (`jaxpeft.models.family.Family`: its module names)."""

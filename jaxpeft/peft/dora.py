@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
 from jaxpeft.peft.lora import Lora, LoraCodec, add_lora
 
@@ -65,6 +66,12 @@ class DoraCodec(LoraCodec):
         return super().leaf(path, value)
 
 
+def _plain_init(options) -> None:
+    if options.init != "default":
+        raise JaxpeftError(f"--lora_init={options.init}: DoRA starts from LoRA's default "
+                           "initialisation only")
+
+
 class Dora(Lora):
     """LoRA leaves plus a trained magnitude per output column of each targeted kernel."""
 
@@ -72,7 +79,13 @@ class Dora(Lora):
     summary = "weight-decomposed LoRA: LoRA direction plus a magnitude vector (Liu et al., 2024)"
     codec = DoraCodec()
 
+    def options_from(self, run):
+        options = super().options_from(run)
+        _plain_init(options)
+        return options
+
     def augment(self, params, options, rng):
+        _plain_init(options)
         flat = dict(traverse_util.flatten_dict(add_lora(params, options, rng)))
         for path in [p for p in flat if p[-1] == "lora_a"]:
             # b = 0 at init, so m = ||W||_col and the layer starts equal to the base layer.

@@ -95,6 +95,8 @@ def export_peft(directory: os.PathLike, peft: Peft, params: Any, *, base_model: 
     peft cannot read from every family's transformers config (a soft prompt's width and
     depth on DistilBERT and ELECTRA).
     """
+    peft, params = peft.method.codec.portable(peft, params) if peft.method.codec else (
+        peft, params)
     adapter_config = peft_config_dict(peft, base_model, family_of_params(params), config=config)
     directory = Path(directory)
     if target is not None:

@@ -60,6 +60,12 @@ def target_modules(flat: dict, targets, method: str) -> list:
     return modules
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that take lora_a, lora_b from the base kernel: the tree keeps those first factors as
+# frozen `lora_a0`, `lora_b0`, and the layer subtracts their product (the residual base).
+FROM_KERNEL = ("pissa", "olora")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(MethodOptions):
     """LoRA options.
@@ -80,7 +86,14 @@ class LoraConfig(MethodOptions):
     loraplus_lr_ratio: float = flag("loraplus_lr_ratio", 0.0, "LoRA+: lora_b learns at this "
                                     "multiple of the learning rate (Hayou et al. suggest 16; "
                                     "0: off).")
+    init: str = flag("lora_init", "default", "LoRA's initialisation (peft's init_lora_weights): "
+                     "default (lora_a Kaiming-uniform, lora_b 0), gaussian (lora_a normal with "
+                     "std 1/r), pissa (the kernel's top-r singular directions, Meng et al. "
+                     "2024), olora (its QR factors, Buyukakyuz 2024); pissa and olora start "
+                     "lora_a, lora_b at those factors and subtract them from the base.",
+                     choices=lambda: LORA_INITS)
     label: ClassVar[str] = "LoRA"
+    added_fields: ClassVar[dict] = {"init": "default"}
 
     def __post_init__(self):
         if self.loraplus_lr_ratio < 0:
@@ -93,6 +106,9 @@ class LoraConfig(MethodOptions):
         if not 0.0 <= self.dropout < 1.0:
             raise JaxpeftError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "targets", check_targets(self.targets, "LoRA"))
+        if self.init not in LORA_INITS:
+            raise JaxpeftError(f"--lora_init={self.init!r} is not one of: "
+                               f"{', '.join(LORA_INITS)}")
 
     @property
     def scale(self) -> float:
@@ -103,30 +119,78 @@ class LoraConfig(MethodOptions):
 def add_lora(params: Any, config: LoraConfig, rng: jax.Array) -> Any:
     """Returns a new tree with `lora_a` / `lora_b` beside every targeted kernel.
 
-    `lora_a` is drawn uniform in `±1/sqrt(in)` (peft's `kaiming_uniform_(a=sqrt(5))`) and
-    `lora_b` is zero, so the adapted model starts equal to the base model.
+    Default: `lora_a` uniform in `±1/sqrt(in)` (peft's `kaiming_uniform_(a=sqrt(5))`),
+    `lora_b` zero, so the adapted model starts equal to the base model; `gaussian`: `lora_a`
+    normal with std 1/r. `pissa` / `olora` (`kernel_factors`) start both at factors of the
+    kernel and keep them as frozen `lora_a0` / `lora_b0`, whose product the layer subtracts:
+    the model starts equal to the base, the base kernel itself is never changed.
     """
     flat = dict(traverse_util.flatten_dict(params))
     modules = target_modules(flat, config.targets, "LoRA")
     if any(p[-1] in ("lora_a", "lora_b") for p in flat):
         raise JaxpeftError("these params already have LoRA leaves")
     for i, mod in enumerate(modules):
-        fan_in, fan_out = flat[mod + ("kernel",)].shape
-        bound = 1.0 / math.sqrt(fan_in)
-        flat[mod + ("lora_a",)] = jax.random.uniform(
-            jax.random.fold_in(rng, i), (fan_in, config.rank), jnp.float32, -bound, bound)
-        flat[mod + ("lora_b",)] = jnp.zeros((config.rank, fan_out), jnp.float32)
+        kernel = flat[mod + ("kernel",)]
+        fan_in, fan_out = kernel.shape
+        key = jax.random.fold_in(rng, i)
+        if config.init in FROM_KERNEL:
+            a, b = kernel_factors(kernel, config)
+            flat[mod + ("lora_a0",)], flat[mod + ("lora_b0",)] = a, b
+        else:
+            if config.init == "gaussian":
+                a = jax.random.normal(key, (fan_in, config.rank), jnp.float32) / config.rank
+            else:
+                bound = 1.0 / math.sqrt(fan_in)
+                a = jax.random.uniform(key, (fan_in, config.rank), jnp.float32, -bound, bound)
+            b = jnp.zeros((config.rank, fan_out), jnp.float32)
+        flat[mod + ("lora_a",)], flat[mod + ("lora_b",)] = a, b
     return traverse_util.unflatten_dict(flat)
 
 
+def kernel_factors(kernel: jax.Array, config: LoraConfig) -> tuple[jax.Array, jax.Array]:
+    """`(a (in, r), b (r, out))` with `scale · a @ b` the part of `kernel (in, out)` that
+    PiSSA or OLoRA moves into the adapter (peft's `pissa_init` / `olora_init` on `W =
+    kernelᵀ`). PiSSA: the top-r singular triplets, `a = U_r sqrt(S_r / scale)`, `b =
+    sqrt(S_r / scale) V_rᵀ`; OLoRA: `W = QR`, `a = R_rᵀ`, `b = Q_rᵀ`. Singular vectors and QR
+    columns are defined up to sign; `a @ b` is not, so the model is the same as peft's."""
+    r, w = config.rank, kernel.astype(jnp.float32).T  # peft's (out, in) weight
+    if config.init == "pissa":
+        v, s, uh = jnp.linalg.svd(w, full_matrices=False)
+        root = jnp.sqrt(s[:r] / config.scale)
+        return (root[:, None] * uh[:r]).T, (v[:, :r] * root).T
+    q, rr = jnp.linalg.qr(w)
+    return rr[:r].T, q[:, :r].T
+
+
 def merge_lora(params: Any, config: LoraConfig) -> Any:
-    """Folds `a @ b * scale` into each kernel and drops the LoRA leaves."""
+    """Folds `(a @ b - a0 @ b0) * scale` into each kernel (`a0 @ b0`: PiSSA's and OLoRA's
+    first factors, zero otherwise) and drops the LoRA leaves."""
     flat = dict(traverse_util.flatten_dict(params))
     for path in [p for p in flat if p[-1] == "lora_a"]:
         mod = path[:-1]
         a, b = flat.pop(mod + ("lora_a",)), flat.pop(mod + ("lora_b",))
-        flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + (a @ b) * config.scale
+        delta = a @ b
+        if mod + ("lora_a0",) in flat:
+            delta = delta - flat.pop(mod + ("lora_a0",)) @ flat.pop(mod + ("lora_b0",))
+        flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + delta * config.scale
     return traverse_util.unflatten_dict(flat)
+
+
+def portable_lora(params: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:
+    """A PiSSA or OLoRA tree as a plain LoRA of rank 2r on the unchanged base (peft's
+    conversion for sharing such adapters): `a' = [a, a0]`, `b' = [b; -b0]`, alpha scaled so
+    that `scale` stays; other trees unchanged."""
+    if config.init not in FROM_KERNEL:
+        return params, config
+    flat = dict(traverse_util.flatten_dict(params))
+    for path in [p for p in flat if p[-1] == "lora_a0"]:
+        mod = path[:-1]
+        a0, b0 = flat.pop(path), flat.pop(mod + ("lora_b0",))
+        flat[mod + ("lora_a",)] = jnp.concatenate([flat[mod + ("lora_a",)], a0], axis=1)
+        flat[mod + ("lora_b",)] = jnp.concatenate([flat[mod + ("lora_b",)], -b0], axis=0)
+    factor = math.sqrt(2.0) if config.use_rslora else 2.0
+    return traverse_util.unflatten_dict(flat), dataclasses.replace(
+        config, rank=2 * config.rank, alpha=config.alpha * factor, init="default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +203,19 @@ class LoraHook(DenseHook):
 
     scale: float
     dropout: float
-    leaves: tuple = ("lora_a", "lora_b")
+    leaves: tuple = ("lora_a", "lora_b", "lora_a0", "lora_b0")
 
     def __call__(self, dense, x, y, kernel, bias, deterministic):
         if not dense.has_variable("params", "lora_a"):
             return y
-        a = dense.get_variable("params", "lora_a").astype(y.dtype)
-        b = dense.get_variable("params", "lora_b").astype(y.dtype)
+        get = lambda n: dense.get_variable("params", n).astype(y.dtype)  # noqa: E731
+        scale = jnp.asarray(self.scale, y.dtype)
         h = Dropout(self.dropout)(x, deterministic=deterministic)
-        return y + token_matmul(token_matmul(h, a), b) * jnp.asarray(self.scale, y.dtype)
+        out = y + token_matmul(token_matmul(h, get("lora_a")), get("lora_b")) * scale
+        if dense.has_variable("params", "lora_a0"):
+            # PiSSA / OLoRA: the residual base, W - scale · a0 b0, on the undropped input.
+            out = out - token_matmul(token_matmul(x, get("lora_a0")), get("lora_b0")) * scale
+        return out
 
 
 class LoraCodec(PeftCodec):
@@ -156,11 +224,17 @@ class LoraCodec(PeftCodec):
     peft_type = "LORA"
     label = "LoRA"
 
+    def portable(self, peft, params):
+        options = peft.options
+        params, converted = portable_lora(params, options)
+        return dataclasses.replace(peft, options=converted), params
+
     def config(self, options, family):
         return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
                 "use_rslora": options.use_rslora,
                 "target_modules": peft_target_modules(options, family),
-                "fan_in_fan_out": False, "init_lora_weights": True, "bias": "none"}
+                "fan_in_fan_out": False, "bias": "none",
+                "init_lora_weights": True if options.init == "default" else options.init}
 
     def matches(self, config):
         return config.get("peft_type") == "LORA" and not config.get("use_dora")
@@ -224,10 +298,15 @@ def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
     if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
         raise JaxpeftError(f"{method}: bias={config.get('bias')!r} / fan_in_fan_out adapters "
                            "are not supported")
+    init = config.get("init_lora_weights", True)
+    init = {True: "default", False: "default"}.get(init, init)
+    if init not in LORA_INITS:
+        raise JaxpeftError(f"{method}: init_lora_weights={init!r} is not supported (jaxpeft "
+                           f"has {', '.join(LORA_INITS)})")
     return LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                       dropout=float(config.get("lora_dropout") or 0.0),
                       targets=targets_of_modules(modules, method),
-                      use_rslora=bool(config.get("use_rslora")))
+                      use_rslora=bool(config.get("use_rslora")), init=init)
 
 
 def peft_target_modules(config: LoraConfig, family: Family) -> Any:

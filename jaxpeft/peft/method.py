@@ -110,6 +110,8 @@ class MethodOptions:
     `adapter.json`. `label` names the method in errors."""
 
     label: ClassVar[str] = "method"
+    # Fields newer than some saved adapter files, with the value those files meant.
+    added_fields: ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         """Plain-dict view, for JSON files (tuples become lists)."""
@@ -118,8 +120,11 @@ class MethodOptions:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "MethodOptions":
-        """Inverse of `to_dict`; every field must be present (no silent defaults)."""
+        """Inverse of `to_dict`; every field must be present (no silent defaults), except a
+        field added after files were written (`added_fields`: the value that reproduces
+        what those files meant)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {**{k: v for k, v in cls.added_fields.items() if k not in d}, **d}
         if set(d) != names:
             raise JaxpeftError(f"{cls.label} options {sorted(d)} do not match {sorted(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
