@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, save_tiny_bert
 
 GLUE_DIR = Path(os.environ.get("JAXPEFT_GLUE_DIR", REPO.parent / "shared" / "glue_data"))
 
@@ -47,17 +47,8 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, minilm_dir):
     """A 2-layer hidden-32 BERT with the real MiniLM uncased tokenizer, saved HF-style."""
-    import torch
-    import transformers
-
-    out = tmp_path_factory.mktemp("tiny_bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
-    return out
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), minilm_dir, hidden_size=32,
+                          intermediate_size=64)
 
 
 @pytest.fixture(scope="session")

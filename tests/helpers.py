@@ -177,3 +177,17 @@ def random_encoded(model_type, n=13, pairs=False, vocab=120, seed=0, max_len=40)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return Encoded("x", "y", np.concatenate(ids).astype(np.int32), np.concatenate(types),
                    offsets, rs.integers(0, 2, n).astype(np.int32), np.arange(n))
+
+
+def save_tiny_bert(out: Path, minilm_dir: Path, **sizes) -> Path:
+    """A random 2-layer, 4-head BERT of `sizes` (hidden_size, intermediate_size) with the real
+    MiniLM uncased tokenizer, saved HF-style in `out` (seed 0)."""
+    import torch
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=30522, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=128, **sizes)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
+    return out

@@ -59,16 +59,9 @@ def tiny_roberta(tmp_path_factory):
 
 
 def _trained(pre, method, scale=0.05, seed=1):
-    """`(peft, model, params)` with every trainable leaf moved off its initial value."""
-    peft = make_peft(method, CASES[method][0])
-    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
-    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
-    key = jax.random.key(seed)
-    for i, path in enumerate(sorted(flat)):
-        if mask[path]:
-            flat[path] = flat[path] + scale * jax.random.normal(jax.random.fold_in(key, i),
-                                                                flat[path].shape)
-    return peft, model, traverse_util.unflatten_dict(flat)
+    """`(peft, model, params)` of a `CASES` method with every trainable leaf moved off its
+    initial value."""
+    return _trained_with(pre, make_peft(method, CASES[method][0]), scale, seed)
 
 
 def _torch_model(base_dir, num_labels=2):

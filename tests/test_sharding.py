@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpeft.distributed import leaf_spec, mesh_shape, parse_mesh
 from jaxpeft.errors import JaxpeftError
-from tests.helpers import REPO, metric_rows
+from tests.helpers import REPO, metric_rows, save_tiny_bert
 
 MESHES = ("data:8", "fsdp:8", "data:2,fsdp:4")
 
@@ -56,17 +56,8 @@ def test_leaf_specs_split_the_largest_divisible_dimension():
 def wide_tiny_model(tmp_path_factory, minilm_dir):
     """A 2-layer hidden-128 BERT: its dense kernels (128x128, 128x512) are big enough to
     shard, so the fsdp meshes split every layer, not only the embeddings."""
-    import torch
-    import transformers
-
-    out = tmp_path_factory.mktemp("wide_tiny_bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=512,
-                                  max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
-    return out
+    return save_tiny_bert(tmp_path_factory.mktemp("wide_tiny_bert"), minilm_dir,
+                          hidden_size=128, intermediate_size=512)
 
 
 def _launch(devices, *args):
