@@ -19,6 +19,7 @@ from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, impor
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.loha import LohaConfig
 from jaxpeft.peft.lokr import LokrConfig
+from jaxpeft.peft.oft import OftConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, tiny_torch_model, torch_inputs
@@ -43,6 +44,7 @@ OPTIONS = {
     "prompt": ("prompt", PromptConfig(num_virtual_tokens=4, head="virtual")),
     "loha": ("loha", LohaConfig(rank=4, alpha=8)),
     "lokr": ("lokr", LokrConfig(rank=2, alpha=4)),
+    "oft": ("oft", OftConfig(block_size=8)),
 }
 
 
@@ -123,7 +125,8 @@ def test_peft_export_and_import(family, case, tmp_path):
                                ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha", "lokr"])
+@pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha", "lokr",
+                                  "oft"])
 def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
     model_type, folder, pre = family
     peft, model, params = _trained(pre, case)

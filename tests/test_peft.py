@@ -89,13 +89,13 @@ def test_counts_match_peft_on_minilm(minilm):
         peft = make_peft(method)
         _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
         got[method] = peft.count(params).trainable
-    # lora, dora, vera, ln_tuning, prompt, loha, lokr and (with peft's target set) ia3 are
+    # lora, dora, vera, ln_tuning, prompt, loha, lokr, oft and (with peft's target set) ia3 are
     # checked against peft itself in test_peft_family.py; the adapters' arithmetic in
     # test_method_interface.py
     assert got == {"lora": 74_498, "bitfit": 26_882, "full": 22_713_986, "dora": 79_106,
                    "ia3": 14_594, "vera": 8_450, "ln_tuning": 10_754,
                    "adapter_houlsby": 605_186, "adapter_pfeiffer": 307_586, "prompt": 8_450,
-                   "loha": 148_226, "lokr": 8_450}
+                   "loha": 148_226, "lokr": 8_450, "oft": 72_194}
 
 
 def test_counts_match_peft_print_trainable_parameters(minilm_dir):

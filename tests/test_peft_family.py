@@ -1,4 +1,4 @@
-"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa and LoKr (and LoRA, as the reference) against Hugging
+"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr and OFT (and LoRA, as the reference) against Hugging
 Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
 the same logits, the same gradients, and merged models equal to unmerged ones."""
 
@@ -13,6 +13,7 @@ from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.loha import LohaConfig
 from jaxpeft.peft.lokr import LokrConfig, kron_factors
+from jaxpeft.peft.oft import OftConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
 from tests.helpers import random_batch, save_torch_model, tiny_hf_config
@@ -42,6 +43,9 @@ CASES = {
     "lokr": (LokrConfig(rank=8, alpha=16),
              lambda: hf_peft.LoKrConfig(task_type="SEQ_CLS", r=8, alpha=16,
                                         target_modules=["query", "value"])),
+    "oft": (OftConfig(block_size=32),
+            lambda: hf_peft.OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=32,
+                                      target_modules=["query", "value"])),
     # peft's head reads the first virtual token: --prompt_head=virtual
     "prompt": (PromptConfig(num_virtual_tokens=20, head="virtual"),
                lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
@@ -78,7 +82,8 @@ def _torch_logits(model, args):
 @pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
                                              ("ia3", 16_898), ("vera", 8_450),
                                              ("ln_tuning", 10_754), ("prompt", 8_450),
-                                             ("loha", 148_226), ("lokr", 8_450)])
+                                             ("loha", 148_226), ("lokr", 8_450),
+                                             ("oft", 72_194)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -110,7 +115,7 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr"]
+EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr", "oft"]
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -128,7 +133,7 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt",
-                                    "loha", "lokr"])
+                                    "loha", "lokr", "oft"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.train import per_example_loss
@@ -174,14 +179,14 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr", "oft"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)
     leaves = {p[-1] for p in traverse_util.flatten_dict(merged)}
     assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out",
                          "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b", "loha_u1", "loha_v1",
-                         "loha_u2", "loha_v2", "lokr_w1", "lokr_w2_a", "lokr_w2_b"}
+                         "loha_u2", "loha_v2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "oft_q"}
     unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
                                                       deterministic=True)),
@@ -199,7 +204,7 @@ def test_dora_starts_equal_to_the_base_model(minilm, sst2_batch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha",
-                                    "lokr"])
+                                    "lokr", "oft"])
 @pytest.mark.parametrize("base", ["minilm", "roberta"])
 def test_merged_export_loads_in_plain_transformers(minilm, minilm_dir, sst2_batch, tiny_roberta,
                                                    method, base, tmp_path):
@@ -359,3 +364,24 @@ def test_adapter_options_saved_before_lora_init_still_load():
     del saved["alpha"]
     with pytest.raises(JaxpeftError, match="do not match"):
         LoraConfig.from_dict(saved)
+
+
+def test_oft_exact_cayley_matches_peft(minilm, minilm_dir, sst2_batch, tmp_path):
+    """`--oft_neumann_terms=0`: the exact Cayley transform (peft's use_cayley_neumann=False),
+    on query, value and the FFN output with 16-feature blocks; rotations really orthogonal."""
+    from jaxpeft.peft.oft import rotation
+
+    peft = make_peft("oft", OftConfig(block_size=16, neumann_terms=0,
+                                      targets=("query", "value", "output")))
+    peft, model, params = _trained_with(minilm, peft)
+    q = params["bert"]["encoder"]["layer_0"]["output"]["dense"]["oft_q"]
+    r = np.asarray(rotation(q, 16, 0))
+    np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(16), r.shape),
+                               atol=1e-5)
+    export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
+    config = hf_peft.PeftConfig.from_pretrained(tmp_path)
+    assert config.use_cayley_neumann is False
+    loaded = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir),
+                                                             tmp_path).eval(), sst2_batch)
+    np.testing.assert_allclose(loaded, np.asarray(model.apply(
+        {"params": params}, *sst2_batch, deterministic=True)), atol=1e-5, rtol=0)

@@ -27,6 +27,8 @@ CONFIGS = {
                                        target_modules=["query", "value", "output.dense"]),
     "lokr": lambda: hf_peft.LoKrConfig(task_type="SEQ_CLS", r=4, alpha=8, decompose_both=True,
                                        target_modules=["query", "key"]),
+    "oft": lambda: hf_peft.OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=16,
+                                     target_modules=["query", "value"]),
 }
 
 

@@ -37,7 +37,7 @@ def _module_paths(keys, prefix: str) -> set:
     modules = set()
     for key in keys:
         m = re.match(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?)\."
-                     r"(lora_|ia3_l|ln_tuning_layers|hada_|lokr_)", key)
+                     r"(lora_|ia3_l|ln_tuning_layers|hada_|lokr_|oft_R)", key)
         if m:
             parts = re.sub(r"(layers?)\.(\d+)", r"\1_\2", m.group(1)).split(".")
             if parts[0] != prefix:

@@ -17,6 +17,7 @@ from jaxpeft.peft.ia3 import Ia3
 from jaxpeft.peft.ln_tuning import LnTuning
 from jaxpeft.peft.loha import Loha
 from jaxpeft.peft.lokr import Lokr
+from jaxpeft.peft.oft import Oft
 from jaxpeft.peft.lora import Lora
 from jaxpeft.peft.prompt import Prompt
 from jaxpeft.peft.vera import Vera
@@ -35,6 +36,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Prompt(),
     Loha(),
     Lokr(),
+    Oft(),
 )}
 
 
