@@ -152,7 +152,7 @@ $py -m experiments.report --root=runs/glue-standard --out=docs/results/glue-stan
 # Keep each study's runs as one file (config, results and metric rows of every run).
 p() { $py -m experiments.report --root="runs/$1" --pack="docs/studies/$2.jsonl.gz"; }
 for s in methods-sst2 methods-stsb rank-sst2 long-stsb family-sst2 family-mrpc family-stsb \
-         glue-minilm-lora glue-minilm-bitfit glue-minilm-full; do p $s $s; done
+         glue-minilm-lora glue-minilm-bitfit glue-minilm-full glue-standard; do p $s $s; done
 # The levers and pooler studies include the runs of block 1 they are compared with.
 mkdir -p runs/levers-stsb runs/pooler-sst2/methods-sst2 runs/levers-stsb/methods-stsb
 cp -r runs/labelmap-stsb/* runs/levers-stsb/
@@ -166,7 +166,8 @@ p pooler-sst2 pooler-sst2
 
 r() { $py -m experiments.report "$@"; }
 d=docs/studies
-for s in methods-sst2 methods-stsb rank-sst2 long-stsb family-mrpc levers-stsb pooler-sst2; do
+for s in methods-sst2 methods-stsb rank-sst2 long-stsb family-mrpc levers-stsb pooler-sst2 \
+         glue-standard; do
     r --root=$d/$s.jsonl.gz --out=docs/results/$s.md --plots_dir=docs/results/plots-$s; done
 r --root=$d/family-sst2.jsonl.gz --root=$d/methods-sst2.jsonl.gz --out=docs/results/family-sst2.md \
   --plots_dir=docs/results/plots-family-sst2
