@@ -19,6 +19,9 @@ class PeftCodec:
     peft_type: ClassVar[str] = ""
     # What peft's state dict puts before a transformers key (prompt learning: "base_model.").
     prefix: ClassVar[str] = "base_model.model."
+    # How the names of its own tensors inside a module begin (`lora_` of `lora_A.weight`): the
+    # import finds the adapted modules by them.
+    markers: ClassVar[tuple] = ()
 
     def unsupported(self, options: Any) -> Optional[str]:
         """Why these options have no peft export, or None when they have one."""

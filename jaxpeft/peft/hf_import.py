@@ -33,11 +33,14 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def _module_paths(keys, prefix: str) -> set:
-    """Our module paths of the peft keys that sit in encoder layers."""
+    """Our module paths of the peft keys that sit in encoder layers (found by the names the
+    registered codecs give their own tensors, `PeftCodec.markers`)."""
+    markers = sorted({re.escape(m) for method in METHODS.values() if method.codec
+                      for m in method.codec.markers})
     modules = set()
     for key in keys:
         m = re.match(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?)\."
-                     r"(lora_|ia3_l|ln_tuning_layers|hada_|lokr_|oft_R)", key)
+                     rf"({'|'.join(markers)})", key)
         if m:
             parts = re.sub(r"(layers?)\.(\d+)", r"\1_\2", m.group(1)).split(".")
             if parts[0] != prefix:

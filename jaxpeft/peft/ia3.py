@@ -64,6 +64,7 @@ class Ia3Codec(PeftCodec):
     """peft's IA3: `ia3_l` per target, `feedforward_modules` the input-scaled ones."""
 
     peft_type = "IA3"
+    markers = ("ia3_l",)
 
     def config(self, options, family):
         return {"target_modules": family.peft_regex(options.targets),

@@ -17,6 +17,7 @@ class LnTuningCodec(PeftCodec):
     """peft's LN_TUNING: a trained copy of each LayerNorm (`ln_tuning_layers`)."""
 
     peft_type = "LN_TUNING"
+    markers = ("ln_tuning_layers",)
 
     def options_from(self, config, modules):
         return NoOptions()

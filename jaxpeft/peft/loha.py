@@ -101,6 +101,7 @@ class LohaCodec(PeftCodec):
     """peft's LOHA: `hada_w1_a` (out, r), `hada_w1_b` (r, in), `hada_w2_a`, `hada_w2_b`."""
 
     peft_type = "LOHA"
+    markers = ("hada_",)
     NAMES = {"loha_u1": "hada_w1_b", "loha_v1": "hada_w1_a", "loha_u2": "hada_w2_b",
              "loha_v2": "hada_w2_a"}
 

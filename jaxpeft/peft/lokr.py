@@ -143,6 +143,7 @@ class LokrCodec(PeftCodec):
     """peft's LOKR: the leaves under their own names, in peft's layout already."""
 
     peft_type = "LOKR"
+    markers = ("lokr_",)
 
     def config(self, options, family):
         return {"r": options.rank, "alpha": options.alpha, "rank_dropout": 0.0,

@@ -223,6 +223,7 @@ class LoraCodec(PeftCodec):
 
     peft_type = "LORA"
     label = "LoRA"
+    markers = ("lora_",)
 
     def portable(self, peft, params):
         options = peft.options

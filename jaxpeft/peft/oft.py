@@ -106,6 +106,7 @@ class OftCodec(PeftCodec):
     """peft's OFT: `oft_R.weight` (blocks, b(b-1)/2) per target, peft's layout already."""
 
     peft_type = "OFT"
+    markers = ("oft_R",)
 
     def config(self, options, family):
         return {"r": 0, "oft_block_size": options.block_size, "module_dropout": 0.0,
