@@ -268,7 +268,6 @@ class Sharder:
                                   axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                                   devices=devices)
         self.data = NamedSharding(self.mesh, PartitionSpec(MESH_AXES))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
     def describe(self) -> str:
         """`data:2,fsdp:4`."""
@@ -282,10 +281,6 @@ class Sharder:
     def place(self, tree: Any) -> Any:
         """`tree` on the mesh per `shardings` (leaves already placed so are not copied)."""
         return jax.device_put(tree, self.shardings(tree))
-
-    def replicate(self, tree: Any) -> Any:
-        """The tree on every device (arrays already placed so are not copied)."""
-        return jax.device_put(tree, self.replicated)
 
     def batch(self, batch: dict) -> dict:
         """Device arrays for the model inputs, labels and weights (this process's rows)."""

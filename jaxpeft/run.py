@@ -55,11 +55,11 @@ def predict_and_export(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict
     leaves join the loop's frozen tree (the base weights are never loaded twice)."""
     cfg, out = setup.cfg, loop.out
     params, peft = best_params(out / "best", loop.frozen), setup.peft
+    exported = params
     if (cfg.export_merged or cfg.export_peft) and jax.process_count() > 1:
         # Base weights sharded over several processes: every process joins the gather, and
-        # process 0 exports from the host copy.
-        host = loop.sharder.gather(loop.frozen)
-        params = best_params(out / "best", host)
+        # process 0 exports from the host copy (predictions keep the device tree).
+        exported = best_params(out / "best", loop.sharder.gather(loop.frozen))
     extra = {}
     if cfg.do_predict:
         evaluator = dataclasses.replace(loop.evaluator, progress=False)
@@ -73,13 +73,13 @@ def predict_and_export(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict
             writer.write_predictions(path, data.idx, predict(params, enc, f"predict {split}"))
             extra["predictions"].append(str(path))
     if cfg.export_merged and writer.enabled:
-        export_merged(out / "merged", peft, params, base_dir=setup.pre.path,
+        export_merged(out / "merged", peft, exported, base_dir=setup.pre.path,
                       tokenizer=setup.pre.tokenizer, label_names=setup.task.label_names,
                       target=setup.target)
         extra["merged_export"] = str(out / "merged")
     if cfg.export_peft and writer.enabled:
         # peft's base_model_name_or_path must be something PyTorch resolves (not an alias).
-        export_peft(out / "peft", peft, params, base_model=portable_name(cfg.model),
+        export_peft(out / "peft", peft, exported, base_model=portable_name(cfg.model),
                     target=setup.target, config=setup.pre.config)
         extra["peft_export"] = str(out / "peft")
     return extra
