@@ -28,6 +28,20 @@ def _trainable_names(model, peft: Peft) -> set:
     return {hf_key(path) for path, trainable in mask.items() if trainable}
 
 
+def _check_forward(model, name: str) -> None:
+    """Raises NotImplementedError where peft builds the model but its forward refuses it
+    (prefix tuning on BERT and RoBERTa under transformers 5): no peer to time."""
+    import torch
+
+    ids = torch.full((1, 4), 5, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except ValueError as e:
+        raise NotImplementedError(f"{name}: no PyTorch peer (peft's forward refuses this "
+                                  f"model: {e})") from None
+
+
 def torch_model_for(model, peft: Peft):
     """`model` (a transformers *ForSequenceClassification) set up to train what `peft` does."""
     import peft as hf_peft
@@ -40,7 +54,9 @@ def torch_model_for(model, peft: Peft):
         ours = EncoderConfig.from_hf_dict(model.config.to_dict(), model.config.num_labels)
         config = hf_peft.get_peft_config(peft_config_dict(peft, model.name_or_path, family,
                                                           inference_mode=False, config=ours))
-        return hf_peft.get_peft_model(model, config)
+        peer = hf_peft.get_peft_model(model, config)
+        _check_forward(peer, peft.name)
+        return peer
     names = _trainable_names(model, peft)
     missing = names - {name for name, _ in model.named_parameters()}
     if missing:

@@ -157,8 +157,9 @@ def test_bitfit_and_full_counts_equal_transformers(family):
 
 
 # The methods peft has run forward on every family in the export test above; their train
-# step is the one LoRA's is. These take one step each (and BitFit's refusal on ModernBERT).
-TRAINED = ["full", "bitfit", "lora", "adapter_houlsby", "adapter_pfeiffer"]
+# step is the one LoRA's is. These take one step each (and BitFit's refusal on ModernBERT,
+# prefix tuning's on DeBERTa and ModernBERT).
+TRAINED = ["full", "bitfit", "lora", "adapter_houlsby", "adapter_pfeiffer", "prefix"]
 
 
 def test_every_registered_method_runs_on_the_families():
@@ -177,6 +178,10 @@ def test_every_method_trains_on_the_family(family, method):
     peft = make_peft(method, _for_family(method, default, model_type))
     if method == "bitfit" and not get_family(model_type).biases:
         with pytest.raises(JaxpeftError, match="bitfit needs biases, which modernbert"):
+            peft.init(pre.model, pre.params, jax.random.key(0))
+        return
+    if method == "prefix" and not get_family(model_type).attention_prefix:
+        with pytest.raises(JaxpeftError, match="prefix needs attention that takes extra keys"):
             peft.init(pre.model, pre.params, jax.random.key(0))
         return
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))

@@ -97,7 +97,8 @@ def test_packed_eval_batches_close_at_max_examples():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type,method", [("bert", "lora"), ("roberta", "lora"),
-                                                ("bert", "prompt"), ("roberta", "prompt")])
+                                                ("bert", "prompt"), ("roberta", "prompt"),
+                                                ("roberta", "prefix")])
 def test_packed_evaluation_equals_bucketed(tmp_path, model_type, method):
     """The Evaluator's packed path gives the bucketed path's predictions and losses
     (regression and 3-class heads; with a soft prompt's slots reserved per example)."""

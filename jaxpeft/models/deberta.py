@@ -255,4 +255,5 @@ DEBERTA_V2 = Family(
     # The v3 checkpoints hold no pooler weights: it is part of the task head, trained by
     # every method (and saved by the peft export), never a frozen random layer.
     head=("pooler", "classifier"),
-    config_names={"cls_dropout": "classifier_dropout"}, config_class=DebertaConfig)
+    config_names={"cls_dropout": "classifier_dropout"}, config_class=DebertaConfig,
+    attention_prefix=False)

@@ -17,7 +17,7 @@ import jax
 from jaxpeft.models.bert import finish_logits
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import (ACTIVATIONS, Backbone, Dense, Dropout, EncoderLayers,
-                                    Runtime, attend, layer_norm)
+                                    Runtime, attend, hooked_keys, layer_norm)
 from jaxpeft.models.family import Family
 
 
@@ -32,6 +32,7 @@ class MultiHeadSelfAttention(nn.Module):
         cfg = self.config
         q, k, v = (Dense(cfg.hidden_size, cfg, self.runtime, name=n)(x, deterministic)
                    for n in ("q_lin", "k_lin", "v_lin"))
+        k, v, mask = hooked_keys(self, self.runtime, k, v, mask)
         out = attend(q, k, v, mask, cfg, deterministic)
         return Dense(cfg.hidden_size, cfg, self.runtime, name="out_lin")(out, deterministic)
 

@@ -7,7 +7,8 @@ target names and peft export each need a single naming rule.
 Every projection is a `Dense` whose output PEFT methods may change through `Runtime.hooks`
 (`DenseHook`), reading extra leaves they put beside its kernel (LoRA's `lora_a`/`lora_b`);
 the token embeddings may be changed the same way (`EmbeddingHook`: soft prompts fill the
-virtual-token slots, marked by negative input ids). Methods are added by augmenting the tree
+virtual-token slots, marked by negative input ids), and the keys and values each attention
+layer attends to (`AttentionHook`: prefix tuning prepends its own). Methods are added by augmenting the tree
 and installing hooks (see `jaxpeft.peft`), never by swapping modules.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import ClassVar
 
 import flax.linen as nn
@@ -73,7 +75,7 @@ class Runtime:
         return DTYPES[self.dtype]
 
     def hooks_of(self, kind: type) -> tuple:
-        """The installed hooks of one kind (`DenseHook` or `EmbeddingHook`)."""
+        """The installed hooks of one kind (`DenseHook`, `EmbeddingHook`, `AttentionHook`)."""
         return tuple(h for h in self.hooks if isinstance(h, kind))
 
     @property
@@ -217,6 +219,37 @@ class EmbeddingHook:
         raise NotImplementedError
 
 
+class AttentionHook:
+    """How a PEFT method changes what attention attends to: subclass as a frozen dataclass.
+
+    `__call__` gets the attention module, its layer's index, the projected keys and values
+    `[batch, key, hidden]` (compute dtype) and the boolean mask (broadcastable to `[batch,
+    heads, query, key]`) and returns all three, lengthened along the key axis. The queries
+    and the output length stay those of the input, so nothing after attention changes.
+    `root_leaves` names the leaves it reads at the tree's root.
+    """
+
+    root_leaves: tuple = ()
+
+    def __call__(self, attention: nn.Module, layer: int, k, v, mask):
+        raise NotImplementedError
+
+
+def hooked_keys(attention: nn.Module, runtime: "Runtime", k, v, mask):
+    """`(k, v, mask)` after the installed `AttentionHook`s, for the attention modules of the
+    families that support them (`Family.attention_prefix`)."""
+    hooks = runtime.hooks_of(AttentionHook)
+    if not hooks:
+        return k, v, mask
+    # The layer's index is in the module's path (`encoder/layer_3/attention/self`), where
+    # every family's layer stack names its layers: hooks keep one table for all layers.
+    layer = next(int(m.group(1)) for part in reversed(attention.scope.path)
+                 if (m := re.fullmatch(r"layers?_(\d+)", part)))
+    for hook in hooks:
+        k, v, mask = hook(attention, layer, k, v, mask)
+    return k, v, mask
+
+
 class Dense(nn.Module):
     """A linear layer (`kernel: (in, out)`, `bias: (out,)`; `use_bias=False`: no bias, hooks
     then see a zero one) that PEFT hooks may change.
@@ -298,16 +331,17 @@ class SelfAttention(nn.Module):
         cfg = self.config
         q, k, v = (Dense(cfg.hidden_size, cfg, self.runtime, name=n)(x, deterministic)
                    for n in self.names)
+        k, v, mask = hooked_keys(self, self.runtime, k, v, mask)
         return attend(q, k, v, mask, cfg, deterministic)
 
 
 def attend(q, k, v, mask, config: EncoderConfig, deterministic: bool) -> jax.Array:
-    """Scaled dot-product attention of projected `q, k, v: [batch, length, hidden]` over
-    `config.num_attention_heads` heads, with the config's dropout on the probabilities when
-    training; returns `[batch, length, hidden]`."""
+    """Scaled dot-product attention of projected `q: [batch, length, hidden]` and `k, v:
+    [batch, keys, hidden]` over `config.num_attention_heads` heads, with the config's dropout
+    on the probabilities when training; returns `[batch, length, hidden]`."""
     batch, length, _ = q.shape
-    shape = (batch, length, config.num_attention_heads, config.head_dim)
-    q, k, v = (t.reshape(shape) for t in (q, k, v))
+    q, k, v = (t.reshape(*t.shape[:2], config.num_attention_heads, config.head_dim)
+               for t in (q, k, v))
     dropout = config.attention_probs_dropout_prob
     if deterministic or dropout == 0.0:
         # The fused path (cuDNN flash attention on GPUs when shapes allow).

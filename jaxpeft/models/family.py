@@ -41,6 +41,9 @@ class Family:
     config_fixed: `EncoderConfig` values the family fixes whatever its config says.
     config_class: an `EncoderConfig` subclass with the family's own fields (DeBERTa's
       relative attention), if it has any.
+    attention_prefix: whether its attention takes keys and values beyond the input's
+      (`AttentionHook`: prefix tuning); not where positions enter attention itself
+      (DeBERTa's relative terms, ModernBERT's rotary keys), which a prefix has none of.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Family:
     config_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     config_fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_class: Any = None
+    attention_prefix: bool = True
 
     def translate_config(self, d: Mapping) -> dict:
         """A config.json's fields under `EncoderConfig`'s names."""
@@ -88,8 +92,10 @@ class Family:
         return None if self.pooler is None else re.escape(self.pooler.replace(".", "/")) + "/.*"
 
     def provides(self) -> set:
-        """What PEFT methods may require of it: its target names, and `biases`."""
-        return set(self.targets) | ({"biases"} if self.biases else set())
+        """What PEFT methods may require of it: its target names, `biases`, and
+        `attention_prefix`."""
+        return (set(self.targets) | ({"biases"} if self.biases else set())
+                | ({"attention_prefix"} if self.attention_prefix else set()))
 
     @property
     def class_stem(self) -> str:

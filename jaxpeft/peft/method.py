@@ -206,6 +206,11 @@ class Peft:
         """Refuses, in one line, a family that lacks what this method needs (LoRA on query
         and value of ModernBERT, whose projection is the fused `qkv`; BitFit without biases)."""
         missing = [r for r in self.method.requires(self.options) if r not in family.provides()]
+        if "attention_prefix" in missing:
+            raise JaxpeftError(
+                f"{self.name} needs attention that takes extra keys and values; {family.name}'s "
+                "attention computes positions from its keys (relative or rotary), which a "
+                "prefix has none of: choose another method or a BERT-like model")
         if missing:
             offered = ", ".join(t for t in family.targets)
             raise JaxpeftError(

@@ -19,6 +19,7 @@ from jaxpeft.peft.loha import Loha
 from jaxpeft.peft.lokr import Lokr
 from jaxpeft.peft.oft import Oft
 from jaxpeft.peft.lora import Lora
+from jaxpeft.peft.prefix import Prefix
 from jaxpeft.peft.prompt import Prompt
 from jaxpeft.peft.vera import Vera
 from jaxpeft.peft.method import FlagSpec, Peft, PeftMethod, flag_specs
@@ -37,6 +38,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Loha(),
     Lokr(),
     Oft(),
+    Prefix(),
 )}
 
 
