@@ -30,7 +30,6 @@ from jaxpeft.fileio import atomic_write_bytes, read_text
 from jaxpeft.models import load_pretrained
 from jaxpeft.peft import load_adapter
 from jaxpeft.peft.adapters import ADAPTER_CONFIG, read_adapter_config
-from jaxpeft.cli import run_command
 from jaxpeft.train import forward
 
 INDEX_COLUMNS = ("index", "idx", "id")
@@ -204,10 +203,3 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
     else:
         sys.stdout.write(text)
     return table
-
-
-def predict_cli(run: str, source: str, output: Optional[str], model: Optional[str],
-                columns: Optional[tuple], batch_size: int) -> int:
-    """`predict_file` for the command line: user errors are one `error:` line, exit 1."""
-    return run_command(lambda: predict_file(run, source, output, model=model,
-                                            columns=columns, batch_size=batch_size))
