@@ -143,3 +143,24 @@ def test_mixed_input_errors(tiny_model, tmp_path):
         parse_adapters(["runs/a"])
     with pytest.raises(JaxpeftError, match="given twice"):
         parse_adapters(["a=x", "a=y"])
+
+
+def test_predict_command_takes_one_adapter_or_several(tiny_model, tmp_path, capsys):
+    """experiments/predict.py's function: --run or --adapter, not both; --text_columns only
+    with --run; user errors are one `error:` line and exit code 1."""
+    from jaxpeft.mixed import predict_cli
+
+    folder = _adapter(tiny_model, tmp_path / "s", "lora", "sst2", None, 1)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"adapter": "s", "sentence": "a fine film"}) + "\n")
+    out = tmp_path / "out.tsv"
+    assert predict_cli(None, [f"s={folder}"], str(source), str(out), None, None, "adapter",
+                       8) == 0
+    assert out.read_text().splitlines()[0].startswith("index\tadapter\tlabel\tp_negative")
+    for args, message in (((str(folder), [f"s={folder}"], None), "give --run"),
+                          ((None, [f"s={folder}"], ("sentence",)), "--text_columns applies")):
+        run, adapters, columns = args
+        capsys.readouterr()
+        assert predict_cli(run, adapters, str(source), None, None, columns, "adapter", 8) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
