@@ -39,8 +39,9 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes
 from jaxpeft.models import load_pretrained
 from jaxpeft.peft import load_adapter
-from jaxpeft.predict import (check_output_file, find_adapter, predict_file, read_rows,
-                             row_ids, rows_to_split, text_columns)
+from jaxpeft.peft.adapters import find_adapter
+from jaxpeft.predict import (check_output_file, predict_file, read_rows, row_ids,
+                             rows_to_split, text_columns)
 from jaxpeft.train import forward
 
 

@@ -29,30 +29,10 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.fileio import atomic_write_bytes, read_text
 from jaxpeft.models import load_pretrained
 from jaxpeft.peft import load_adapter
-from jaxpeft.peft.adapters import ADAPTER_CONFIG, read_adapter_config
+from jaxpeft.peft.adapters import find_adapter
 from jaxpeft.train import forward
 
 INDEX_COLUMNS = ("index", "idx", "id")
-
-
-def find_adapter(run: Union[str, os.PathLike]) -> tuple[Path, dict]:
-    """`(adapter folder, run settings)` of a run folder (its best/) or an adapter folder;
-    the settings (`task`, `max_seq_length`, `model`) come from the adapter or the run's
-    config.json."""
-    run = Path(run)
-    folder = run / "best" if (run / "best" / ADAPTER_CONFIG).is_file() else run
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise JaxpeftError(f"{run}: neither a run folder with best/{ADAPTER_CONFIG} nor an "
-                           "adapter folder")
-    meta = read_adapter_config(folder)
-    settings = dict(meta.get("run") or {})
-    run_config = folder.parent / "config.json"
-    if run_config.is_file():  # adapters written before they stored their task
-        saved = json.loads(run_config.read_text())["run"]
-        for key in ("task", "max_seq_length", "model"):
-            settings.setdefault(key, saved[key])
-    settings.setdefault("model", meta["base_model"])
-    return folder, settings
 
 
 def read_rows(source: str) -> list[dict]:

@@ -13,9 +13,10 @@ default scale or without its method.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +140,23 @@ def load_adapter(directory: os.PathLike, pre: Pretrained, check_base_name: bool 
                                    f"base model expects {flat[path].shape}")
             flat[path] = jnp.asarray(saved[name])
     return model, traverse_util.unflatten_dict(flat), peft
+
+
+def find_adapter(run: Union[str, os.PathLike]) -> tuple[Path, dict]:
+    """`(adapter folder, run settings)` of a run folder (its best/) or an adapter folder;
+    the settings (`task`, `max_seq_length`, `model`) come from the adapter or the run's
+    config.json."""
+    run = Path(run)
+    folder = run / "best" if (run / "best" / ADAPTER_CONFIG).is_file() else run
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise JaxpeftError(f"{run}: neither a run folder with best/{ADAPTER_CONFIG} nor an "
+                           "adapter folder")
+    meta = read_adapter_config(folder)
+    settings = dict(meta.get("run") or {})
+    run_config = folder.parent / "config.json"
+    if run_config.is_file():  # adapters written before they stored their task
+        saved = json.loads(run_config.read_text())["run"]
+        for key in ("task", "max_seq_length", "model"):
+            settings.setdefault(key, saved[key])
+    settings.setdefault("model", meta["base_model"])
+    return folder, settings
