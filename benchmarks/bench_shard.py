@@ -77,7 +77,7 @@ def steps(f, method: str, mesh: str, batch: int, seq: int) -> dict:
     sharder = Sharder(mesh)
     state, frozen = create_train_state(sharder.place(params), mask, tx, sharder.shardings)
     del params
-    step = make_train_step(model, tx, None, sharder.shardings(state))
+    step = make_train_step(model, tx, None, sharder.shardings(state), peft.penalty)
     data = sharder.batch(_random_batch(batch, seq, cfg.vocab_size))
     run = start_variant(step, state, frozen, data, jax.random.key(0))
     timed = interleave({method: run}, data, jax.random.key(0), f.steps)[method]

@@ -170,7 +170,8 @@ def _train_setup(f, method: str):
     peft = _peft(method)
     model, params = peft.init(model, params, jax.random.key(0))
     mask = peft.mask(params)
-    tx = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=10_000), mask)
+    tx = peft.wrap_optimizer(make_optimizer(OptimConfig(learning_rate=1e-4,
+                                                        total_steps=10_000), mask), 10_000)
     return model, params, mask, tx, cfg, peft
 
 
@@ -238,7 +239,7 @@ def jax_worker(f, method, batch, seq):
     state, frozen = create_train_state(params, mask, tx)
     del params
     options = parse_xla_options(f.train_step_xla_options)
-    step = make_train_step(model, tx, options)
+    step = make_train_step(model, tx, options, penalty=peft.penalty)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     run = start_variant(step, state, frozen, data, jax.random.key(0))
     timed = interleave({method: run}, data, jax.random.key(0), f.steps)[method]

@@ -112,7 +112,8 @@ def profile(f, method: str, batch: int, seq: int) -> None:
     model, params, mask, tx, cfg, peft = _train_setup(f, method)
     state, frozen = create_train_state(params, mask, tx)
     del params
-    step = make_train_step(model, tx, parse_xla_options(f.train_step_xla_options))
+    step = make_train_step(model, tx, parse_xla_options(f.train_step_xla_options),
+                           penalty=peft.penalty)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     rng = jax.random.key(0)
     name = f"{method.split(':')[0]}_{batch}x{seq}"

@@ -161,13 +161,16 @@ class TrainLoop:
         self.out = Path(setup.cfg.output_dir)
         self.sharder = distributed.Sharder(self.cfg.mesh)
         mask = setup.peft.mask(params)
-        tx = make_optimizer(setup.optim, mask, setup.peft.lr_multipliers(params))
+        tx = setup.peft.wrap_optimizer(
+            make_optimizer(setup.optim, mask, setup.peft.lr_multipliers(params)),
+            setup.optim.total_steps)
         # `frozen`: the base weights that do not train, held once (in their shards) and
         # handed to the export; the state is made in its shards.
         self.state, self.frozen = create_train_state(self.sharder.place(params), mask, tx,
                                                      self.sharder.shardings)
         self.train_step = make_train_step(setup.model, tx, self.cfg.xla_options(),
-                                          self.sharder.shardings(self.state))
+                                          self.sharder.shardings(self.state),
+                                          setup.peft.penalty)
         self.schedule = make_schedule(setup.optim)
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets, setup.pad_id,

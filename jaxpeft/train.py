@@ -86,8 +86,10 @@ def forward(model: SequenceClassifier, params: Any, batch: dict, deterministic: 
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
-               model: SequenceClassifier, tx: optax.GradientTransformation):
-    """One optimizer step on the weighted mean loss; returns `(state, {loss, update stats})`."""
+               model: SequenceClassifier, tx: optax.GradientTransformation,
+               penalty: Optional[Callable[[Any], jax.Array]] = None):
+    """One optimizer step on the weighted mean loss (plus the method's `penalty` of the
+    trainable tree, if it has one); returns `(state, {loss, update stats})`."""
     # A fresh dropout key per step, derived rather than carried, so resuming is exact.
     dropout_rng = jax.random.fold_in(rng, state.step)
 
@@ -96,7 +98,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
                         {"dropout": dropout_rng})
         per = per_example_loss(logits, batch["labels"], model.config.is_regression)
         w = batch["weights"].astype(jnp.float32)
-        return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+        loss = jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+        return loss if penalty is None else loss + penalty(trainable)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -138,13 +141,14 @@ def eval_step(params: Any, batch: dict, *, model: SequenceClassifier) -> dict:
 
 
 def make_train_step(model: SequenceClassifier, tx: optax.GradientTransformation,
-                    compiler_options: Optional[dict] = None, state_shardings: Any = None):
+                    compiler_options: Optional[dict] = None, state_shardings: Any = None,
+                    penalty: Optional[Callable[[Any], jax.Array]] = None):
     """`train_step` with the model and optimizer bound, jitted once, donating the state
     (never the frozen weights, which every step reads). `compiler_options` are XLA options
     for this one program (`--train_step_xla_options`); they change which kernels run, not
     the math. `state_shardings` (the state's `NamedSharding`s) pins the new state to the
     layout of the old, so every step reuses the donated buffers and one compilation."""
-    step = functools.partial(train_step, model=model, tx=tx)
+    step = functools.partial(train_step, model=model, tx=tx, penalty=penalty)
     pinned = {} if state_shardings is None else {"out_shardings": (state_shardings, None)}
     return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None,
                    **pinned)

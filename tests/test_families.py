@@ -17,6 +17,7 @@ from jaxpeft.models.registry import get_family
 from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, import_peft,
                           make_peft)
 from jaxpeft.peft.ia3 import Ia3Config
+from jaxpeft.peft.adalora import AdaloraConfig
 from jaxpeft.peft.loha import LohaConfig
 from jaxpeft.peft.lokr import LokrConfig
 from jaxpeft.peft.oft import OftConfig
@@ -45,6 +46,7 @@ OPTIONS = {
     "loha": ("loha", LohaConfig(rank=4, alpha=8)),
     "lokr": ("lokr", LokrConfig(rank=2, alpha=4)),
     "oft": ("oft", OftConfig(block_size=8)),
+    "adalora": ("adalora", AdaloraConfig(init_r=4, target_r=2)),
 }
 
 
@@ -126,7 +128,7 @@ def test_peft_export_and_import(family, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha", "lokr",
-                                  "oft"])
+                                  "oft", "adalora"])
 def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
     model_type, folder, pre = family
     peft, model, params = _trained(pre, case)

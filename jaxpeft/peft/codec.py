@@ -52,6 +52,11 @@ class PeftCodec:
         """Frozen tensors peft's file also needs, by full peft key (VeRA's projections)."""
         return {}
 
+    def saved_tensors(self, config: Mapping, saved: dict) -> dict:
+        """peft's saved tensors in the layout the export writes (AdaLoRA: pruned triplets
+        back at full rank); default unchanged."""
+        return saved
+
     def matches(self, config: Mapping) -> bool:
         """Whether a peft `adapter_config.json` describes this method (import)."""
         return config.get("peft_type") == self.peft_type

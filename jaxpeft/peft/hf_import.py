@@ -65,7 +65,7 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
         supported = sorted({m.codec.peft_type for m in METHODS.values() if m.codec})
         raise JaxpeftError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} has no "
                            f"jaxpeft method (peft types here: {', '.join(supported)})")
-    saved = read_safetensors_file(directory / WEIGHTS)
+    saved = method.codec.saved_tensors(config, read_safetensors_file(directory / WEIGHTS))
     prefix = get_family(pre.config.model_type).prefix
     options = method.codec.options_from(config, _module_paths(saved, prefix))
     train_pooler = any(".pooler." in k for k in saved)

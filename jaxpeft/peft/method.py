@@ -12,6 +12,8 @@ A method is one module under `jaxpeft/peft/` defining a `PeftMethod` subclass an
   model's `Runtime`), and `virtual_tokens`: input slots it needs before each example (soft
   prompts);
 - `lr_multipliers`: per-leaf learning-rate factors (LoRA+), if any;
+- `penalty` and `wrap_optimizer`: a loss term and an optimizer wrapper, if training needs
+  them (AdaLoRA's orthogonality penalty and rank allocator);
 - `merge`: folding its leaves into plain weights, where the method allows it;
 - `codec`: its naming in Hugging Face peft's files (`jaxpeft.peft.codec.PeftCodec`), where
   peft has the method.
@@ -178,6 +180,16 @@ class PeftMethod:
         """`(regex, factor)` rules scaling some leaves' learning rate (LoRA+); default none."""
         return []
 
+    def penalty(self, options: Any) -> Optional[Callable[[Any], jax.Array]]:
+        """A term added to the training loss, a function of the trainable tree (AdaLoRA's
+        orthogonality penalty); default none."""
+        return None
+
+    def wrap_optimizer(self, options: Any, tx: Any, total_steps: int) -> Any:
+        """The optax transformation the run trains with, given the plain one (AdaLoRA's rank
+        allocator acts after each update); default `tx` itself."""
+        return tx
+
     def merge(self, params: Any, options: Any) -> Any:
         """The tree with this method's leaves folded into plain weights (default: unchanged,
         for methods that add no leaves)."""
@@ -238,6 +250,15 @@ class Peft:
     def virtual_tokens(self) -> int:
         """Virtual-token slots this method needs before each example."""
         return self.method.virtual_tokens(self.options)
+
+    @property
+    def penalty(self) -> Optional[Callable[[Any], jax.Array]]:
+        """The method's loss term over the trainable tree, or None."""
+        return self.method.penalty(self.options)
+
+    def wrap_optimizer(self, tx: Any, total_steps: int) -> Any:
+        """The optimizer this method trains with, from the plain one."""
+        return self.method.wrap_optimizer(self.options, tx, total_steps)
 
     def lr_multipliers(self, params: Any) -> Optional[Any]:
         """A tree of per-leaf learning-rate factors, or None when every factor is 1."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from jaxpeft.errors import JaxpeftError
+from jaxpeft.peft.adalora import Adalora
 from jaxpeft.peft.bitfit import BitFit
 from jaxpeft.peft.bottleneck import AdapterHoulsby, AdapterPfeiffer
 from jaxpeft.peft.dora import Dora
@@ -39,6 +40,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Lokr(),
     Oft(),
     Prefix(),
+    Adalora(),
 )}
 
 
