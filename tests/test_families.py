@@ -160,8 +160,8 @@ def test_bitfit_and_full_counts_equal_transformers(family):
 
 # The methods peft has run forward on every family in the export test above; their train
 # step is the one LoRA's is. These take one step each (and BitFit's refusal on ModernBERT,
-# prefix tuning's on DeBERTa and ModernBERT).
-TRAINED = ["full", "bitfit", "lora", "adapter_houlsby", "adapter_pfeiffer", "prefix"]
+# prefix tuning's and LoReFT's on DeBERTa and ModernBERT).
+TRAINED = ["full", "bitfit", "lora", "adapter_houlsby", "adapter_pfeiffer", "prefix", "loreft"]
 
 
 def test_every_registered_method_runs_on_the_families():
@@ -184,6 +184,10 @@ def test_every_method_trains_on_the_family(family, method):
         return
     if method == "prefix" and not get_family(model_type).attention_prefix:
         with pytest.raises(JaxpeftError, match="prefix needs attention that takes extra keys"):
+            peft.init(pre.model, pre.params, jax.random.key(0))
+        return
+    if method == "loreft" and not get_family(model_type).layer_hooks:
+        with pytest.raises(JaxpeftError, match="loreft acts between the layers"):
             peft.init(pre.model, pre.params, jax.random.key(0))
         return
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))

@@ -256,4 +256,4 @@ DEBERTA_V2 = Family(
     # every method (and saved by the peft export), never a frozen random layer.
     head=("pooler", "classifier"),
     config_names={"cls_dropout": "classifier_dropout"}, config_class=DebertaConfig,
-    attention_prefix=False)
+    attention_prefix=False, layer_hooks=False)

@@ -7,8 +7,9 @@ target names and peft export each need a single naming rule.
 Every projection is a `Dense` whose output PEFT methods may change through `Runtime.hooks`
 (`DenseHook`), reading extra leaves they put beside its kernel (LoRA's `lora_a`/`lora_b`);
 the token embeddings may be changed the same way (`EmbeddingHook`: soft prompts fill the
-virtual-token slots, marked by negative input ids), and the keys and values each attention
-layer attends to (`AttentionHook`: prefix tuning prepends its own). Methods are added by augmenting the tree
+virtual-token slots, marked by negative input ids), the keys and values each attention
+layer attends to (`AttentionHook`: prefix tuning prepends its own), and the hidden states
+between layers (`LayerHook`: ReFT's interventions). Methods are added by augmenting the tree
 and installing hooks (see `jaxpeft.peft`), never by swapping modules.
 """
 
@@ -75,7 +76,8 @@ class Runtime:
         return DTYPES[self.dtype]
 
     def hooks_of(self, kind: type) -> tuple:
-        """The installed hooks of one kind (`DenseHook`, `EmbeddingHook`, `AttentionHook`)."""
+        """The installed hooks of one kind (`DenseHook`, `EmbeddingHook`, `AttentionHook`,
+        `LayerHook`)."""
         return tuple(h for h in self.hooks if isinstance(h, kind))
 
     @property
@@ -233,6 +235,34 @@ class AttentionHook:
 
     def __call__(self, attention: nn.Module, layer: int, k, v, mask):
         raise NotImplementedError
+
+
+class LayerHook:
+    """How a PEFT method changes the hidden states between layers: subclass as a frozen
+    dataclass.
+
+    `__call__` gets the layer stack module, the index of the layer just run, its output
+    `x: [rows, length, hidden]` and the attention mask it ran with (`[rows, 1, 1, key]`, or
+    block-diagonal `[rows, 1, query, key]` for packed rows), and returns the new hidden
+    states. `root_leaves` names the leaves it reads at the tree's root.
+    """
+
+    root_leaves: tuple = ()
+
+    def __call__(self, layers: nn.Module, layer: int, x, mask):
+        raise NotImplementedError
+
+
+def token_offsets(mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """`(from_start, to_end)`: each token's distance from the first and from the last real
+    token of its example, `[rows, length]` int32, from the attention mask a layer runs with
+    (a key-padding mask: one example per row; block-diagonal: packed examples)."""
+    full = jnp.broadcast_to(mask[:, 0], (mask.shape[0], length, mask.shape[-1]))
+    keys = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    first = jnp.min(jnp.where(full, keys, mask.shape[-1]), axis=-1)
+    last = jnp.max(jnp.where(full, keys, -1), axis=-1)
+    here = jnp.arange(length, dtype=jnp.int32)[None, :]
+    return here - first, last - here
 
 
 def hooked_keys(attention: nn.Module, runtime: "Runtime", k, v, mask):
@@ -593,8 +623,11 @@ class EncoderLayers(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
+        hooks = self.runtime.hooks_of(LayerHook)
         for i in range(self.config.num_hidden_layers):
             x = self.block(self.config, self.runtime, name=f"layer_{i}")(x, mask, deterministic)
+            for hook in hooks:
+                x = hook(self, i, x, mask)
         return x
 
 

@@ -44,6 +44,8 @@ class Family:
     attention_prefix: whether its attention takes keys and values beyond the input's
       (`AttentionHook`: prefix tuning); not where positions enter attention itself
       (DeBERTa's relative terms, ModernBERT's rotary keys), which a prefix has none of.
+    layer_hooks: whether its layer stack is the shared `EncoderLayers`, which runs
+      `LayerHook`s between layers (ReFT); DeBERTa and ModernBERT run their own stacks.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Family:
     config_fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_class: Any = None
     attention_prefix: bool = True
+    layer_hooks: bool = True
 
     def translate_config(self, d: Mapping) -> dict:
         """A config.json's fields under `EncoderConfig`'s names."""
@@ -92,10 +95,11 @@ class Family:
         return None if self.pooler is None else re.escape(self.pooler.replace(".", "/")) + "/.*"
 
     def provides(self) -> set:
-        """What PEFT methods may require of it: its target names, `biases`, and
-        `attention_prefix`."""
+        """What PEFT methods may require of it: its target names, `biases`,
+        `attention_prefix` and `layer_hooks`."""
         return (set(self.targets) | ({"biases"} if self.biases else set())
-                | ({"attention_prefix"} if self.attention_prefix else set()))
+                | ({"attention_prefix"} if self.attention_prefix else set())
+                | ({"layer_hooks"} if self.layer_hooks else set()))
 
     @property
     def class_stem(self) -> str:

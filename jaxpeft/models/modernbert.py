@@ -276,4 +276,4 @@ MODERNBERT = Family(
     word_embeddings="embeddings.tok_embeddings", biases=False,
     config_names={"hidden_activation": "hidden_act", "norm_eps": "layer_norm_eps",
                   "attention_dropout": "attention_probs_dropout_prob"},
-    config_class=ModernBertConfig, attention_prefix=False)
+    config_class=ModernBertConfig, attention_prefix=False, layer_hooks=False)

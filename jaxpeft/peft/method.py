@@ -218,6 +218,10 @@ class Peft:
         """Refuses, in one line, a family that lacks what this method needs (LoRA on query
         and value of ModernBERT, whose projection is the fused `qkv`; BitFit without biases)."""
         missing = [r for r in self.method.requires(self.options) if r not in family.provides()]
+        if "layer_hooks" in missing:
+            raise JaxpeftError(
+                f"{self.name} acts between the layers of the shared layer stack; {family.name} "
+                "runs its own: choose another method or a BERT-like model")
         if "attention_prefix" in missing:
             raise JaxpeftError(
                 f"{self.name} needs attention that takes extra keys and values; {family.name}'s "

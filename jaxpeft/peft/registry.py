@@ -20,6 +20,7 @@ from jaxpeft.peft.loha import Loha
 from jaxpeft.peft.lokr import Lokr
 from jaxpeft.peft.oft import Oft
 from jaxpeft.peft.lora import Lora
+from jaxpeft.peft.loreft import Loreft
 from jaxpeft.peft.prefix import Prefix
 from jaxpeft.peft.prompt import Prompt
 from jaxpeft.peft.vera import Vera
@@ -41,6 +42,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Oft(),
     Prefix(),
     Adalora(),
+    Loreft(),
 )}
 
 
