@@ -16,6 +16,7 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.registry import get_family
 from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, import_peft,
                           make_peft)
+from jaxpeft.peft.fourierft import FourierftConfig
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.adalora import AdaloraConfig
 from jaxpeft.peft.loha import LohaConfig
@@ -47,6 +48,7 @@ OPTIONS = {
     "lokr": ("lokr", LokrConfig(rank=2, alpha=4)),
     "oft": ("oft", OftConfig(block_size=8)),
     "adalora": ("adalora", AdaloraConfig(init_r=4, target_r=2)),
+    "fourierft": ("fourierft", FourierftConfig(n_frequency=64, scaling=300.0)),
 }
 
 
@@ -128,7 +130,7 @@ def test_peft_export_and_import(family, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha", "lokr",
-                                  "oft", "adalora"])
+                                  "oft", "adalora", "fourierft"])
 def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
     model_type, folder, pre = family
     peft, model, params = _trained(pre, case)

@@ -1,4 +1,4 @@
-"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr and OFT (and LoRA, as the reference) against Hugging
+"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr, OFT and FourierFT (and LoRA, as the reference) against Hugging
 Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
 the same logits, the same gradients, and merged models equal to unmerged ones."""
 
@@ -10,6 +10,7 @@ from flax import traverse_util
 import jaxpeft
 from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
 from jaxpeft.peft.hf_export import peft_tensors
+from jaxpeft.peft.fourierft import FourierftConfig
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.loha import LohaConfig
 from jaxpeft.peft.lokr import LokrConfig, kron_factors
@@ -46,6 +47,9 @@ CASES = {
     "oft": (OftConfig(block_size=32),
             lambda: hf_peft.OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=32,
                                       target_modules=["query", "value"])),
+    "fourierft": (FourierftConfig(n_frequency=1000),
+                  lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=1000,
+                                                  target_modules=["query", "value"])),
     # peft's head reads the first virtual token: --prompt_head=virtual
     "prompt": (PromptConfig(num_virtual_tokens=20, head="virtual"),
                lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
@@ -83,7 +87,7 @@ def _torch_logits(model, args):
                                              ("ia3", 16_898), ("vera", 8_450),
                                              ("ln_tuning", 10_754), ("prompt", 8_450),
                                              ("loha", 148_226), ("lokr", 8_450),
-                                             ("oft", 72_194)])
+                                             ("oft", 72_194), ("fourierft", 12_770)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -115,7 +119,7 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr", "oft"]
+EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr", "oft", "fourierft"]
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -133,7 +137,7 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt",
-                                    "loha", "lokr", "oft"])
+                                    "loha", "lokr", "oft", "fourierft"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.train import per_example_loss
@@ -179,14 +183,15 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr", "oft", "fourierft"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)
     leaves = {p[-1] for p in traverse_util.flatten_dict(merged)}
     assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out",
                          "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b", "loha_u1", "loha_v1",
-                         "loha_u2", "loha_v2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "oft_q"}
+                         "loha_u2", "loha_v2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "oft_q",
+                         "fourierft_spectrum"}
     unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
                                                       deterministic=True)),
@@ -385,3 +390,12 @@ def test_oft_exact_cayley_matches_peft(minilm, minilm_dir, sst2_batch, tmp_path)
                                                              tmp_path).eval(), sst2_batch)
     np.testing.assert_allclose(loaded, np.asarray(model.apply(
         {"params": params}, *sst2_batch, deterministic=True)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n,k,seed", [(10, 10, 777), (384 * 384, 1000, 777),
+                                      (384 * 1536, 500, 3), (32 * 96, 64, 0)])
+def test_fourierft_positions_are_torch_s_randperm(n, k, seed):
+    """peft draws FourierFT's positions with torch.randperm at every load: ours are the same."""
+    from jaxpeft.peft.fourierft import torch_randperm_prefix
+    want = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].numpy()
+    np.testing.assert_array_equal(torch_randperm_prefix(n, k, seed), want)

@@ -29,6 +29,9 @@ CONFIGS = {
                                        target_modules=["query", "key"]),
     "oft": lambda: hf_peft.OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=16,
                                      target_modules=["query", "value"]),
+    "fourierft": lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=500,
+                                                 scaling=300.0, random_loc_seed=5,
+                                                 target_modules=["query", "output.dense"]),
     "adalora": lambda: hf_peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2,
                                              total_step=10, target_modules=["query", "value"]),
 }

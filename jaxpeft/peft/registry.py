@@ -13,6 +13,7 @@ from jaxpeft.peft.adalora import Adalora
 from jaxpeft.peft.bitfit import BitFit
 from jaxpeft.peft.bottleneck import AdapterHoulsby, AdapterPfeiffer
 from jaxpeft.peft.dora import Dora
+from jaxpeft.peft.fourierft import Fourierft
 from jaxpeft.peft.full import Full
 from jaxpeft.peft.ia3 import Ia3
 from jaxpeft.peft.ln_tuning import LnTuning
@@ -43,6 +44,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Prefix(),
     Adalora(),
     Loreft(),
+    Fourierft(),
 )}
 
 
