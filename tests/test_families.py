@@ -16,6 +16,7 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.registry import get_family
 from jaxpeft.peft import (METHODS, LoraConfig, export_merged, export_peft, import_peft,
                           make_peft)
+from jaxpeft.peft.boft import BoftConfig
 from jaxpeft.peft.fourierft import FourierftConfig
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.adalora import AdaloraConfig
@@ -49,6 +50,7 @@ OPTIONS = {
     "oft": ("oft", OftConfig(block_size=8)),
     "adalora": ("adalora", AdaloraConfig(init_r=4, target_r=2)),
     "fourierft": ("fourierft", FourierftConfig(n_frequency=64, scaling=300.0)),
+    "boft": ("boft", BoftConfig(block_size=4)),
 }
 
 
@@ -130,7 +132,7 @@ def test_peft_export_and_import(family, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "ia3", "vera", "ln_tuning", "loha", "lokr",
-                                  "oft", "adalora", "fourierft"])
+                                  "oft", "adalora", "fourierft", "boft"])
 def test_merged_export_is_a_plain_transformers_model(family, case, tmp_path):
     model_type, folder, pre = family
     peft, model, params = _trained(pre, case)

@@ -1,4 +1,4 @@
-"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr, OFT and FourierFT (and LoRA, as the reference) against Hugging
+"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr, OFT, FourierFT and BOFT (and LoRA, as the reference) against Hugging
 Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
 the same logits, the same gradients, and merged models equal to unmerged ones."""
 
@@ -10,6 +10,7 @@ from flax import traverse_util
 import jaxpeft
 from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
 from jaxpeft.peft.hf_export import peft_tensors
+from jaxpeft.peft.boft import BoftConfig
 from jaxpeft.peft.fourierft import FourierftConfig
 from jaxpeft.peft.ia3 import Ia3Config
 from jaxpeft.peft.loha import LohaConfig
@@ -47,6 +48,10 @@ CASES = {
     "oft": (OftConfig(block_size=32),
             lambda: hf_peft.OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=32,
                                       target_modules=["query", "value"])),
+    "boft": (BoftConfig(block_size=4),
+             lambda: hf_peft.BOFTConfig(task_type="SEQ_CLS", boft_block_size=4,
+                                        boft_n_butterfly_factor=1,
+                                        target_modules=["query", "value"])),
     "fourierft": (FourierftConfig(n_frequency=1000),
                   lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=1000,
                                                   target_modules=["query", "value"])),
@@ -87,7 +92,8 @@ def _torch_logits(model, args):
                                              ("ia3", 16_898), ("vera", 8_450),
                                              ("ln_tuning", 10_754), ("prompt", 8_450),
                                              ("loha", 148_226), ("lokr", 8_450),
-                                             ("oft", 72_194), ("fourierft", 12_770)])
+                                             ("oft", 72_194), ("fourierft", 12_770),
+                                             ("boft", 23_810)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
     trainable, _ = hf_peft.get_peft_model(_torch_model(minilm_dir),
@@ -119,7 +125,8 @@ def _check_export(pre, base_dir, method, args, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr", "oft", "fourierft"]
+EXPORTED = ["dora", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr", "oft", "fourierft",
+            "boft"]
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -137,7 +144,7 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "ln_tuning", "prompt",
-                                    "loha", "lokr", "oft", "fourierft"])
+                                    "loha", "lokr", "oft", "fourierft", "boft"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
     from jaxpeft.train import per_example_loss
@@ -183,7 +190,8 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr", "oft", "fourierft"])
+@pytest.mark.parametrize("method", ["dora", "ia3", "vera", "loha", "lokr", "oft", "fourierft",
+                                    "boft"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)
@@ -191,7 +199,7 @@ def test_merged_equals_unmerged(minilm, sst2_batch, method):
     assert not leaves & {"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out",
                          "vera_A", "vera_B", "vera_lambda_d", "vera_lambda_b", "loha_u1", "loha_v1",
                          "loha_u2", "loha_v2", "lokr_w1", "lokr_w2_a", "lokr_w2_b", "oft_q",
-                         "fourierft_spectrum"}
+                         "fourierft_spectrum", "boft_r", "boft_s"}
     unmerged = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
     np.testing.assert_allclose(np.asarray(plain.apply({"params": merged}, *sst2_batch,
                                                       deterministic=True)),
@@ -399,3 +407,38 @@ def test_fourierft_positions_are_torch_s_randperm(n, k, seed):
     from jaxpeft.peft.fourierft import torch_randperm_prefix
     want = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].numpy()
     np.testing.assert_array_equal(torch_randperm_prefix(n, k, seed), want)
+
+
+@pytest.mark.parametrize("n,blocks,half,factors", [(384, 96, 2, 1), (384, 48, 2, 1),
+                                                   (32, 4, 2, 2), (64, 8, 4, 1)])
+def test_boft_butterfly_permutations_are_peft_s(n, blocks, half, factors):
+    from jaxpeft.peft.boft import butterfly_perm
+    from peft.tuners.boft.layer import BOFTLayer
+    want = BOFTLayer.block_butterfly_perm(None, n, blocks, half, factors).numpy()
+    np.testing.assert_array_equal(butterfly_perm(n, blocks, half, factors), want)
+
+
+@pytest.mark.parametrize("options", [BoftConfig(block_size=4, butterfly_factors=2),
+                                     BoftConfig(block_size=0, block_num=8, butterfly_factors=3)])
+def test_boft_butterfly_rotation_is_peft_s(options):
+    """m > 1 (peft runs it only with its CUDA extension): our rotation equals the one peft's
+    own helpers build from the same boft_R, and is orthogonal."""
+    from jaxpeft.peft.boft import rotation
+    from peft.tuners.boft.layer import BOFTLayer
+    n = 64
+    num, size = options.blocks(n)
+    r = np.asarray(0.3 * jax.random.normal(jax.random.key(0),
+                                           (options.butterfly_factors, num, size, size)))
+    layer = BOFTLayer.__new__(BOFTLayer)
+    q = BOFTLayer.cayley_batch(layer, torch.tensor(r).view(-1, size, size)).view(r.shape)
+    total = None
+    for i in range(options.butterfly_factors):
+        bd = torch.block_diag(*torch.unbind(q[i]))
+        perm = BOFTLayer.block_butterfly_perm(None, n, int(num / 2 ** i), int(size / 2),
+                                              options.butterfly_factors - 1)
+        p = BOFTLayer.perm2mat(None, perm)
+        m = p @ bd @ p.T
+        total = m if total is None else m @ total
+    ours = np.asarray(rotation(jax.numpy.asarray(r), options))
+    np.testing.assert_allclose(ours, total.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours @ ours.T, np.eye(n), atol=1e-5, rtol=0)

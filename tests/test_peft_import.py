@@ -32,6 +32,9 @@ CONFIGS = {
     "fourierft": lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=500,
                                                  scaling=300.0, random_loc_seed=5,
                                                  target_modules=["query", "output.dense"]),
+    "boft": lambda: hf_peft.BOFTConfig(task_type="SEQ_CLS", boft_block_size=0, boft_block_num=8,
+                                       boft_n_butterfly_factor=1,
+                                       target_modules=["key", "intermediate.dense"]),
     "adalora": lambda: hf_peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2,
                                              total_step=10, target_modules=["query", "value"]),
 }

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft.adalora import Adalora
 from jaxpeft.peft.bitfit import BitFit
+from jaxpeft.peft.boft import Boft
 from jaxpeft.peft.bottleneck import AdapterHoulsby, AdapterPfeiffer
 from jaxpeft.peft.dora import Dora
 from jaxpeft.peft.fourierft import Fourierft
@@ -45,6 +46,7 @@ METHODS: dict[str, PeftMethod] = {m.name: m for m in (
     Adalora(),
     Loreft(),
     Fourierft(),
+    Boft(),
 )}
 
 
