@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -36,12 +35,11 @@ from jaxpeft.cli import run_command
 from jaxpeft.data import get_task
 from jaxpeft.data.batching import Encoded, bucket_lengths, make_batch, tokenize
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.fileio import atomic_write_bytes
 from jaxpeft.models import load_pretrained
 from jaxpeft.peft import load_adapter
 from jaxpeft.peft.adapters import find_adapter
-from jaxpeft.predict import (check_output_file, predict_file, read_rows, row_ids,
-                             rows_to_split, text_columns)
+from jaxpeft.predict import (check_output_file, predict_file, prediction, read_rows,
+                             row_ids, rows_to_split, text_columns, write_table)
 from jaxpeft.train import forward
 
 
@@ -230,22 +228,11 @@ def predict_mixed_file(adapters: Mapping[str, Any], source: str, output: Optiona
     table = [["index", "adapter", "label"] + [f"p_{n}" for n in classes]]
     by_row = dict(zip(order, range(len(order))))
     for i in range(len(rows)):
-        a, row = int(which[by_row[i]]), values[by_row[i]]
-        task = aset.tasks[a]
-        if task.is_regression:
-            table.append([ids[i], aset.names[a], f"{float(row[0]):.4f}"] + [""] * len(classes))
-            continue
-        p = np.exp(row - row.max())
-        p /= p.sum()
-        probs = dict(zip(task.label_names, p))
-        table.append([ids[i], aset.names[a], task.label_names[int(np.argmax(row))]]
+        a = int(which[by_row[i]])
+        label, probs = prediction(aset.tasks[a], values[by_row[i]])
+        table.append([ids[i], aset.names[a], label]
                      + [f"{probs[n]:.6f}" if n in probs else "" for n in classes])
-    text = "".join("\t".join(r) + "\n" for r in table)
-    if output:
-        atomic_write_bytes(output, text.encode())
-    else:
-        sys.stdout.write(text)
-    return table
+    return write_table(table, output)
 
 
 def parse_adapters(items: list) -> dict:

@@ -170,13 +170,23 @@ def predict_file(run: Union[str, os.PathLike], source: str, output: Optional[str
     table = [["index", "label"] + ([] if task.is_regression
                                    else [f"p_{name}" for name in task.label_names])]
     for i, row in zip(ids, logits):
-        if task.is_regression:
-            table.append([i, f"{float(row[0]):.4f}"])
-        else:
-            p = np.exp(row - row.max())
-            p /= p.sum()
-            table.append([i, task.label_names[int(np.argmax(row))]]
-                         + [f"{v:.6f}" for v in p])
+        label, probs = prediction(task, row)
+        table.append([i, label] + [f"{v:.6f}" for v in probs.values()])
+    return write_table(table, output)
+
+
+def prediction(task: Task, logits: np.ndarray) -> tuple[str, dict]:
+    """`(label, {class: probability})` of one example's logits: the label name and the
+    softmax (regression: the score to 4 decimals, no probabilities)."""
+    if task.is_regression:
+        return f"{float(logits[0]):.4f}", {}
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    return task.label_names[int(np.argmax(logits))], dict(zip(task.label_names, p))
+
+
+def write_table(table: list, output: Optional[str]) -> list:
+    """Writes the rows as TSV to `output` (atomically), or to stdout if None; returns them."""
     text = "".join("\t".join(r) + "\n" for r in table)
     if output:
         atomic_write_bytes(output, text.encode())

@@ -191,3 +191,30 @@ def save_tiny_bert(out: Path, minilm_dir: Path, **sizes) -> Path:
     transformers.BertModel(cfg).save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
+
+
+def moved_off_start(pre, peft, scale=0.05, seed=1):
+    """`(peft, model, params)`: `peft` on the loaded base `pre` with every trainable leaf
+    moved off its initial value (a seeded normal draw per leaf), so that no parity test
+    passes on zeros."""
+    import jax
+    from flax import traverse_util
+
+    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
+    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
+    key = jax.random.key(seed)
+    for i, path in enumerate(sorted(flat)):
+        if mask[path]:
+            flat[path] = flat[path] + scale * jax.random.normal(jax.random.fold_in(key, i),
+                                                                flat[path].shape)
+    return peft, model, traverse_util.unflatten_dict(flat)
+
+
+def stsb_batch(pre, glue_dir, n=16):
+    """`((ids, mask, types), scores)` of the first `n` real STS-B training pairs."""
+    rows = [l.split("\t") for l in
+            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:n + 1]]
+    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
+                        return_tensors="np")
+    args = tuple(enc[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+    return args, np.array([float(r[9]) for r in rows], np.float32)

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
@@ -15,7 +14,7 @@ from jaxpeft.peft.adalora import AdaloraConfig, rank_allocator
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.hf_import import import_peft
 from jaxpeft.train import create_train_state, make_train_step, per_example_loss
-from tests.helpers import save_tiny_bert
+from tests.helpers import moved_off_start, save_tiny_bert, stsb_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,14 +22,7 @@ hf_peft = pytest.importorskip("peft")
 
 
 def _trained(pre, options, scale=0.05, seed=1):
-    peft = make_peft("adalora", options)
-    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
-    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
-    for i, path in enumerate(sorted(flat)):
-        if mask[path]:
-            flat[path] = flat[path] + scale * jax.random.normal(
-                jax.random.key(100 * seed + i), flat[path].shape)
-    return peft, model, traverse_util.unflatten_dict(flat)
+    return moved_off_start(pre, make_peft("adalora", options), scale, seed)
 
 
 def _peft_config(options, total_step, **kw):
@@ -90,15 +82,11 @@ def test_loss_with_penalty_and_gradients_match_peft(minilm_dir, glue_dir, tmp_pa
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
     options = AdaloraConfig(init_r=6, target_r=2, orth_reg=0.5)
     peft, model, params = _trained(pre, options, scale=0.02)
-    rows = [l.split("\t") for l in
-            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
-    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
-                        return_tensors="np")
-    y = np.array([float(r[9]) for r in rows], np.float32)
+    args, y = stsb_batch(pre, glue_dir)
     trainable, frozen = partition(params, peft.mask(params))
 
     def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, *_args(enc), deterministic=True)
+        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
         return per_example_loss(logits, y, True).mean() + peft.penalty(t)
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -107,8 +95,7 @@ def test_loss_with_penalty_and_gradients_match_peft(minilm_dir, glue_dir, tmp_pa
                                            peft_tensors(peft, params).items()})
     tm.eval()
     out = tm(**{k: torch.tensor(v) for k, v in zip(
-        ("input_ids", "attention_mask", "token_type_ids"), _args(enc))},
-        labels=torch.tensor(y))
+        ("input_ids", "attention_mask", "token_type_ids"), args)}, labels=torch.tensor(y))
     out.loss.backward()
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-6)
     ref = {n.replace(".modules_to_save.default", "").replace(".default", ""): p.grad.numpy()

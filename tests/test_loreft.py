@@ -11,7 +11,7 @@ import jaxpeft
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.peft import combine, make_peft, partition
 from jaxpeft.peft.loreft import LoreftConfig
-from tests.helpers import random_encoded, save_torch_model, tiny_hf_config
+from tests.helpers import random_encoded, save_torch_model, stsb_batch, tiny_hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -111,12 +111,7 @@ def test_gradients_equal_the_reference(minilm_dir, glue_dir):
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
     options = LoreftConfig(rank=4, first=1, last=1)
     peft, model, params = _trained(pre, options)
-    rows = [l.split("\t") for l in
-            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
-    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
-                        return_tensors="np")
-    args = tuple(enc[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
-    y = np.array([float(r[9]) for r in rows], np.float32)
+    args, y = stsb_batch(pre, glue_dir)
     trainable, frozen = partition(params, peft.mask(params))
 
     def loss_fn(t):

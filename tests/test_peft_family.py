@@ -18,7 +18,8 @@ from jaxpeft.peft.lokr import LokrConfig, kron_factors
 from jaxpeft.peft.oft import OftConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
-from tests.helpers import random_batch, save_torch_model, tiny_hf_config
+from tests.helpers import (moved_off_start, random_batch, save_torch_model, stsb_batch,
+                           tiny_hf_config)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -74,7 +75,7 @@ def tiny_roberta(tmp_path_factory):
 def _trained(pre, method, scale=0.05, seed=1):
     """`(peft, model, params)` of a `CASES` method with every trainable leaf moved off its
     initial value."""
-    return _trained_with(pre, make_peft(method, CASES[method][0]), scale, seed)
+    return moved_off_start(pre, make_peft(method, CASES[method][0]), scale, seed)
 
 
 def _torch_model(base_dir, num_labels=2):
@@ -152,16 +153,11 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
     peft, model, params = _trained(pre, method, scale=0.01)
     export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
-    rows = [l.split("\t") for l in
-            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
-    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
-                        return_tensors="np")
-    y = np.array([float(r[9]) for r in rows], np.float32)
+    args, y = stsb_batch(pre, glue_dir)
     trainable, frozen = partition(params, peft.mask(params))
 
     def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, enc["input_ids"],
-                             enc["attention_mask"], enc["token_type_ids"], deterministic=True)
+        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
         return per_example_loss(logits, y, True).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -172,8 +168,9 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     if prompt:
         for n, p in tm.named_parameters():
             p.requires_grad_("prompt_encoder" in n or "modules_to_save" in n)
-    out = tm(**{k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask",
-                                                  "token_type_ids")}, labels=torch.tensor(y))
+    out = tm(**{k: torch.tensor(v) for k, v in zip(("input_ids", "attention_mask",
+                                                    "token_type_ids"), args)},
+             labels=torch.tensor(y))
     out.loss.backward()
     ref = {n.replace(".modules_to_save.default", "").replace(".default", "")
            .replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
@@ -311,7 +308,7 @@ def test_lora_init_from_the_kernel_matches_peft(minilm, minilm_dir, sst2_batch, 
                                          deterministic=True))
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, *sst2_batch,
                                                       deterministic=True)), base, atol=1e-5)
-    peft, model, params = _trained_with(minilm, peft)
+    peft, model, params = moved_off_start(minilm, peft)
     export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
     from safetensors.numpy import load_file
     config = hf_peft.PeftConfig.from_pretrained(tmp_path)
@@ -329,18 +326,6 @@ def test_lora_init_from_the_kernel_matches_peft(minilm, minilm_dir, sst2_batch, 
                                                       deterministic=True)), ours, atol=1e-5)
 
 
-def _trained_with(pre, peft, scale=0.05, seed=1):
-    """`(peft, model, params)` of `peft` with every trainable leaf moved off its start."""
-    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
-    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
-    key = jax.random.key(seed)
-    for i, path in enumerate(sorted(flat)):
-        if mask[path]:
-            flat[path] = flat[path] + scale * jax.random.normal(jax.random.fold_in(key, i),
-                                                                flat[path].shape)
-    return peft, model, traverse_util.unflatten_dict(flat)
-
-
 def test_lora_gaussian_init_is_peft_s(minilm, minilm_dir, sst2_batch, tmp_path):
     """`--lora_init=gaussian`: lora_a normal with std 1/r (peft's), lora_b zero; the export
     names the init and loads in peft with our logits."""
@@ -349,7 +334,7 @@ def test_lora_gaussian_init_is_peft_s(minilm, minilm_dir, sst2_batch, tmp_path):
     a = np.concatenate([np.asarray(v).ravel() for p, v in traverse_util.flatten_dict(
         params).items() if p[-1] == "lora_a"])
     assert abs(a.std() - 1 / 8) < 0.005 and abs(a.mean()) < 0.005
-    peft, model, params = _trained_with(minilm, peft)
+    peft, model, params = moved_off_start(minilm, peft)
     export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
     assert hf_peft.PeftConfig.from_pretrained(tmp_path).init_lora_weights == "gaussian"
     loaded = _torch_logits(hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir),
@@ -386,7 +371,7 @@ def test_oft_exact_cayley_matches_peft(minilm, minilm_dir, sst2_batch, tmp_path)
 
     peft = make_peft("oft", OftConfig(block_size=16, neumann_terms=0,
                                       targets=("query", "value", "output")))
-    peft, model, params = _trained_with(minilm, peft)
+    peft, model, params = moved_off_start(minilm, peft)
     q = params["bert"]["encoder"]["layer_0"]["output"]["dense"]["oft_q"]
     r = np.asarray(rotation(q, 16, 0))
     np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(16), r.shape),

@@ -6,7 +6,6 @@ the import back, packed rows, and what the method refuses."""
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
@@ -14,7 +13,8 @@ from jaxpeft.peft import combine, export_peft, make_peft, partition
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.hf_import import import_peft
 from jaxpeft.peft.prefix import PrefixConfig
-from tests.helpers import random_batch, random_encoded, save_torch_model, tiny_hf_config
+from tests.helpers import (moved_off_start, random_batch, random_encoded, save_torch_model,
+                           stsb_batch, tiny_hf_config)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,15 +31,7 @@ def tiny_roberta(tmp_path_factory):
 
 
 def _trained(pre, options, scale=0.05):
-    """`(peft, model, params)` with every trainable leaf moved off its start."""
-    peft = make_peft("prefix", options)
-    model, params = peft.init(pre.model, pre.params, jax.random.key(0))
-    flat, mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(peft.mask(params))
-    for i, path in enumerate(sorted(flat)):
-        if mask[path]:
-            flat[path] = flat[path] + scale * jax.random.normal(jax.random.key(i),
-                                                                flat[path].shape)
-    return peft, model, traverse_util.unflatten_dict(flat)
+    return moved_off_start(pre, make_peft("prefix", options), scale)
 
 
 def _reference(peft_model, args, n, pad=None):
@@ -123,12 +115,7 @@ def test_gradients_match_peft_s_prefix_encoder(minilm_dir, glue_dir, tmp_path):
     options = PrefixConfig(num_virtual_tokens=8)
     peft, model, params = _trained(pre, options, scale=0.01)
     export_peft(tmp_path, peft, params, base_model=str(minilm_dir), config=pre.config)
-    rows = [l.split("\t") for l in
-            (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[1:17]]
-    enc = pre.tokenizer([r[7] for r in rows], [r[8] for r in rows], padding=True,
-                        return_tensors="np")
-    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-    y = np.array([float(r[9]) for r in rows], np.float32)
+    args, y = stsb_batch(pre, glue_dir)
     trainable, frozen = partition(params, peft.mask(params))
 
     def loss_fn(t):
