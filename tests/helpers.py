@@ -218,3 +218,23 @@ def stsb_batch(pre, glue_dir, n=16):
                         return_tensors="np")
     args = tuple(enc[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
     return args, np.array([float(r[9]) for r in rows], np.float32)
+
+
+def loss_and_grads(model, params, peft, args, y, penalty=False):
+    """`(loss, gradients)` of the mean regression loss (plus the method's penalty if asked)
+    with respect to `peft`'s trainable leaves; the gradients as a full tree (frozen places
+    hold the frozen values), as the peft export's naming reads it."""
+    import jax
+
+    from jaxpeft.peft import combine, partition
+    from jaxpeft.train import per_example_loss
+
+    trainable, frozen = partition(params, peft.mask(params))
+
+    def loss_fn(t):
+        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
+        loss = per_example_loss(logits, y, True).mean()
+        return loss + peft.penalty(t) if penalty else loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    return loss, combine(grads, frozen)

@@ -9,12 +9,12 @@ import pytest
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.peft import combine, export_peft, make_peft, partition
+from jaxpeft.peft import combine, export_peft, make_peft
 from jaxpeft.peft.adalora import AdaloraConfig, rank_allocator
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.hf_import import import_peft
-from jaxpeft.train import create_train_state, make_train_step, per_example_loss
-from tests.helpers import moved_off_start, save_tiny_bert, stsb_batch
+from jaxpeft.train import create_train_state, make_train_step
+from tests.helpers import loss_and_grads, moved_off_start, save_tiny_bert, stsb_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -83,13 +83,7 @@ def test_loss_with_penalty_and_gradients_match_peft(minilm_dir, glue_dir, tmp_pa
     options = AdaloraConfig(init_r=6, target_r=2, orth_reg=0.5)
     peft, model, params = _trained(pre, options, scale=0.02)
     args, y = stsb_batch(pre, glue_dir)
-    trainable, frozen = partition(params, peft.mask(params))
-
-    def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
-        return per_example_loss(logits, y, True).mean() + peft.penalty(t)
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    loss, grads = loss_and_grads(model, params, peft, args, y, penalty=True)
     tm = hf_peft.get_peft_model(_torch_model(minilm_dir, 1), _peft_config(options, 100))
     hf_peft.set_peft_model_state_dict(tm, {k: torch.tensor(v) for k, v in
                                            peft_tensors(peft, params).items()})
@@ -100,7 +94,7 @@ def test_loss_with_penalty_and_gradients_match_peft(minilm_dir, glue_dir, tmp_pa
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-6)
     ref = {n.replace(".modules_to_save.default", "").replace(".default", ""): p.grad.numpy()
            for n, p in tm.named_parameters() if p.requires_grad}
-    ours = peft_tensors(peft, combine(grads, frozen))
+    ours = peft_tensors(peft, grads)
     assert set(ref) == set(ours)
     for name, r in ref.items():
         np.testing.assert_allclose(ours[name], r, atol=1e-5 * np.abs(r).max(), rtol=0,

@@ -9,9 +9,9 @@ from flax import traverse_util
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.peft import combine, make_peft, partition
+from jaxpeft.peft import make_peft
 from jaxpeft.peft.loreft import LoreftConfig
-from tests.helpers import random_encoded, save_torch_model, stsb_batch, tiny_hf_config
+from tests.helpers import loss_and_grads, random_encoded, save_torch_model, stsb_batch, tiny_hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -106,19 +106,11 @@ def test_logits_equal_the_reference_minilm(minilm, minilm_dir, sst2_batch, optio
 def test_gradients_equal_the_reference(minilm_dir, glue_dir):
     """Loss and gradients of every LoReFT leaf (through the QR parametrisation) and of the
     head on a real STS-B batch."""
-    from jaxpeft.train import per_example_loss
-
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
     options = LoreftConfig(rank=4, first=1, last=1)
     peft, model, params = _trained(pre, options)
     args, y = stsb_batch(pre, glue_dir)
-    trainable, frozen = partition(params, peft.mask(params))
-
-    def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
-        return per_example_loss(logits, y, True).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    loss, grads = loss_and_grads(model, params, peft, args, y)
     tm = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir,
                                                                          num_labels=1).eval()
     _load_head(tm, params)

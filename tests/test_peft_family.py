@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 import jaxpeft
-from jaxpeft.peft import LoraConfig, export_peft, make_peft, partition, combine
+from jaxpeft.peft import LoraConfig, export_peft, make_peft
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.boft import BoftConfig
 from jaxpeft.peft.fourierft import FourierftConfig
@@ -18,7 +18,7 @@ from jaxpeft.peft.lokr import LokrConfig, kron_factors
 from jaxpeft.peft.oft import OftConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
-from tests.helpers import (moved_off_start, random_batch, save_torch_model, stsb_batch,
+from tests.helpers import (loss_and_grads, moved_off_start, random_batch, save_torch_model, stsb_batch,
                            tiny_hf_config)
 
 torch = pytest.importorskip("torch")
@@ -148,19 +148,11 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp
                                     "loha", "lokr", "oft", "fourierft", "boft"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     """Loss and every trainable gradient equal PyTorch peft's on a real STS-B batch."""
-    from jaxpeft.train import per_example_loss
-
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
     peft, model, params = _trained(pre, method, scale=0.01)
     export_peft(tmp_path, peft, params, base_model=str(minilm_dir))
     args, y = stsb_batch(pre, glue_dir)
-    trainable, frozen = partition(params, peft.mask(params))
-
-    def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
-        return per_example_loss(logits, y, True).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    loss, grads = loss_and_grads(model, params, peft, args, y)
     # peft refuses is_trainable for prompt learning: the same parameters are set by hand.
     prompt = method == "prompt"
     tm = hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir, 1), tmp_path,
@@ -179,7 +171,7 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-6)
     # Our gradients under peft's names and layouts: the export's own mapping, applied to the
     # gradient tree (frozen places hold the frozen values, which are not compared).
-    ours = peft_tensors(peft, combine(grads, frozen))
+    ours = peft_tensors(peft, grads)
     for name, r in ref.items():
         np.testing.assert_allclose(ours[name], r, atol=1e-5 * np.abs(r).max(), rtol=0,
                                    err_msg=name)

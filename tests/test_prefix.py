@@ -9,11 +9,11 @@ import pytest
 
 import jaxpeft
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.peft import combine, export_peft, make_peft, partition
+from jaxpeft.peft import export_peft, make_peft
 from jaxpeft.peft.hf_export import peft_tensors
 from jaxpeft.peft.hf_import import import_peft
 from jaxpeft.peft.prefix import PrefixConfig
-from tests.helpers import (moved_off_start, random_batch, random_encoded, save_torch_model,
+from tests.helpers import (loss_and_grads, moved_off_start, random_batch, random_encoded, save_torch_model,
                            stsb_batch, tiny_hf_config)
 
 torch = pytest.importorskip("torch")
@@ -109,20 +109,12 @@ def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, tmp_path):
 def test_gradients_match_peft_s_prefix_encoder(minilm_dir, glue_dir, tmp_path):
     """Loss and gradients (the table, the head) on a real STS-B batch equal those of peft's
     trainable prefix encoder through transformers' attention."""
-    from jaxpeft.train import per_example_loss
-
     pre = jaxpeft.load_pretrained(minilm_dir, num_labels=1)
     options = PrefixConfig(num_virtual_tokens=8)
     peft, model, params = _trained(pre, options, scale=0.01)
     export_peft(tmp_path, peft, params, base_model=str(minilm_dir), config=pre.config)
     args, y = stsb_batch(pre, glue_dir)
-    trainable, frozen = partition(params, peft.mask(params))
-
-    def loss_fn(t):
-        logits = model.apply({"params": combine(t, frozen)}, *args, deterministic=True)
-        return per_example_loss(logits, y, True).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    loss, grads = loss_and_grads(model, params, peft, args, y)
     tm = hf_peft.PeftModel.from_pretrained(
         transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir,
                                                                         num_labels=1),
@@ -138,7 +130,7 @@ def test_gradients_match_peft_s_prefix_encoder(minilm_dir, glue_dir, tmp_path):
            .replace("prompt_encoder.embedding.weight", "prompt_embeddings"): p.grad.numpy()
            for n, p in tm.named_parameters() if p.requires_grad}
     np.testing.assert_allclose(float(loss), float(ref_loss.detach()), rtol=1e-6)
-    ours = peft_tensors(peft, combine(grads, frozen))
+    ours = peft_tensors(peft, grads)
     assert set(ref) == set(ours)
     for name, r in ref.items():
         np.testing.assert_allclose(ours[name], r, atol=1e-5 * np.abs(r).max(), rtol=0,
