@@ -86,3 +86,18 @@ def family_models(tmp_path_factory, minilm_dir, glue_dir):
         tok.save_pretrained(folder)
         out[model_type] = folder
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory):
+    """A tiny random RoBERTa for sequence classification without dropout, saved HF-style."""
+    pytest.importorskip("torch")
+    import transformers
+
+    from tests.helpers import save_torch_model, tiny_hf_config
+
+    d = tmp_path_factory.mktemp("tiny_roberta")
+    save_torch_model(transformers.RobertaForSequenceClassification,
+                     tiny_hf_config("roberta", hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0), d)
+    return d

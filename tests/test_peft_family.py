@@ -18,8 +18,7 @@ from jaxpeft.peft.lokr import LokrConfig, kron_factors
 from jaxpeft.peft.oft import OftConfig
 from jaxpeft.peft.prompt import PromptConfig
 from jaxpeft.peft.vera import VeraConfig
-from tests.helpers import (loss_and_grads, moved_off_start, random_batch, save_torch_model, stsb_batch,
-                           tiny_hf_config)
+from tests.helpers import loss_and_grads, moved_off_start, random_batch, stsb_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,15 +60,6 @@ CASES = {
                lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
                                                   prompt_tuning_init="SAMPLE_VOCAB")),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_roberta(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_roberta")
-    save_torch_model(transformers.RobertaForSequenceClassification,
-                     tiny_hf_config("roberta", hidden_dropout_prob=0.0,
-                                    attention_probs_dropout_prob=0.0), d)
-    return d
 
 
 def _trained(pre, method, scale=0.05, seed=1):

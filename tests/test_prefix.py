@@ -21,15 +21,6 @@ transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def tiny_roberta(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_roberta")
-    save_torch_model(transformers.RobertaForSequenceClassification,
-                     tiny_hf_config("roberta", hidden_dropout_prob=0.0,
-                                    attention_probs_dropout_prob=0.0), d)
-    return d
-
-
 def _trained(pre, options, scale=0.05):
     return moved_off_start(pre, make_peft("prefix", options), scale)
 
