@@ -89,13 +89,15 @@ def test_counts_match_peft_on_minilm(minilm):
         peft = make_peft(method)
         _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
         got[method] = peft.count(params).trainable
-    # lora, dora, vera, ln_tuning, prompt, loha, lokr, oft and (with peft's target set) ia3 are
-    # checked against peft itself in test_peft_family.py; the adapters' arithmetic in
+    # lora, dora, vera, ln_tuning, prompt, loha, lokr, oft, fourierft, boft and (with peft's
+    # target set) ia3 are checked against peft itself in test_peft_family.py, prefix and
+    # adalora in their own files; loreft and the adapters' arithmetic in test_loreft.py and
     # test_method_interface.py
     assert got == {"lora": 74_498, "bitfit": 26_882, "full": 22_713_986, "dora": 79_106,
                    "ia3": 14_594, "vera": 8_450, "ln_tuning": 10_754,
                    "adapter_houlsby": 605_186, "adapter_pfeiffer": 307_586, "prompt": 8_450,
-                   "loha": 148_226, "lokr": 8_450, "oft": 72_194}
+                   "loha": 148_226, "lokr": 8_450, "oft": 72_194, "prefix": 92_930,
+                   "adalora": 111_506, "loreft": 19_226, "fourierft": 12_770, "boft": 23_810}
 
 
 def test_counts_match_peft_print_trainable_parameters(minilm_dir):
@@ -333,8 +335,8 @@ def test_bad_lora_options(kwargs, msg):
 
 
 def test_unknown_method():
-    with pytest.raises(JaxpeftError, match="unknown method 'prefix'.*full, lora, bitfit"):
-        make_peft("prefix")
+    with pytest.raises(JaxpeftError, match="unknown method 'p_tuning'.*full, lora, bitfit"):
+        make_peft("p_tuning")
     with pytest.raises(JaxpeftError, match="export works for methods peft implements"):
         make_peft("bitfit").require_peft_export()
 
