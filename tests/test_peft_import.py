@@ -92,7 +92,7 @@ def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_bat
     with pytest.raises(JaxpeftError, match="for another base model"):
         import_peft(tmp_path / "lora", jaxpeft.load_pretrained(tiny, tokenizer=False))
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    for change, message in (({"peft_type": "ADALORA"}, "has no jaxpeft method"),
+    for change, message in (({"peft_type": "HRA"}, "has no jaxpeft method"),
                             ({"task_type": "CAUSAL_LM"}, "imports sequence-classification"),
                             ({"bias": "all"}, "bias='all'")):
         (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
