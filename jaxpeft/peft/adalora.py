@@ -272,13 +272,15 @@ class AdaloraCodec(PeftCodec):
     def options_from(self, config, modules):
         if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
             raise JaxpeftError("AdaLoRA: bias / fan_in_fan_out adapters are not supported")
+        # A field the file leaves out takes peft's default, as peft's own loader does.
+        get = lambda name, default: config.get(name, default)  # noqa: E731
         return AdaloraConfig(
-            init_r=int(config["init_r"]), target_r=int(config["target_r"]),
-            alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0),
-            targets=targets_of_modules(modules, "AdaLoRA"), tinit=int(config["tinit"]),
-            tfinal=int(config["tfinal"]), delta_t=int(config["deltaT"]),
-            beta1=float(config["beta1"]), beta2=float(config["beta2"]),
-            orth_reg=float(config["orth_reg_weight"]))
+            init_r=int(get("init_r", 12)), target_r=int(get("target_r", 8)),
+            alpha=float(get("lora_alpha", 8)), dropout=float(get("lora_dropout", 0) or 0),
+            targets=targets_of_modules(modules, "AdaLoRA"), tinit=int(get("tinit", 0)),
+            tfinal=int(get("tfinal", 0)), delta_t=int(get("deltaT", 1)),
+            beta1=float(get("beta1", 0.85)), beta2=float(get("beta2", 0.85)),
+            orth_reg=float(get("orth_reg_weight", 0.5)))
 
     def saved_tensors(self, config, saved):
         # peft saves only the kept triplets when training fixed a rank pattern (and loads
