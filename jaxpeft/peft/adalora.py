@@ -39,7 +39,7 @@ from jaxpeft.models.encoder import Dropout, DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 LEAVES = ("adalora_a", "adalora_e", "adalora_b")
 
@@ -345,9 +345,8 @@ class Adalora(PeftMethod):
         return rank_allocator(tx, options, total_steps)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        for path in [p for p in flat if p[-1] == "adalora_a"]:
-            mod = path[:-1]
-            a, e, b = (flat.pop(mod + (n,)) for n in LEAVES)
-            flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + (a * e) @ b * options.scale
-        return traverse_util.unflatten_dict(flat)
+        def fold(kernel, held):
+            a, e, b = (held[n] for n in LEAVES)
+            return kernel + (a * e) @ b * options.scale
+
+        return fold_into_kernels(params, LEAVES, fold)

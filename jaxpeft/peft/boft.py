@@ -35,7 +35,7 @@ from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 LEAVES = ("boft_r", "boft_s")
 
@@ -209,9 +209,5 @@ class Boft(PeftMethod):
         return (BoftHook(options),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        for path in [p for p in flat if p[-1] == "boft_r"]:
-            mod = path[:-1]
-            r, s = (flat.pop(mod + (n,)) for n in LEAVES)
-            flat[mod + ("kernel",)] = rotated_kernel(flat[mod + ("kernel",)], r, s, options)
-        return traverse_util.unflatten_dict(flat)
+        return fold_into_kernels(params, LEAVES, lambda kernel, held: rotated_kernel(
+            kernel, held["boft_r"], held["boft_s"], options))

@@ -19,6 +19,7 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
 from jaxpeft.peft.lora import Lora, LoraCodec, add_lora
+from jaxpeft.peft.method import fold_into_kernels
 
 
 def _column_norm(kernel, a, b, scale):
@@ -100,11 +101,9 @@ class Dora(Lora):
         return (DoraHook(scale=options.scale, dropout=options.dropout),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        for path in [p for p in flat if p[-1] == "lora_magnitude"]:
-            mod = path[:-1]
-            a, b = flat.pop(mod + ("lora_a",)), flat.pop(mod + ("lora_b",))
-            m, kernel = flat.pop(path), flat[mod + ("kernel",)]
+        def fold(kernel, held):
+            a, b, m = held["lora_a"], held["lora_b"], held["lora_magnitude"]
             adapted = kernel + (a @ b) * options.scale
-            flat[mod + ("kernel",)] = adapted * (m / _column_norm(kernel, a, b, options.scale))
-        return traverse_util.unflatten_dict(flat)
+            return adapted * (m / _column_norm(kernel, a, b, options.scale))
+
+        return fold_into_kernels(params, ("lora_a", "lora_b", "lora_magnitude"), fold)

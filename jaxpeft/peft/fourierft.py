@@ -33,7 +33,7 @@ from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 LEAF = "fourierft_spectrum"
 
@@ -162,10 +162,5 @@ class Fourierft(PeftMethod):
         return (FourierftHook(options),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        for path in [p for p in flat if p[-1] == LEAF]:
-            mod = path[:-1]
-            kernel = flat[mod + ("kernel",)]
-            flat[mod + ("kernel",)] = kernel + fourier_delta(flat.pop(path), *kernel.shape,
-                                                             options)
-        return traverse_util.unflatten_dict(flat)
+        return fold_into_kernels(params, (LEAF,), lambda kernel, held: kernel + fourier_delta(
+            held[LEAF], *kernel.shape, options))

@@ -25,7 +25,7 @@ from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, shared_flag
 
 LEAVES = ("loha_u1", "loha_v1", "loha_u2", "loha_v2")
 
@@ -152,10 +152,5 @@ class Loha(PeftMethod):
         return (LohaHook(scale=options.scale),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        for path in [p for p in flat if p[-1] == "loha_u1"]:
-            mod = path[:-1]
-            u1, v1, u2, v2 = (flat.pop(mod + (n,)) for n in LEAVES)
-            flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + loha_delta(u1, v1, u2, v2,
-                                                                           options.scale)
-        return traverse_util.unflatten_dict(flat)
+        return fold_into_kernels(params, LEAVES, lambda kernel, held: kernel + loha_delta(
+            *(held[n] for n in LEAVES), options.scale))

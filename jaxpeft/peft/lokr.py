@@ -28,7 +28,7 @@ from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.loha import refuse_patterns_and_dropout
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -185,9 +185,5 @@ class Lokr(PeftMethod):
         return (LokrHook(scale=options.scale),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        modules = {p[:-1] for p in flat if p[-1] in LEAVES}
-        for mod in modules:
-            held = {n: flat.pop(mod + (n,)) for n in LEAVES if mod + (n,) in flat}
-            flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + lokr_delta(held, options.scale)
-        return traverse_util.unflatten_dict(flat)
+        return fold_into_kernels(
+            params, LEAVES, lambda kernel, held: kernel + lokr_delta(held, options.scale))

@@ -24,7 +24,7 @@ from jaxpeft.models.family import TARGET_NAMES, Family
 from jaxpeft.models.registry import family_of_params, target_aliases
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.codec import PeftCodec
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag
 
 def check_targets(targets, method: str) -> tuple:
     """Target names (`jaxpeft.models.family.TARGET_NAMES`) with transformers-style aliases
@@ -165,15 +165,13 @@ def kernel_factors(kernel: jax.Array, config: LoraConfig) -> tuple[jax.Array, ja
 def merge_lora(params: Any, config: LoraConfig) -> Any:
     """Folds `(a @ b - a0 @ b0) * scale` into each kernel (`a0 @ b0`: PiSSA's and OLoRA's
     first factors, zero otherwise) and drops the LoRA leaves."""
-    flat = dict(traverse_util.flatten_dict(params))
-    for path in [p for p in flat if p[-1] == "lora_a"]:
-        mod = path[:-1]
-        a, b = flat.pop(mod + ("lora_a",)), flat.pop(mod + ("lora_b",))
-        delta = a @ b
-        if mod + ("lora_a0",) in flat:
-            delta = delta - flat.pop(mod + ("lora_a0",)) @ flat.pop(mod + ("lora_b0",))
-        flat[mod + ("kernel",)] = flat[mod + ("kernel",)] + delta * config.scale
-    return traverse_util.unflatten_dict(flat)
+    def fold(kernel, held):
+        delta = held["lora_a"] @ held["lora_b"]
+        if "lora_a0" in held:
+            delta = delta - held["lora_a0"] @ held["lora_b0"]
+        return kernel + delta * config.scale
+
+    return fold_into_kernels(params, ("lora_a", "lora_b", "lora_a0", "lora_b0"), fold)
 
 
 def portable_lora(params: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:

@@ -196,6 +196,29 @@ class PeftMethod:
         return params
 
 
+def fold_into_kernels(params: Any, leaves: tuple,
+                      fold: Callable[[jax.Array, dict], jax.Array]) -> Any:
+    """The tree with `leaves` dropped from every module that holds any of them and its kernel
+    replaced by `fold(kernel, held)`, `held` mapping each of those leaves the module has to its
+    value: the merge of every method that rewrites the frozen kernel."""
+    flat = dict(traverse_util.flatten_dict(params))
+    for mod in {p[:-1] for p in flat if p[-1] in leaves}:
+        held = {n: flat.pop(mod + (n,)) for n in leaves if mod + (n,) in flat}
+        flat[mod + ("kernel",)] = fold(flat[mod + ("kernel",)], held)
+    return traverse_util.unflatten_dict(flat)
+
+
+# What a method may require of a family beyond target layers and biases
+# (`Family.provides`): what the method does with it, and what a family without it does.
+_CAPABILITIES = {
+    "layer_hooks": ("acts between the layers of the shared layer stack",
+                    "runs its own"),
+    "attention_prefix": ("needs attention that takes extra keys and values",
+                         "computes attention positions from its keys (relative or rotary), "
+                         "which a prefix has none of"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Peft:
     """A method with its options and whether BERT's pooler trains beside the head.
@@ -218,15 +241,10 @@ class Peft:
         """Refuses, in one line, a family that lacks what this method needs (LoRA on query
         and value of ModernBERT, whose projection is the fused `qkv`; BitFit without biases)."""
         missing = [r for r in self.method.requires(self.options) if r not in family.provides()]
-        if "layer_hooks" in missing:
-            raise JaxpeftError(
-                f"{self.name} acts between the layers of the shared layer stack; {family.name} "
-                "runs its own: choose another method or a BERT-like model")
-        if "attention_prefix" in missing:
-            raise JaxpeftError(
-                f"{self.name} needs attention that takes extra keys and values; {family.name}'s "
-                "attention computes positions from its keys (relative or rotary), which a "
-                "prefix has none of: choose another method or a BERT-like model")
+        for capability, (needs, instead) in _CAPABILITIES.items():
+            if capability in missing:
+                raise JaxpeftError(f"{self.name} {needs}; {family.name} {instead}: choose "
+                                   "another method or a BERT-like model")
         if missing:
             offered = ", ".join(t for t in family.targets)
             raise JaxpeftError(

@@ -25,7 +25,7 @@ from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +158,6 @@ class Oft(PeftMethod):
         return (OftHook(config=options),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        for path in [p for p in flat if p[-1] == "oft_q"]:
-            q = flat.pop(path)
-            kernel = path[:-1] + ("kernel",)
-            flat[kernel] = rotated_kernel(flat[kernel], q, options)
-        return traverse_util.unflatten_dict(flat)
+        return fold_into_kernels(
+            params, ("oft_q",), lambda kernel, held: rotated_kernel(kernel, held["oft_q"],
+                                                                   options))

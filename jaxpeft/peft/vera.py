@@ -25,7 +25,7 @@ from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
 from jaxpeft.peft.lora import check_targets, peft_target_modules, target_modules
 from jaxpeft.peft.codec import PeftCodec
-from jaxpeft.peft.method import MethodOptions, PeftMethod, flag, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 D_INITIAL = 0.1  # peft's and the paper's initial lambda_d
 
@@ -131,12 +131,11 @@ class Vera(PeftMethod):
         return (VeraHook(dropout=options.dropout),)
 
     def merge(self, params, options):
-        flat = dict(traverse_util.flatten_dict(params))
-        a, b = flat.pop(("vera_A",)), flat.pop(("vera_B",))
-        for path in [p for p in flat if p[-1] == "vera_lambda_d"]:
-            mod = path[:-1]
-            d, lb = flat.pop(path), flat.pop(mod + ("vera_lambda_b",))
-            kernel = flat[mod + ("kernel",)]
-            delta = (a[:, :kernel.shape[0]].T * d) @ b[:kernel.shape[1]].T * lb
-            flat[mod + ("kernel",)] = kernel + delta
-        return traverse_util.unflatten_dict(flat)
+        params = dict(params)
+        a, b = params.pop("vera_A"), params.pop("vera_B")
+
+        def fold(kernel, held):
+            d, lb = held["vera_lambda_d"], held["vera_lambda_b"]
+            return kernel + (a[:, :kernel.shape[0]].T * d) @ b[:kernel.shape[1]].T * lb
+
+        return fold_into_kernels(params, ("vera_lambda_d", "vera_lambda_b"), fold)
