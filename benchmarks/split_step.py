@@ -13,14 +13,27 @@ after a compiling and a warm one, each side in its own process, dropout on):
   optimizer          the whole train step (clipping, AdamW, the new parameters) less the
                      gradients of every leaf
 The peer is the same split in transformers: `torch.no_grad` forward, then `requires_grad`
-on the same leaves, then `clip_grad_norm_` and `AdamW.step`. Per-op profiles say which
-kernels run; this says which part of the step costs what, on both sides alike.
+on the same leaves, then `clip_grad_norm_` and `AdamW.step`.
+
+`--ops` adds a per-op split of the whole train step on each side, by part of the model
+(`CATEGORIES`) and direction (forward, backward, optimizer), ms per step over `--steps`
+profiled steps: jaxpeft's from a `jax.profiler` trace, each XLA:CPU thunk (fusion, dot,
+custom call) placed by the op the compiled program's metadata names for it (the module path
+and primitive; `transpose(...)` marks the backward pass); the peer's from `torch.profiler`,
+each top-level op of the forward, each autograd node of the backward and everything in the
+optimizer placed by its name and operand shapes. A fused kernel counts where its root op
+belongs (a matmul with a GELU epilogue is a matmul), so the rows compare the two sides'
+kernels, not exactly the same arithmetic.
 """
 
+import glob
+import gzip
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,10 +43,17 @@ from benchmarks import machine
 from benchmarks.bench_train import (  # noqa: F401 - and its flags
     _random_batch, _train_setup, torch_peer_model)
 
+flags.DEFINE_bool("ops", False, "also split each side's whole step by op (module part and "
+                  "direction) from a profiler trace")
 flags.DEFINE_string("_split_worker", "", "internal: 'jax|torch:BxS'")
 
 PARTS = ("forward", "input gradients", "weight gradients", "embedding gradients", "optimizer")
 _TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+CATEGORIES = ("FFN matmuls", "GELU (and the FFN's bias)", "attention projections",
+              "attention core", "LayerNorm (and residual adds)", "dropout (masks, masking)",
+              "embeddings", "the rest (pooler, head, loss)", "optimizer (clip, AdamW)")
+FFN, GELU, PROJECTIONS, CORE, NORM, DROPOUT, EMBEDDINGS, REST, OPTIMIZER = CATEGORIES
+DIRECTIONS = ("forward", "backward", "optimizer")
 
 
 def _median_s(fn, steps):
@@ -84,6 +104,8 @@ def jax_stages(f, batch: int, seq: int) -> dict:
         holder["state"], m = step(holder["state"], data, rng, frozen)
         jax.block_until_ready(m)
     out["step"] = _median_s(one, f.steps)
+    if f.ops:
+        out["ops"] = jax_ops(step, holder["state"], frozen, data, rng, f.steps)
     return out
 
 
@@ -125,7 +147,210 @@ def torch_stages(f, batch: int, seq: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     out["step"] = _median_s(step, f.steps)
+    if f.ops:
+        out["ops"] = torch_ops(model, inputs, labels, opt, params, f.steps)
     return out
+
+
+def jax_category(ops: list) -> tuple[str, str]:
+    """`(category, direction)` of an XLA:CPU thunk from the `(opcode, op_name)` of what it
+    computes (a fusion: its instructions, root first; names as `jit(train_step)/transpose(
+    jvp(SequenceClassifier))/bert/encoder/layer_0/...`): a thunk with a matmul counts as that
+    matmul, one that draws dropout bits as dropout, any other by its root."""
+    dots = [n for op, n in ops if op in ("dot", "convolution")]
+    # Dropout's bits: threefry's rounds (xor and shifts), inlined where XLA fuses them.
+    opcodes = {op for op, _ in ops}
+    bits = ([n for _, n in ops if re.search(r"threefry|random_bits", n)]
+            or ([n for _, n in ops] if {"xor", "shift-right-logical"} <= opcodes else []))
+    name = (dots or bits or [n for _, n in ops])[0]
+    if "transpose(" in name:
+        direction = "backward"
+    elif "jvp(" in name or bits:
+        direction = "forward"  # the dropout masks' bits are drawn outside the jvp's names
+    else:
+        return OPTIMIZER, "optimizer"
+    path = name.lower()
+    if bits and not dots or "dropout" in path:
+        return DROPOUT, direction
+    if "layernorm" in path:
+        return NORM, direction
+    if "embeddings" in path:
+        return EMBEDDINGS, direction
+    if "/intermediate/" in path or re.search(r"/layer_\d+/output/dense", path):
+        return (FFN if dots else GELU), direction
+    if re.search(r"attention/self/(query|key|value)|attention/output/dense", path) and dots:
+        return PROJECTIONS, direction
+    if "attention/self" in path:
+        return CORE, direction
+    if re.search(r"/layer_\d+/", path):  # the residual adds before each LayerNorm
+        return NORM, direction
+    return REST, direction
+
+
+def _thunk_ops(hlo: str) -> dict:
+    """`{instruction name: [(opcode, op_name), ...]}` of an optimized program's text: each
+    instruction's own, then (for fusions and calls) its computation's, root first."""
+    own, bodies, calls, current = {}, {}, {}, None
+    for line in hlo.splitlines():
+        start = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if start and "=" not in line.split("{")[0]:
+            current = bodies.setdefault(start.group(1), [])
+            continue
+        m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (?:\(.*?\)|\S+) ([\w-]+)\(", line)
+        if not m:
+            continue
+        name = re.search(r'op_name="([^"]+)"', line)
+        if name:
+            op = (m.group(3), name.group(1))
+            own[m.group(2)] = op
+            if current is not None:
+                current.insert(0, op) if m.group(1) else current.append(op)
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            calls[m.group(2)] = called.group(1)
+    return {n: ([own[n]] if n in own else []) + bodies.get(calls.get(n), [])
+            for n in set(own) | set(calls)}
+
+
+def split_overlaps(intervals: list) -> list:
+    """Each `(start, end, key)` interval's share of wall time: where k intervals overlap,
+    each gets 1/k of that stretch (XLA:CPU runs independent thunks at once), so the shares
+    add up to the busy time."""
+    edges = sorted({t for s, e, _ in intervals for t in (s, e)})
+    starts = sorted(range(len(intervals)), key=lambda i: intervals[i][0])
+    share, active, nxt = [0.0] * len(intervals), set(), 0
+    for left, right in zip(edges, edges[1:]):
+        while nxt < len(starts) and intervals[starts[nxt]][0] <= left:
+            active.add(starts[nxt])
+            nxt += 1
+        active = {i for i in active if intervals[i][1] > left}
+        for i in active:
+            share[i] += (right - left) / len(active)
+    return share
+
+
+def jax_ops(step, state, frozen, data, rng, steps: int) -> dict:
+    """`{direction: {category: ms per step}}` of jaxpeft's compiled train step, from a
+    `jax.profiler` trace of `steps` steps (overlapping thunks share their wall time)."""
+    import jax
+
+    compiled = step.lower(state, data, rng, frozen).compile()
+    named = _thunk_ops(compiled.as_text())
+    state, _ = compiled(state, data, rng, frozen)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, m = compiled(state, data, rng, frozen)
+                jax.block_until_ready(m)
+        path = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        with gzip.open(path) as fh:
+            trace = json.load(fh)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    # Thunks whose instructions carry no source name (copies XLA inserts, the reduction
+    # trees it builds for the gradient norm) are counted apart.
+    intervals = [(e["ts"], e["ts"] + e.get("dur", 0.0),
+                  jax_category(named[op]) if named.get(op) else ("", "unnamed"))
+                 for e in events if e.get("ph") == "X"
+                 for op in [e.get("args", {}).get("hlo_op")] if op]
+    out = {d: dict.fromkeys(CATEGORIES, 0.0) for d in DIRECTIONS}
+    out["unnamed"] = {"": 0.0}
+    for (_, _, (category, direction)), us in zip(intervals, split_overlaps(intervals)):
+        out[direction][category] += us / 1e3 / steps
+    return out
+
+
+def torch_category(name: str, shapes, intermediate: int, tokens: int) -> str:
+    """The category of a top-level forward op or a backward autograd node of the peer, from
+    its name and operand shapes."""
+    name = name.lower()
+    dims = {d for s in shapes or () for d in (s or ())}
+    if "layer_norm" in name or "layernorm" in name:
+        return NORM
+    if "dropout" in name or "bernoulli" in name:
+        return DROPOUT
+    if "embedding" in name:
+        return EMBEDDINGS
+    if "gelu" in name:
+        return GELU
+    if "scaled_dot_product" in name or "softmax" in name or "bmm" in name:
+        return CORE
+    if any(k in name for k in ("linear", "addmm", "mm", "matmul")) and tokens in dims:
+        return FFN if intermediate in dims else PROJECTIONS
+    if name.startswith("aten::add") and tokens * intermediate not in dims:
+        return NORM  # the residual adds
+    return REST
+
+
+def torch_ops(model, inputs, labels, opt, params, steps: int) -> dict:
+    """`{direction: {category: ms per step}}` of the peer's train step from `torch.profiler`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def step():
+        with record_function("phase:forward"):
+            loss = model(**inputs, labels=labels).loss
+        with record_function("phase:backward"):
+            loss.backward()
+        with record_function("phase:optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    intermediate = model.config.intermediate_size
+    tokens = int(inputs["input_ids"].numel())
+    out = {d: dict.fromkeys(CATEGORIES, 0.0) for d in DIRECTIONS}
+
+    def shapes_below(evt):
+        found = list(evt.input_shapes or ())
+        for child in evt.cpu_children:
+            found += shapes_below(child)
+        return found
+
+    def visit(evt, phase):
+        if evt.name.startswith("phase:"):
+            phase = evt.name[len("phase:"):]
+            for child in evt.cpu_children:
+                visit(child, phase)
+            return
+        ms = evt.cpu_time_total / 1e3 / steps  # inclusive: the op with what it calls
+        if phase == "optimizer":
+            out["optimizer"][OPTIMIZER] += ms
+        elif phase == "forward" and evt.name.startswith("aten::"):
+            out["forward"][torch_category(evt.name, shapes_below(evt), intermediate,
+                                          tokens)] += ms
+        elif phase == "backward" and evt.name.startswith("autograd::engine::evaluate"):
+            node = evt.name.rsplit(" ", 1)[-1]
+            out["backward"][torch_category(node, shapes_below(evt), intermediate,
+                                           tokens)] += ms
+        elif phase in ("forward", "backward"):  # modules' own ranges, the engine's wrappers
+            for child in evt.cpu_children:
+                visit(child, phase)
+
+    for evt in prof.events():
+        if evt.cpu_parent is None:
+            visit(evt, None)
+    return out
+
+
+def print_ops(mine: dict, peer: dict) -> None:
+    """The per-op split of both sides as a markdown table."""
+    print("| part | jaxpeft forward | peer forward | jaxpeft backward | peer backward |\n"
+          "|---|---:|---:|---:|---:|")
+    for c in CATEGORIES[:-1]:
+        print(f"| {c} | {mine['forward'][c]:.1f} | {peer['forward'][c]:.1f} | "
+              f"{mine['backward'][c]:.1f} | {peer['backward'][c]:.1f} |")
+    print(f"| {OPTIMIZER} | {mine['optimizer'][OPTIMIZER]:.1f} | "
+          f"{peer['optimizer'][OPTIMIZER]:.1f} | | |")
+    print(f"| XLA's own ops without a source name (copies, reduction trees) | "
+          f"{mine['unnamed']['']:.1f} | — | | |")
+    totals = [sum(side[d].values()) for d in ("forward", "backward") for side in (mine, peer)]
+    print("| **sum** | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
+    whole = [sum(sum(v.values()) for v in side.values()) for side in (mine, peer)]
+    print(f"| **all, traced** | {whole[0]:.1f} | {whole[1]:.1f} | | |")
 
 
 def parts(stages: dict) -> dict:
@@ -168,6 +393,9 @@ def main(_):
         total = (rows[("jax", shape)]["step"], rows[("torch", shape)]["step"])
         print(f"| **step** | {1e3 * total[0]:.1f} | {1e3 * total[1]:.1f} | "
               f"{total[0] / total[1]:.2f} |")
+        if f.ops:
+            print(f"\n{shape}, per op (ms per step, {f.steps} profiled steps):")
+            print_ops(rows[("jax", shape)]["ops"], rows[("torch", shape)]["ops"])
     if f.out:
         with open(f.out, "w") as fh:
             json.dump({"machine": machine.describe(),
