@@ -16,6 +16,7 @@ and installing hooks (see `jaxpeft.peft`), never by swapping modules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import ClassVar
@@ -328,9 +329,53 @@ def refuse_foreign_leaves(module: nn.Module, known: set, where: str) -> None:
             "restores it from the adapter files)")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis, in float32 with the
+    two-pass variance (PyTorch's `layer_norm`)."""
+    return _normalize_fwd(x, scale, bias, eps)[0]
+
+
+def _normalize_fwd(x, scale, bias, eps):
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    normed = centred * rstd
+    return normed * scale + bias, (normed, rstd, scale)
+
+
+def _normalize_bwd(eps, saved, dy):
+    # The closed-form gradient keeps XLA from differentiating the statistics op by op: the
+    # forward saves two tensors and the backward is two row reductions and one elementwise
+    # pass (autodiff of the same formula left a dozen small kernels per LayerNorm).
+    normed, rstd, scale = saved
+    rows = tuple(range(dy.ndim - 1))
+    d_normed = dy * scale
+    dx = rstd * (d_normed - jnp.mean(d_normed, axis=-1, keepdims=True)
+                 - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+    return dx, jnp.sum(dy * normed, axis=rows), jnp.sum(dy, axis=rows)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis (`scale`, `bias` leaves, as `flax.linen.LayerNorm`'s),
+    statistics in float32, output in `dtype`."""
+
+    epsilon: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        # The cast stays outside the custom gradient, whose cotangents then match in dtype.
+        return _normalize(x.astype(jnp.float32), scale, bias, self.epsilon).astype(self.dtype)
+
+
 def layer_norm(config: EncoderConfig, runtime: Runtime, name: str = "LayerNorm"):
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=runtime.jnp_dtype,
-                        param_dtype=jnp.float32, name=name)
+    return LayerNorm(epsilon=config.layer_norm_eps, dtype=runtime.jnp_dtype, name=name)
 
 
 def expand_attention_mask(attention_mask: jax.Array) -> jax.Array:
