@@ -170,7 +170,7 @@ def jax_category(ops: list) -> tuple[str, str]:
     else:
         return OPTIMIZER, "optimizer"
     path = name.lower()
-    if bits and not dots or "dropout" in path:
+    if (bits and not dots) or "dropout" in path:
         return DROPOUT, direction
     if "layernorm" in path:
         return NORM, direction
