@@ -147,8 +147,9 @@ rates=(lora:2e-4,5e-4,1.25e-3,3e-3 full:1e-5,2e-5,5e-5 bitfit:3e-4,1e-3,3e-3 ia3
        adapter_houlsby:3e-4,1e-3,3e-3 adapter_pfeiffer:3e-4,1e-3,3e-3 prompt:1e-2,3e-2,1e-1)
 for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
 # the grids' tops where the chosen rate was the top rate
-g full mrpc,rte,stsb 1e-4
+g full cola,mrpc,rte,stsb 1e-4
 g lora rte,stsb 6e-3
+g lokr mrpc,stsb 1e-2,3e-2
 # the round-two methods on MRPC and STS-B (AdaLoRA: budget warm-up 10 %, fixed pattern 30 %
 # of each task's 3-epoch steps)
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
@@ -156,6 +157,12 @@ for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e
     g "${m%%:*}" mrpc,stsb "${m#*:}"; done
 g adalora mrpc 3e-4,1e-3,3e-3 --adalora_tinit=35 --adalora_tfinal=100
 g adalora stsb 3e-4,1e-3,3e-3 --adalora_tinit=54 --adalora_tfinal=160
+# ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
+# and 30 % of them), the study's rates
+for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
+         fourierft:1e-2,5e-2,1e-1 prefix:3e-3,1e-2,3e-2 loreft:3e-4,1e-3,3e-3; do
+    f --grid="method=${m%%:*};learning_rate=${m#*:}"; done
+f --grid="method=adalora;learning_rate=3e-4,1e-3,3e-3" --adalora_tinit=30 --adalora_tfinal=90
 for m in "${rates[@]}"; do g "${m%%:*}" sst2 "${m#*:}"; done
 $py -m experiments.report --root=runs/glue-standard --out=docs/results/glue-standard.md \
     --plots_dir=docs/results/plots-glue-standard
