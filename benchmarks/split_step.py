@@ -97,7 +97,8 @@ def jax_stages(f, batch: int, seq: int) -> dict:
                         ("all", {p: True for p in flat})):
         out[name] = _median_s(grads_of(which), f.steps)
     state, frozen = create_train_state(params, mask, tx)
-    step = make_train_step(model, tx)
+    # Compiled once here: the timing and the per-op trace run the same executable.
+    step = make_train_step(model, tx).lower(state, data, rng, frozen).compile()
     holder = {"state": state}
 
     def one():
@@ -229,14 +230,12 @@ def split_overlaps(intervals: list) -> list:
     return share
 
 
-def jax_ops(step, state, frozen, data, rng, steps: int) -> dict:
+def jax_ops(compiled, state, frozen, data, rng, steps: int) -> dict:
     """`{direction: {category: ms per step}}` of jaxpeft's compiled train step, from a
     `jax.profiler` trace of `steps` steps (overlapping thunks share their wall time)."""
     import jax
 
-    compiled = step.lower(state, data, rng, frozen).compile()
     named = _thunk_ops(compiled.as_text())
-    state, _ = compiled(state, data, rng, frozen)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(steps):
