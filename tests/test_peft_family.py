@@ -2,6 +2,8 @@
 Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
 the same logits, the same gradients, and merged models equal to unmerged ones."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -409,3 +411,70 @@ def test_boft_butterfly_rotation_is_peft_s(options):
     ours = np.asarray(rotation(jax.numpy.asarray(r), options))
     np.testing.assert_allclose(ours, total.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours @ ours.T, np.eye(n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_lycoris_rank_and_module_dropout(rescale):
+    """peft's LoHa/LoKr dropouts: each output column of ΔW kept or zeroed (the kept ones
+    rescaled by the inverse kept fraction when asked), the whole update skipped at the
+    module rate, nothing changed outside training."""
+    import flax.linen as nn
+    from jaxpeft.peft.loha import lycoris_dropout
+
+    options = LohaConfig(rank_dropout=0.5, module_dropout=0.3)
+
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, delta, deterministic):
+            return lycoris_dropout(self, delta, options, rescale, deterministic)
+
+    delta = np.random.RandomState(0).randn(6, 40).astype(np.float32)
+    np.testing.assert_array_equal(Probe().apply({}, delta, True), delta)
+    skipped, fractions = 0, []
+    for seed in range(300):
+        out = np.asarray(Probe().apply({}, delta, False, rngs={"dropout": jax.random.key(seed)}))
+        if not out.any():
+            skipped += 1
+            continue
+        kept = out.any(axis=0)
+        factor = 1 / kept.mean() if rescale else 1.0
+        np.testing.assert_allclose(out[:, kept], delta[:, kept] * factor, rtol=1e-6)
+        fractions.append(kept.mean())
+    assert 0.22 < skipped / 300 < 0.38
+    assert abs(np.mean(fractions) - 0.5) < 0.03
+
+
+def test_boft_dropout_sets_one_factor_s_blocks_to_the_identity():
+    """peft's multiplicative BOFT dropout: in one factor, int(rate · blocks) blocks become the
+    identity, which is the rotation of the same R with those blocks zeroed."""
+    from jaxpeft.peft.boft import identity_blocks, rotation
+
+    options = BoftConfig(block_size=4, butterfly_factors=2, dropout=0.3)
+    num, size = options.blocks(64)
+    r = 0.3 * jax.random.normal(jax.random.key(0), (2, num, size, size))
+    for seed in range(5):
+        key = jax.random.key(seed)
+        mask = np.asarray(identity_blocks(key, 2, num, 0.3))
+        assert sorted(mask.sum(axis=1).tolist()) == [0, int(0.3 * num)]
+        zeroed = jax.numpy.where(mask[..., None, None], 0.0, r)
+        np.testing.assert_allclose(rotation(r, options, key),
+                                   rotation(zeroed, options), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("loha", LohaConfig(rank=8, alpha=16, rank_dropout=0.3, module_dropout=0.2)),
+    ("lokr", LokrConfig(rank=8, alpha=16, rank_dropout=0.3, rank_dropout_scale=True)),
+    ("boft", BoftConfig(block_size=4, dropout=0.5))])
+def test_method_dropouts_change_training_forwards_only(minilm, sst2_batch, method, options):
+    """With peft's dropouts set, evaluation is the model without them; a training forward
+    differs from one without them under the same dropout key."""
+    plain = dataclasses.replace(options, **{f: 0.0 for f in ("rank_dropout", "module_dropout",
+                                                             "dropout") if hasattr(options, f)})
+    runs = {}
+    for name, opts in (("drop", options), ("plain", plain)):
+        _, model, params = moved_off_start(minilm, make_peft(method, opts))
+        runs[name] = [np.asarray(model.apply({"params": params}, *sst2_batch,
+                                             deterministic=det, rngs={"dropout": jax.random.key(4)}))
+                      for det in (True, False)]
+    np.testing.assert_array_equal(runs["drop"][0], runs["plain"][0])
+    assert np.abs(runs["drop"][1] - runs["plain"][1]).max() > 1e-4

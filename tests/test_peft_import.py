@@ -23,21 +23,27 @@ CONFIGS = {
     "ia3": lambda: hf_peft.IA3Config(task_type="SEQ_CLS"),
     "ln_tuning": lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
     "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
-    "loha": lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=4, alpha=8,
+    "loha": lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=4, alpha=8, rank_dropout=0.1,
+                                       module_dropout=0.1,
                                        target_modules=["query", "value", "output.dense"]),
     "lokr": lambda: hf_peft.LoKrConfig(task_type="SEQ_CLS", r=4, alpha=8, decompose_both=True,
+                                       rank_dropout=0.2, rank_dropout_scale=True,
                                        target_modules=["query", "key"]),
     "oft": lambda: hf_peft.OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=16,
-                                     target_modules=["query", "value"]),
+                                     module_dropout=0.1, target_modules=["query", "value"]),
     "fourierft": lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=500,
                                                  scaling=300.0, random_loc_seed=5,
                                                  target_modules=["query", "output.dense"]),
     "boft": lambda: hf_peft.BOFTConfig(task_type="SEQ_CLS", boft_block_size=0, boft_block_num=8,
-                                       boft_n_butterfly_factor=1,
+                                       boft_n_butterfly_factor=1, boft_dropout=0.25,
                                        target_modules=["key", "intermediate.dense"]),
     "adalora": lambda: hf_peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2,
                                              total_step=10, target_modules=["query", "value"]),
 }
+# peft's training-time dropouts in those configurations, which the imported options carry
+DROPOUTS = {"loha": {"rank_dropout": 0.1, "module_dropout": 0.1},
+            "lokr": {"rank_dropout": 0.2, "module_dropout": 0.0, "rank_dropout_scale": True},
+            "boft": {"dropout": 0.25}}
 
 
 def _train_in_torch(base_dir, config, batch, out, steps=3):
@@ -81,6 +87,8 @@ def test_peft_trained_adapter_scores_as_in_pytorch(minilm_dir, glue_dir, sst2_ba
     base = np.asarray(pre.model.apply({"params": pre.params}, *args, deterministic=True))
     assert np.abs(ours - base).max() > 1e-3  # the adapter was really applied
     assert peft.count(params).trainable == tm.get_nb_trainable_parameters()[0]
+    for name, value in DROPOUTS.get(method, {}).items():
+        assert getattr(peft.options, name) == value
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ the i-th butterfly permutation (`P_i BD_i P_iᵀ`, peft's `block_butterfly_perm`
 is `M = M_{m−1} ⋯ M_1 M_0`, and the layer computes `((x M) W) ⊙ s + bias`, which is folded
 into the frozen kernel as `(M W) ⊙ s`. `R = 0`, `s = 1` at init: the model starts as the
 base. Block size `--boft_block_size` (or the number of blocks, `--boft_block_num`; exactly one
-of them non-zero, as peft requires).
+of them non-zero, as peft requires). `--boft_dropout` is peft's multiplicative dropout: in
+each training step and layer, one butterfly factor drawn at random has that fraction of its
+blocks (rounded down) replaced by the identity.
 
 peft runs butterfly factors above 1 only with its CUDA extension; without it (any CPU) it
 silently builds one factor, so an export with m > 1 loads in peft only where that extension
@@ -51,6 +53,9 @@ class BoftConfig(MethodOptions):
                           "(0: set by --boft_block_size).")
     butterfly_factors: int = flag("boft_n_butterfly_factor", 1, "BOFT: butterfly factors in "
                                   "the rotation (1: block-diagonal OFT with output scales).")
+    dropout: float = flag("boft_dropout", 0.0, "BOFT: in training, the fraction of the blocks "
+                          "of one randomly chosen butterfly factor set to the identity "
+                          "(peft's multiplicative boft_dropout).")
     targets: tuple = shared_flag("lora_targets", ("query", "value"))
     label: ClassVar[str] = "BOFT"
 
@@ -62,6 +67,8 @@ class BoftConfig(MethodOptions):
         if (self.block_size == 0) == (self.block_num == 0):
             raise JaxpeftError("BOFT: give exactly one of --boft_block_size and "
                                "--boft_block_num (the other 0)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise JaxpeftError(f"--boft_dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.butterfly_factors, int) or self.butterfly_factors < 1:
             raise JaxpeftError("--boft_n_butterfly_factor must be a positive integer, got "
                                f"{self.butterfly_factors!r}")
@@ -106,13 +113,25 @@ def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> np.ndarray:
     return np.concatenate([start + order for start in range(0, n, group)])
 
 
-def rotation(boft_r: jax.Array, config: BoftConfig) -> jax.Array:
-    """The `(in, in)` rotation M of one layer's `boft_r` `(m, blocks, b, b)`."""
+def identity_blocks(key: jax.Array, factors: int, num: int, rate: float) -> jax.Array:
+    """peft's multiplicative dropout as a `(factors, num)` mask: in one factor drawn at
+    random, `int(rate · num)` of its blocks drawn at random (True: use the identity)."""
+    factor_key, block_key = jax.random.split(key)
+    chosen = jax.random.randint(factor_key, (), 0, factors)
+    blocks = jax.random.permutation(block_key, num) < int(rate * num)
+    return (jnp.arange(factors)[:, None] == chosen) & blocks[None, :]
+
+
+def rotation(boft_r: jax.Array, config: BoftConfig, drop_key=None) -> jax.Array:
+    """The `(in, in)` rotation M of one layer's `boft_r` `(m, blocks, b, b)`; with
+    `drop_key`, `--boft_dropout`'s blocks replaced by the identity first."""
     m, num, size, _ = boft_r.shape
     n = num * size
     skew = 0.5 * (boft_r - jnp.swapaxes(boft_r, -1, -2))
     eye = jnp.eye(size, dtype=boft_r.dtype)
     q = jnp.linalg.solve(eye + skew, jnp.broadcast_to(eye, skew.shape) - skew)
+    if drop_key is not None and config.dropout:
+        q = jnp.where(identity_blocks(drop_key, m, num, config.dropout)[..., None, None], eye, q)
     total = None
     for i in range(m):
         block_diag = jnp.einsum("ij,iab->iajb", jnp.eye(num, dtype=q.dtype),
@@ -137,9 +156,9 @@ def add_boft(params, config: BoftConfig):
     return traverse_util.unflatten_dict(flat)
 
 
-def rotated_kernel(kernel, boft_r, boft_s, config: BoftConfig):
+def rotated_kernel(kernel, boft_r, boft_s, config: BoftConfig, drop_key=None):
     """`(M W) ⊙ s`: the kernel that computes BOFT's output before the bias."""
-    return (rotation(boft_r, config).astype(kernel.dtype) @ kernel) * boft_s.astype(
+    return (rotation(boft_r, config, drop_key).astype(kernel.dtype) @ kernel) * boft_s.astype(
         kernel.dtype)
 
 
@@ -154,8 +173,10 @@ class BoftHook(DenseHook):
         if not dense.has_variable("params", "boft_r"):
             return y
         r, s = (dense.get_variable("params", n) for n in LEAVES)
-        return token_matmul(x, rotated_kernel(kernel, r.astype(jnp.float32), s,
-                                              self.config).astype(y.dtype)) + bias
+        drop_key = None if deterministic or not self.config.dropout else dense.make_rng(
+            "dropout")
+        return token_matmul(x, rotated_kernel(kernel, r.astype(jnp.float32), s, self.config,
+                                              drop_key).astype(y.dtype)) + bias
 
 
 class BoftCodec(PeftCodec):
@@ -166,18 +187,18 @@ class BoftCodec(PeftCodec):
 
     def config(self, options, family):
         return {"boft_block_size": options.block_size, "boft_block_num": options.block_num,
-                "boft_n_butterfly_factor": options.butterfly_factors, "boft_dropout": 0.0,
+                "boft_n_butterfly_factor": options.butterfly_factors,
+                "boft_dropout": options.dropout,
                 "target_modules": peft_target_modules(options, family),
                 "fan_in_fan_out": False, "bias": "none", "init_weights": True}
 
     def options_from(self, config, modules):
-        if config.get("boft_dropout") or config.get("fan_in_fan_out") or config.get(
-                "bias", "none") != "none":
-            raise JaxpeftError("BOFT: dropout, fan_in_fan_out and trained biases are not "
-                               "supported")
+        if config.get("fan_in_fan_out") or config.get("bias", "none") != "none":
+            raise JaxpeftError("BOFT: fan_in_fan_out and trained biases are not supported")
         return BoftConfig(block_size=int(config["boft_block_size"]),
                           block_num=int(config["boft_block_num"]),
                           butterfly_factors=int(config["boft_n_butterfly_factor"]),
+                          dropout=float(config.get("boft_dropout") or 0.0),
                           targets=targets_of_modules(modules, "BOFT"))
 
     def leaf(self, path, value):

@@ -6,8 +6,10 @@ Beside each `--lora_targets` kernel `(in, out)` the tree gets `loha_u1`, `loha_u
 `ΔW = (u1 @ v1) ⊙ (u2 @ v2) · alpha / r`, so a rank-r pair reaches rank r² updates. peft's
 initialisation: `u1`, `v1`, `v2` Kaiming-uniform (bound 1/sqrt(fan_in) of peft's layout),
 `u2 = 0`, so the model starts equal to the base. The rank, alpha and targets are LoRA's
-flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`). peft's rank and module dropout are
-not implemented (an adapter using them is refused on import).
+flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`). peft's training-time dropouts are
+`--rank_dropout` (each output column of ΔW dropped, the kept ones rescaled by the inverse of
+the kept fraction) and `--module_dropout` (the layer's whole update skipped), both drawn
+afresh per layer and step, as peft does.
 """
 
 from __future__ import annotations
@@ -25,31 +27,71 @@ from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, shared_flag
+from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 LEAVES = ("loha_u1", "loha_v1", "loha_u2", "loha_v2")
 
 
 @dataclasses.dataclass(frozen=True)
 class LohaConfig(MethodOptions):
-    """LoHa options: rank r of each factor pair, alpha (scale alpha / r), targets."""
+    """LoHa options: rank r of each factor pair, alpha (scale alpha / r), targets, peft's
+    rank and module dropout."""
 
     rank: int = shared_flag("lora_rank", 8)
     alpha: float = shared_flag("lora_alpha", 16.0)
     targets: tuple = shared_flag("lora_targets", ("query", "value"))
+    rank_dropout: float = flag("rank_dropout", 0.0, "LoHa, LoKr: in training, the probability "
+                               "of dropping each output column of a layer's update (peft's "
+                               "rank_dropout).")
+    module_dropout: float = flag("module_dropout", 0.0, "LoHa, LoKr: in training, the "
+                                 "probability of skipping a layer's whole update (peft's "
+                                 "module_dropout; OFT's is read on import and, as in peft, "
+                                 "not applied).")
     label: ClassVar[str] = "LoHa"
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise JaxpeftError(f"LoHa rank must be a positive integer, got {self.rank!r}")
+            raise JaxpeftError(f"{self.label} rank must be a positive integer, got "
+                               f"{self.rank!r}")
         if self.alpha <= 0:
-            raise JaxpeftError(f"LoHa alpha must be > 0, got {self.alpha}")
-        object.__setattr__(self, "targets", check_targets(self.targets, "LoHa"))
+            raise JaxpeftError(f"{self.label} alpha must be > 0, got {self.alpha}")
+        check_dropouts(self)
+        object.__setattr__(self, "targets", check_targets(self.targets, self.label))
 
     @property
     def scale(self) -> float:
         """The multiplier of the Hadamard product."""
         return self.alpha / self.rank
+
+
+def check_dropouts(options) -> None:
+    """peft's LyCORIS dropouts are probabilities in [0, 1)."""
+    for name in ("rank_dropout", "module_dropout"):
+        value = getattr(options, name)
+        if not 0.0 <= value < 1.0:
+            raise JaxpeftError(f"{options.label}: --{name} must be in [0, 1), got {value}")
+
+
+def lycoris_dropout(dense, delta, options, rescale: bool, deterministic: bool):
+    """ΔW `(in, out)` after peft's training-time dropouts: each output column kept with
+    probability `1 − rank_dropout` (the kept ones multiplied by the inverse of the kept
+    fraction when `rescale`; none kept gives a zero update where peft divides by zero), then
+    the whole update kept with probability `1 − module_dropout`. Keys come from the layer's
+    `dropout` stream, so every layer and step draws afresh."""
+    if deterministic or not (options.rank_dropout or options.module_dropout):
+        return delta
+    rank_key, module_key = jax.random.split(dense.make_rng("dropout"))
+    if options.rank_dropout:
+        keep = (jax.random.uniform(rank_key, (delta.shape[1],)) > options.rank_dropout)
+        keep = keep.astype(delta.dtype)
+        if rescale:
+            kept = keep.mean()
+            keep = jnp.where(kept > 0, keep / jnp.where(kept > 0, kept, 1), 0)
+        delta = delta * keep
+    if options.module_dropout:
+        delta = delta * (jax.random.uniform(module_key) > options.module_dropout).astype(
+            delta.dtype)
+    return delta
 
 
 def _uniform(key, shape, fan_in):
@@ -86,14 +128,15 @@ class LohaHook(DenseHook):
     product over the tokens and one input-gradient product, not two of each (XLA drops the
     base output `y`); ΔW's gradient is `xᵀ dy` either way."""
 
-    scale: float
+    config: LohaConfig
     leaves: tuple = LEAVES
 
     def __call__(self, dense, x, y, kernel, bias, deterministic):
         if not dense.has_variable("params", "loha_u1"):
             return y
         u1, v1, u2, v2 = (dense.get_variable("params", n).astype(y.dtype) for n in LEAVES)
-        delta = loha_delta(u1, v1, u2, v2, jnp.asarray(self.scale, y.dtype))
+        delta = loha_delta(u1, v1, u2, v2, jnp.asarray(self.config.scale, y.dtype))
+        delta = lycoris_dropout(dense, delta, self.config, True, deterministic)
         return token_matmul(x, kernel + delta) + bias
 
 
@@ -106,28 +149,27 @@ class LohaCodec(PeftCodec):
              "loha_v2": "hada_w2_a"}
 
     def config(self, options, family):
-        return {"r": options.rank, "alpha": options.alpha, "rank_dropout": 0.0,
-                "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
+        return {"r": options.rank, "alpha": options.alpha,
+                "rank_dropout": options.rank_dropout, "module_dropout": options.module_dropout,
+                "use_effective_conv2d": False, "init_weights": True,
                 "target_modules": peft_target_modules(options, family)}
 
     def options_from(self, config, modules):
-        refuse_patterns_and_dropout(config, "LoHa")
+        refuse_patterns(config, "LoHa")
         return LohaConfig(rank=int(config["r"]), alpha=float(config["alpha"]),
-                          targets=targets_of_modules(modules, "LoHa"))
+                          targets=targets_of_modules(modules, "LoHa"),
+                          rank_dropout=float(config.get("rank_dropout") or 0.0),
+                          module_dropout=float(config.get("module_dropout") or 0.0))
 
     def leaf(self, path, value):
         return (self.NAMES[path[-1]], value.T) if path[-1] in self.NAMES else None
 
 
-def refuse_patterns_and_dropout(config, label: str) -> None:
+def refuse_patterns(config, label: str) -> None:
     """A LyCORIS-style peft adapter (LoHa, LoKr) that jaxpeft would not reproduce: per-module
-    rank/alpha patterns, rank or module dropout."""
+    rank/alpha patterns."""
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise JaxpeftError(f"{label}: per-module rank/alpha patterns are not supported")
-    for name in ("rank_dropout", "module_dropout"):
-        if config.get(name):
-            raise JaxpeftError(f"{label}: {name}={config[name]} is not implemented in jaxpeft "
-                               f"(0 only)")
 
 
 class Loha(PeftMethod):
@@ -149,7 +191,7 @@ class Loha(PeftMethod):
         return [(r".*/loha_[uv][12]", True), (".*", False)]
 
     def hooks(self, options):
-        return (LohaHook(scale=options.scale),)
+        return (LohaHook(options),)
 
     def merge(self, params, options):
         return fold_into_kernels(params, LEAVES, lambda kernel, held: kernel + loha_delta(

@@ -9,7 +9,9 @@ where r is under half its larger side, else a full matrix; `w1` likewise with
 `lokr_w1_a`, `lokr_w1_b`, `lokr_w2`, `lokr_w2_a`, `lokr_w2_b`, each `(rows, cols)` of
 peft's `(out, in)` orientation); the layer adds `x @ ΔWᵀ`. peft's initialisation: `w1` (or
 `w1_a`) zeros, the rest Kaiming-uniform, so the model starts as the base. Rank, alpha and
-targets are LoRA's flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`).
+targets are LoRA's flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`); peft's
+training-time dropouts LoHa's (`--rank_dropout`, `--module_dropout`), the kept columns
+rescaled only with `--lokr_rank_dropout_scale`, as in peft.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
-from jaxpeft.peft.loha import refuse_patterns_and_dropout
+from jaxpeft.peft.loha import check_dropouts, lycoris_dropout, refuse_patterns
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
 from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
@@ -56,7 +58,7 @@ def kron_factors(dim: int, factor: int = -1) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class LokrConfig(MethodOptions):
     """LoKr options: rank r of the low-rank factors, alpha (scale alpha / r), targets, whether
-    the first factor is low-rank too, the split factor."""
+    the first factor is low-rank too, the split factor, peft's rank and module dropout."""
 
     rank: int = shared_flag("lora_rank", 8)
     alpha: float = shared_flag("lora_alpha", 16.0)
@@ -66,6 +68,11 @@ class LokrConfig(MethodOptions):
     decompose_factor: int = flag("lokr_decompose_factor", -1, "LoKr: split each dimension "
                                  "into this factor and the rest (-1: the divisors nearest "
                                  "its square root).")
+    rank_dropout: float = shared_flag("rank_dropout", 0.0)
+    module_dropout: float = shared_flag("module_dropout", 0.0)
+    rank_dropout_scale: bool = flag("lokr_rank_dropout_scale", False, "LoKr: rescale the "
+                                    "columns --rank_dropout keeps by the inverse of the kept "
+                                    "fraction (peft's rank_dropout_scale; LoHa always does).")
     label: ClassVar[str] = "LoKr"
 
     def __post_init__(self):
@@ -73,6 +80,7 @@ class LokrConfig(MethodOptions):
             raise JaxpeftError(f"LoKr rank must be a positive integer, got {self.rank!r}")
         if self.alpha <= 0:
             raise JaxpeftError(f"LoKr alpha must be > 0, got {self.alpha}")
+        check_dropouts(self)
         if self.decompose_factor == 0 or self.decompose_factor < -1:
             raise JaxpeftError(f"--lokr_decompose_factor must be > 0 or -1, got "
                                f"{self.decompose_factor}")
@@ -128,7 +136,7 @@ class LokrHook(DenseHook):
     as peft does, and folded into the frozen kernel (one product over the tokens, as
     `LohaHook`)."""
 
-    scale: float
+    config: LokrConfig
     leaves: tuple = LEAVES
 
     def __call__(self, dense, x, y, kernel, bias, deterministic):
@@ -136,7 +144,10 @@ class LokrHook(DenseHook):
                 if dense.has_variable("params", n)}
         if not held:
             return y
-        return token_matmul(x, kernel + lokr_delta(held, jnp.asarray(self.scale, y.dtype))) + bias
+        delta = lokr_delta(held, jnp.asarray(self.config.scale, y.dtype))
+        delta = lycoris_dropout(dense, delta, self.config, self.config.rank_dropout_scale,
+                                deterministic)
+        return token_matmul(x, kernel + delta) + bias
 
 
 class LokrCodec(PeftCodec):
@@ -146,18 +157,22 @@ class LokrCodec(PeftCodec):
     markers = ("lokr_",)
 
     def config(self, options, family):
-        return {"r": options.rank, "alpha": options.alpha, "rank_dropout": 0.0,
-                "module_dropout": 0.0, "use_effective_conv2d": False,
-                "decompose_both": options.decompose_both,
-                "decompose_factor": options.decompose_factor, "rank_dropout_scale": False,
+        return {"r": options.rank, "alpha": options.alpha,
+                "rank_dropout": options.rank_dropout, "module_dropout": options.module_dropout,
+                "use_effective_conv2d": False, "decompose_both": options.decompose_both,
+                "decompose_factor": options.decompose_factor,
+                "rank_dropout_scale": options.rank_dropout_scale,
                 "init_weights": True, "target_modules": peft_target_modules(options, family)}
 
     def options_from(self, config, modules):
-        refuse_patterns_and_dropout(config, "LoKr")
+        refuse_patterns(config, "LoKr")
         return LokrConfig(rank=int(config["r"]), alpha=float(config["alpha"]),
                           targets=targets_of_modules(modules, "LoKr"),
                           decompose_both=bool(config.get("decompose_both")),
-                          decompose_factor=int(config.get("decompose_factor", -1)))
+                          decompose_factor=int(config.get("decompose_factor", -1)),
+                          rank_dropout=float(config.get("rank_dropout") or 0.0),
+                          module_dropout=float(config.get("module_dropout") or 0.0),
+                          rank_dropout_scale=bool(config.get("rank_dropout_scale")))
 
     def leaf(self, path, value):
         return (path[-1], value) if path[-1] in LEAVES else None
@@ -182,7 +197,7 @@ class Lokr(PeftMethod):
         return [(r".*/lokr_w[12](_[ab])?", True), (".*", False)]
 
     def hooks(self, options):
-        return (LokrHook(scale=options.scale),)
+        return (LokrHook(options),)
 
     def merge(self, params, options):
         return fold_into_kernels(

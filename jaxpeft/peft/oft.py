@@ -120,7 +120,9 @@ class OftCodec(PeftCodec):
                 "target_modules": peft_target_modules(options, family)}
 
     def options_from(self, config, modules):
-        for name in ("coft", "block_share", "module_dropout"):
+        # peft (0.21) builds OFT's module_dropout layer but never applies it in the forward: read
+        # and ignored here as there.
+        for name in ("coft", "block_share"):
             if config.get(name):
                 raise JaxpeftError(f"OFT: {name}={config[name]} is not implemented in jaxpeft")
         if config.get("r") or not config.get("oft_block_size"):
