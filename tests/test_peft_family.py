@@ -54,9 +54,12 @@ CASES = {
              lambda: hf_peft.BOFTConfig(task_type="SEQ_CLS", boft_block_size=4,
                                         boft_n_butterfly_factor=1,
                                         target_modules=["query", "value"])),
-    "fourierft": (FourierftConfig(n_frequency=1000),
-                  lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=1000,
-                                                  target_modules=["query", "value"])),
+    # with peft's per-layer count for one layer, so counts, export, gradients check it too
+    "fourierft": (FourierftConfig(n_frequency=1000,
+                                  n_frequency_pattern=("layer.0.attention.self.query=300",)),
+                  lambda: hf_peft.FourierFTConfig(
+                      task_type="SEQ_CLS", n_frequency=1000, target_modules=["query", "value"],
+                      n_frequency_pattern={"layer.0.attention.self.query": 300})),
     # peft's head reads the first virtual token: --prompt_head=virtual
     "prompt": (PromptConfig(num_virtual_tokens=20, head="virtual"),
                lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
@@ -85,7 +88,7 @@ def _torch_logits(model, args):
                                              ("ia3", 16_898), ("vera", 8_450),
                                              ("ln_tuning", 10_754), ("prompt", 8_450),
                                              ("loha", 148_226), ("lokr", 8_450),
-                                             ("oft", 72_194), ("fourierft", 12_770),
+                                             ("oft", 72_194), ("fourierft", 12_070),
                                              ("boft", 23_810)])
 def test_counts_equal_peft(minilm, minilm_dir, method, expected):
     peft, _, params = _trained(minilm, method)
@@ -478,3 +481,22 @@ def test_method_dropouts_change_training_forwards_only(minilm, sst2_batch, metho
                       for det in (True, False)]
     np.testing.assert_array_equal(runs["drop"][0], runs["plain"][0])
     assert np.abs(runs["drop"][1] - runs["plain"][1]).max() > 1e-4
+
+
+def test_fourierft_n_frequency_pattern_is_peft_s_rule():
+    """The first pattern matching the end of the transformers module name gives the count;
+    malformed entries are refused by name."""
+    from jaxpeft.errors import JaxpeftError
+
+    options = FourierftConfig(n_frequency=100, n_frequency_pattern=(
+        r"layer\.[01]\.attention\.self\.query=20", "query=30", "layer.1.output.dense=40"))
+    layer = lambda i, *rest: ("bert", "encoder", f"layer_{i}") + rest  # noqa: E731
+    assert options.n_for(layer(0, "attention", "self", "query")) == 20
+    assert options.n_for(layer(2, "attention", "self", "query")) == 30
+    assert options.n_for(layer(1, "output", "dense")) == 40
+    assert options.n_for(layer(1, "attention", "output", "dense")) == 100  # not a suffix match
+    assert options.n_for(layer(0, "attention", "self", "value")) == 100
+    for bad, message in (("query", "is not PATTERN=N"), ("query=0", "positive integer"),
+                         ("(=5", "is not a regex")):
+        with pytest.raises(JaxpeftError, match=message):
+            FourierftConfig(n_frequency_pattern=(bad,))

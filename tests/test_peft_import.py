@@ -33,6 +33,7 @@ CONFIGS = {
                                      module_dropout=0.1, target_modules=["query", "value"]),
     "fourierft": lambda: hf_peft.FourierFTConfig(task_type="SEQ_CLS", n_frequency=500,
                                                  scaling=300.0, random_loc_seed=5,
+                                                 n_frequency_pattern={"layer.1.output.dense": 200},
                                                  target_modules=["query", "output.dense"]),
     "boft": lambda: hf_peft.BOFTConfig(task_type="SEQ_CLS", boft_block_size=0, boft_block_num=8,
                                        boft_n_butterfly_factor=1, boft_dropout=0.25,

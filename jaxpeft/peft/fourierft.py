@@ -2,7 +2,9 @@
 inverse 2-D Fourier transform of a few trained spectral coefficients.
 
 Beside each `--lora_targets` kernel `(in, out)` the tree gets `fourierft_spectrum`
-(`--fourierft_n_frequency` values). The layer adds `x @ ΔW` with
+(`--fourierft_n_frequency` values, or the count `--fourierft_n_frequency_pattern` gives that
+layer: peft's `n_frequency_pattern`, each `PATTERN=N` matched as peft does, against the end
+of the layer's transformers module name). The layer adds `x @ ΔW` with
 
     ΔW = Re(ifft2(S)) · --fourierft_scaling,   S zero but for the spectrum at fixed entries.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import ClassVar
 
 import jax
@@ -29,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
+from jaxpeft.models.checkpoint import hf_module_key
 from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
@@ -50,16 +54,52 @@ class FourierftConfig(MethodOptions):
     seed: int = flag("fourierft_seed", 777, "FourierFT: the seed of the coefficients' "
                      "positions (peft's random_loc_seed).")
     targets: tuple = shared_flag("lora_targets", ("query", "value"))
+    n_frequency_pattern: tuple = flag(
+        "fourierft_n_frequency_pattern", (), "FourierFT: other coefficient counts for some "
+        "layers, as PATTERN=N entries (peft's n_frequency_pattern): the first PATTERN, a "
+        "regex, that matches the end of a layer's module name (e.g. "
+        "'layer.0.attention.self.query=2000') gives its count.")
     label: ClassVar[str] = "FourierFT"
 
     def __post_init__(self):
         if not isinstance(self.n_frequency, int) or self.n_frequency <= 0:
             raise JaxpeftError("--fourierft_n_frequency must be a positive integer, got "
                                f"{self.n_frequency!r}")
+        object.__setattr__(self, "n_frequency_pattern",
+                           tuple(str(e) for e in self.n_frequency_pattern))
+        for pattern, n in self.pattern():
+            if not n.isdigit() or int(n) <= 0:
+                raise JaxpeftError(f"--fourierft_n_frequency_pattern: {pattern}={n}: the "
+                                   "count must be a positive integer")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise JaxpeftError(f"--fourierft_n_frequency_pattern: {pattern!r} is not a "
+                                   f"regex ({err})") from None
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
             raise JaxpeftError(f"--fourierft_seed must be an integer in [0, 2^32), got "
                                f"{self.seed!r}")
         object.__setattr__(self, "targets", check_targets(self.targets, "FourierFT"))
+
+    def pattern(self) -> list[tuple[str, str]]:
+        """`[(PATTERN, N)]` of `--fourierft_n_frequency_pattern`, in order."""
+        out = []
+        for entry in self.n_frequency_pattern:
+            pattern, sep, n = entry.rpartition("=")
+            if not sep or not pattern:
+                raise JaxpeftError(f"--fourierft_n_frequency_pattern: {entry!r} is not "
+                                   "PATTERN=N")
+            out.append((pattern, n.strip()))
+        return out
+
+    def n_for(self, module: tuple) -> int:
+        """The coefficient count of the layer at module path `module` (peft's rule: the
+        first pattern p for which `(.*[.])?(p)$` matches its module name)."""
+        name = hf_module_key(module)
+        for pattern, n in self.pattern():
+            if re.match(rf"(.*\.)?({pattern})$", name):
+                return int(n)
+        return self.n_frequency
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,19 +115,20 @@ def torch_randperm_prefix(n: int, k: int, seed: int) -> np.ndarray:
     return perm[:k].copy()
 
 
-def spectrum_entries(fan_in: int, fan_out: int, config: FourierftConfig) -> tuple:
-    """`(rows, cols)` of the coefficients in our `(in, out)` layout (peft's `(out, in)`
-    entries transposed)."""
-    if config.n_frequency > fan_in * fan_out:
-        raise JaxpeftError(f"--fourierft_n_frequency={config.n_frequency} exceeds the "
-                           f"{fan_out} x {fan_in} entries of a targeted layer")
-    flat = torch_randperm_prefix(fan_in * fan_out, config.n_frequency, config.seed)
+def spectrum_entries(fan_in: int, fan_out: int, n: int, config: FourierftConfig) -> tuple:
+    """`(rows, cols)` of a layer's `n` coefficients in our `(in, out)` layout (peft's
+    `(out, in)` entries transposed)."""
+    if n > fan_in * fan_out:
+        raise JaxpeftError(f"FourierFT: {n} coefficients exceed the {fan_out} x {fan_in} "
+                           "entries of a targeted layer")
+    flat = torch_randperm_prefix(fan_in * fan_out, n, config.seed)
     return flat % fan_in, flat // fan_in
 
 
 def fourier_delta(spectrum, fan_in: int, fan_out: int, config: FourierftConfig):
-    """`ΔW (in, out) = Re(ifft2(S)) · scaling`, S holding `spectrum` at peft's entries."""
-    rows, cols = spectrum_entries(fan_in, fan_out, config)
+    """`ΔW (in, out) = Re(ifft2(S)) · scaling`, S holding `spectrum` at peft's entries (as
+    many as the spectrum has values)."""
+    rows, cols = spectrum_entries(fan_in, fan_out, spectrum.shape[0], config)
     dense = jnp.zeros((fan_in, fan_out), jnp.float32).at[rows, cols].set(
         spectrum.astype(jnp.float32))
     return jnp.fft.ifft2(dense).real * config.scaling
@@ -117,16 +158,18 @@ class FourierftCodec(PeftCodec):
         return {"n_frequency": options.n_frequency, "scaling": options.scaling,
                 "random_loc_seed": options.seed, "fan_in_fan_out": False,
                 "target_modules": peft_target_modules(options, family),
-                "n_frequency_pattern": {}, "init_weights": False, "bias": "none"}
+                "n_frequency_pattern": {p: int(n) for p, n in options.pattern()},
+                "init_weights": False, "bias": "none"}
 
     def options_from(self, config, modules):
-        if config.get("n_frequency_pattern") or config.get("fan_in_fan_out"):
-            raise JaxpeftError("FourierFT: per-module n_frequency patterns and fan_in_fan_out "
-                               "are not supported")
+        if config.get("fan_in_fan_out"):
+            raise JaxpeftError("FourierFT: fan_in_fan_out adapters are not supported")
+        pattern = config.get("n_frequency_pattern") or {}
         return FourierftConfig(n_frequency=int(config["n_frequency"]),
                                scaling=float(config["scaling"]),
                                seed=int(config["random_loc_seed"]),
-                               targets=targets_of_modules(modules, "FourierFT"))
+                               targets=targets_of_modules(modules, "FourierFT"),
+                               n_frequency_pattern=tuple(f"{p}={n}" for p, n in pattern.items()))
 
     def leaf(self, path, value):
         return (LEAF, value) if path[-1] == LEAF else None
@@ -150,9 +193,10 @@ class Fourierft(PeftMethod):
         if any(p[-1] == LEAF for p in flat):
             raise JaxpeftError("these params already have FourierFT leaves")
         for i, mod in enumerate(target_modules(flat, options.targets, "FourierFT")):
-            spectrum_entries(*flat[mod + ("kernel",)].shape, options)  # checks the size
-            flat[mod + (LEAF,)] = jax.random.normal(jax.random.fold_in(rng, i),
-                                                    (options.n_frequency,), jnp.float32)
+            n = options.n_for(mod)
+            spectrum_entries(*flat[mod + ("kernel",)].shape, n, options)  # checks the size
+            flat[mod + (LEAF,)] = jax.random.normal(jax.random.fold_in(rng, i), (n,),
+                                                    jnp.float32)
         return traverse_util.unflatten_dict(flat)
 
     def rules(self, options):
