@@ -338,17 +338,22 @@ def test_dora_refuses_other_inits(minilm):
                                                          jax.random.key(0))
 
 
-def test_adapter_options_saved_before_lora_init_still_load():
-    """adapter.json files written before `--lora_init` existed have no `init`: they meant
-    LoRA's default start. Any other missing or unknown field stays an error."""
+@pytest.mark.parametrize("options", [LoraConfig(rank=4, alpha=8), LohaConfig(), LokrConfig(),
+                                     BoftConfig(), FourierftConfig()], ids=lambda o: o.label)
+def test_adapter_options_saved_before_newer_fields_still_load(options):
+    """adapter.json files written before a field existed (LoRA's `init`, LoHa's and LoKr's
+    dropouts, BOFT's dropout, FourierFT's pattern) lack it: they meant its default. Any
+    other missing or unknown field stays an error."""
     from jaxpeft.errors import JaxpeftError
 
-    saved = LoraConfig(rank=4, alpha=8).to_dict()
-    del saved["init"]
-    assert LoraConfig.from_dict(saved) == LoraConfig(rank=4, alpha=8)
-    del saved["alpha"]
+    assert type(options).added_fields
+    saved = options.to_dict()
+    for name in type(options).added_fields:
+        del saved[name]
+    assert type(options).from_dict(saved) == options
+    del saved["targets"]
     with pytest.raises(JaxpeftError, match="do not match"):
-        LoraConfig.from_dict(saved)
+        type(options).from_dict(saved)
 
 
 def test_oft_exact_cayley_matches_peft(minilm, minilm_dir, sst2_batch, tmp_path):

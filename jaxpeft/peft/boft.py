@@ -58,6 +58,7 @@ class BoftConfig(MethodOptions):
                           "(peft's multiplicative boft_dropout).")
     targets: tuple = shared_flag("lora_targets", ("query", "value"))
     label: ClassVar[str] = "BOFT"
+    added_fields: ClassVar[dict] = {"dropout": 0.0}
 
     def __post_init__(self):
         for name in ("block_size", "block_num"):

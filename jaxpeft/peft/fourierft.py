@@ -60,6 +60,7 @@ class FourierftConfig(MethodOptions):
         "regex, that matches the end of a layer's module name (e.g. "
         "'layer.0.attention.self.query=2000') gives its count.")
     label: ClassVar[str] = "FourierFT"
+    added_fields: ClassVar[dict] = {"n_frequency_pattern": ()}
 
     def __post_init__(self):
         if not isinstance(self.n_frequency, int) or self.n_frequency <= 0:

@@ -48,6 +48,7 @@ class LohaConfig(MethodOptions):
                                  "module_dropout; OFT's is read on import and, as in peft, "
                                  "not applied).")
     label: ClassVar[str] = "LoHa"
+    added_fields: ClassVar[dict] = {"rank_dropout": 0.0, "module_dropout": 0.0}
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:

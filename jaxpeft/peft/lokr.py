@@ -74,6 +74,8 @@ class LokrConfig(MethodOptions):
                                     "columns --rank_dropout keeps by the inverse of the kept "
                                     "fraction (peft's rank_dropout_scale; LoHa always does).")
     label: ClassVar[str] = "LoKr"
+    added_fields: ClassVar[dict] = {"rank_dropout": 0.0, "module_dropout": 0.0,
+                                    "rank_dropout_scale": False}
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
