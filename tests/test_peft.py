@@ -240,7 +240,7 @@ def test_tree_with_method_leaves_needs_the_method(tiny_dirs):
     args = random_batch("bert")
     with pytest.raises(JaxpeftError, match=r"\['lora_a', 'lora_b'\] belong to a PEFT method"):
         _logits(pre.model, params, args)
-    assert model.runtime.hooks[0].scale == 4.0  # alpha / r travels with the method
+    assert model.runtime.hooks[0].config.scale == 4.0  # alpha / r travels with the method
 
 
 def test_step_stats_measure_the_step_taken():

@@ -104,8 +104,8 @@ def test_ia3_default_targets_are_the_papers(minilm):
     assert peft.count(params).trainable == 6 * (384 + 384 + 1536) + 770 == 14_594
 
 
-def _check_export(pre, base_dir, method, args, tmp_path):
-    peft, model, params = _trained(pre, method)
+def _check_export(pre, base_dir, method, args, tmp_path, trained=None):
+    peft, model, params = trained or _trained(pre, method)
     export_peft(tmp_path, peft, params, base_model=str(base_dir))
     # peft only warns about missing keys: compare with the keys peft itself would save.
     from safetensors.numpy import load_file
@@ -501,7 +501,70 @@ def test_fourierft_n_frequency_pattern_is_peft_s_rule():
     assert options.n_for(layer(1, "output", "dense")) == 40
     assert options.n_for(layer(1, "attention", "output", "dense")) == 100  # not a suffix match
     assert options.n_for(layer(0, "attention", "self", "value")) == 100
-    for bad, message in (("query", "is not PATTERN=N"), ("query=0", "positive integer"),
-                         ("(=5", "is not a regex")):
+    for bad, message in (("query", "is not PATTERN=VALUE"), ("query=0", "positive int"),
+                         ("query=1.5", "positive int"), ("(=5", "is not a regex")):
         with pytest.raises(JaxpeftError, match=message):
             FourierftConfig(n_frequency_pattern=(bad,))
+
+
+# per-layer ranks and alphas: rsLoRA scales, two patterns for the rank (the first match wins
+# for layers 1-2's query), one for alpha
+PATTERNED = LoraConfig(rank=8, alpha=16, targets=("query", "value", "intermediate"),
+                       use_rslora=True, rank_pattern=(r"layer\.[12]\.attention\.self\.query=4",
+                                                      "query=6", "intermediate.dense=2"),
+                       alpha_pattern=("value=4",))
+
+
+def _peft_patterned(use_dora):
+    return hf_peft.LoraConfig(
+        task_type="SEQ_CLS", r=8, lora_alpha=16, use_rslora=True, use_dora=use_dora,
+        target_modules=["query", "value", "intermediate.dense"],
+        rank_pattern={r"layer\.[12]\.attention\.self\.query": 4, "query": 6,
+                      "intermediate.dense": 2}, alpha_pattern={"value": 4})
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_rank_and_alpha_patterns_match_peft(minilm, minilm_dir, sst2_batch, method, tmp_path):
+    """peft's rank_pattern / alpha_pattern: each layer's shapes and scale as peft gives
+    them (count, the export in PeftModel with our logits), merged equal to unmerged."""
+    trained = moved_off_start(minilm, make_peft(method, PATTERNED))
+    peft, model, params = trained
+    layers = params["bert"]["encoder"]
+    assert layers["layer_1"]["attention"]["self"]["query"]["lora_a"].shape == (384, 4)
+    assert layers["layer_3"]["attention"]["self"]["query"]["lora_a"].shape == (384, 6)
+    assert layers["layer_0"]["intermediate"]["dense"]["lora_b"].shape == (2, 1536)
+    assert layers["layer_0"]["attention"]["self"]["value"]["lora_a"].shape == (384, 8)
+    torch_model = hf_peft.get_peft_model(_torch_model(minilm_dir),
+                                         _peft_patterned(method == "dora"))
+    assert peft.count(params).trainable == torch_model.get_nb_trainable_parameters()[0]
+    _check_export(minilm, minilm_dir, method, sst2_batch, tmp_path, trained)
+    plain, merged = peft.merge(model, params)
+    np.testing.assert_allclose(
+        np.asarray(plain.apply({"params": merged}, *sst2_batch, deterministic=True)),
+        np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True)),
+        atol=1e-5, rtol=0)
+
+
+def test_lora_patterns_reach_every_use_of_the_scale(minilm):
+    """The pattern flags parse as peft's keys; PiSSA's portable form doubles each layer's
+    rank and alpha; the weighted combination refuses patterned adapters by name."""
+    from jaxpeft.errors import JaxpeftError
+    from jaxpeft.peft.lora import portable_lora
+    from jaxpeft.peft.weighted import combine_lora
+
+    module = ("bert", "encoder", "layer_2", "attention", "self", "query")
+    assert PATTERNED.rank_for(module) == 4 and PATTERNED.alpha_for(module) == 16
+    assert PATTERNED.scale_for(module) == 16 / 2
+    value = ("bert", "encoder", "layer_2", "attention", "self", "value")
+    assert PATTERNED.scale_for(value) == 4 / np.sqrt(8)
+    pissa = dataclasses.replace(PATTERNED, init="pissa")
+    peft = make_peft("lora", pissa)
+    _, params = peft.init(minilm.model, minilm.params, jax.random.key(0))
+    converted, options = portable_lora(params, pissa)
+    for mod in (module, value):
+        assert options.rank_for(mod) == 2 * pissa.rank_for(mod)
+        assert np.isclose(options.scale_for(mod), pissa.scale_for(mod))
+    with pytest.raises(JaxpeftError, match="per-layer rank or alpha patterns"):
+        combine_lora([(peft, params)] * 2, [0.5, 0.5])
+    with pytest.raises(JaxpeftError, match="lora_alpha_pattern.*positive float"):
+        LoraConfig(alpha_pattern=("value=-1",))

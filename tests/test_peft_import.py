@@ -17,9 +17,12 @@ hf_peft = pytest.importorskip("peft")
 
 CONFIGS = {
     "lora": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                       target_modules=["query", "value", "intermediate.dense"]),
+                                       target_modules=["query", "value", "intermediate.dense"],
+                                       rank_pattern={"intermediate.dense": 2},
+                                       alpha_pattern={r"layer\.0\..*value": 2}),
     "dora": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True,
-                                       target_modules=["key", "value"]),
+                                       target_modules=["key", "value"],
+                                       rank_pattern={"key": 6}),
     "ia3": lambda: hf_peft.IA3Config(task_type="SEQ_CLS"),
     "ln_tuning": lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
     "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),

@@ -345,7 +345,7 @@ class Adalora(PeftMethod):
         return rank_allocator(tx, options, total_steps)
 
     def merge(self, params, options):
-        def fold(kernel, held):
+        def fold(kernel, held, module):
             a, e, b = (held[n] for n in LEAVES)
             return kernel + (a * e) @ b * options.scale
 

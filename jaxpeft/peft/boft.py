@@ -231,5 +231,5 @@ class Boft(PeftMethod):
         return (BoftHook(options),)
 
     def merge(self, params, options):
-        return fold_into_kernels(params, LEAVES, lambda kernel, held: rotated_kernel(
+        return fold_into_kernels(params, LEAVES, lambda kernel, held, _: rotated_kernel(
             kernel, held["boft_r"], held["boft_s"], options))

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
-from jaxpeft.peft.lora import Lora, LoraCodec, add_lora
+from jaxpeft.peft.lora import Lora, LoraCodec, LoraConfig, add_lora
 from jaxpeft.peft.method import fold_into_kernels
 
 
@@ -31,8 +31,7 @@ def _column_norm(kernel, a, b, scale):
 class DoraHook(DenseHook):
     """DoRA's output in layers holding `lora_magnitude`."""
 
-    scale: float
-    dropout: float
+    config: LoraConfig
     leaves: tuple = ("lora_a", "lora_b", "lora_magnitude")
 
     def __call__(self, dense, x, y, kernel, bias, deterministic):
@@ -40,14 +39,15 @@ class DoraHook(DenseHook):
             return y
         get = lambda name: dense.get_variable("params", name)  # noqa: E731
         a, b, m = get("lora_a"), get("lora_b"), get("lora_magnitude")
-        norm = jax.lax.stop_gradient(_column_norm(get("kernel"), a, b, self.scale))
+        scale = self.config.scale_for(tuple(dense.scope.path))
+        norm = jax.lax.stop_gradient(_column_norm(get("kernel"), a, b, scale))
         ratio = per_token(m / norm, y)
-        h = Dropout(self.dropout)(x, deterministic=deterministic)
+        h = Dropout(self.config.dropout)(x, deterministic=deterministic)
         # Without dropout the base product is already in y; with it, DoRA (like peft) uses
         # the dropped input for the magnitude correction too.
         base = y - bias if h is x else token_matmul(h, kernel)
         low_rank = token_matmul(token_matmul(h, a.astype(y.dtype)), b.astype(y.dtype))
-        return y + (ratio - 1) * base + ratio * low_rank * jnp.asarray(self.scale, y.dtype)
+        return y + (ratio - 1) * base + ratio * low_rank * jnp.asarray(scale, y.dtype)
 
 
 class DoraCodec(LoraCodec):
@@ -98,12 +98,12 @@ class Dora(Lora):
         return [(r".*/lora_(a|b|magnitude)", True), (".*", False)]
 
     def hooks(self, options):
-        return (DoraHook(scale=options.scale, dropout=options.dropout),)
+        return (DoraHook(options),)
 
     def merge(self, params, options):
-        def fold(kernel, held):
+        def fold(kernel, held, module):
             a, b, m = held["lora_a"], held["lora_b"], held["lora_magnitude"]
-            adapted = kernel + (a @ b) * options.scale
-            return adapted * (m / _column_norm(kernel, a, b, options.scale))
+            scale = options.scale_for(module)
+            return (kernel + (a @ b) * scale) * (m / _column_norm(kernel, a, b, scale))
 
         return fold_into_kernels(params, ("lora_a", "lora_b", "lora_magnitude"), fold)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import ClassVar
 
 import jax
@@ -32,12 +31,12 @@ import numpy as np
 from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
-from jaxpeft.models.checkpoint import hf_module_key
 from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
+from jaxpeft.peft.method import (MethodOptions, PeftMethod, flag, fold_into_kernels,
+                                 module_patterns, pattern_value, shared_flag)
 
 LEAF = "fourierft_spectrum"
 
@@ -68,39 +67,16 @@ class FourierftConfig(MethodOptions):
                                f"{self.n_frequency!r}")
         object.__setattr__(self, "n_frequency_pattern",
                            tuple(str(e) for e in self.n_frequency_pattern))
-        for pattern, n in self.pattern():
-            if not n.isdigit() or int(n) <= 0:
-                raise JaxpeftError(f"--fourierft_n_frequency_pattern: {pattern}={n}: the "
-                                   "count must be a positive integer")
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise JaxpeftError(f"--fourierft_n_frequency_pattern: {pattern!r} is not a "
-                                   f"regex ({err})") from None
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-            raise JaxpeftError(f"--fourierft_seed must be an integer in [0, 2^32), got "
-                               f"{self.seed!r}")
+        self.pattern()  # checks the entries
         object.__setattr__(self, "targets", check_targets(self.targets, "FourierFT"))
 
-    def pattern(self) -> list[tuple[str, str]]:
-        """`[(PATTERN, N)]` of `--fourierft_n_frequency_pattern`, in order."""
-        out = []
-        for entry in self.n_frequency_pattern:
-            pattern, sep, n = entry.rpartition("=")
-            if not sep or not pattern:
-                raise JaxpeftError(f"--fourierft_n_frequency_pattern: {entry!r} is not "
-                                   "PATTERN=N")
-            out.append((pattern, n.strip()))
-        return out
+    def pattern(self) -> tuple:
+        """`((PATTERN, N), ...)` of `--fourierft_n_frequency_pattern`, in order."""
+        return module_patterns(self.n_frequency_pattern, "fourierft_n_frequency_pattern")
 
     def n_for(self, module: tuple) -> int:
-        """The coefficient count of the layer at module path `module` (peft's rule: the
-        first pattern p for which `(.*[.])?(p)$` matches its module name)."""
-        name = hf_module_key(module)
-        for pattern, n in self.pattern():
-            if re.match(rf"(.*\.)?({pattern})$", name):
-                return int(n)
-        return self.n_frequency
+        """The coefficient count of the layer at module path `module`."""
+        return pattern_value(self.pattern(), module, self.n_frequency)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +135,7 @@ class FourierftCodec(PeftCodec):
         return {"n_frequency": options.n_frequency, "scaling": options.scaling,
                 "random_loc_seed": options.seed, "fan_in_fan_out": False,
                 "target_modules": peft_target_modules(options, family),
-                "n_frequency_pattern": {p: int(n) for p, n in options.pattern()},
+                "n_frequency_pattern": dict(options.pattern()),
                 "init_weights": False, "bias": "none"}
 
     def options_from(self, config, modules):
@@ -207,5 +183,5 @@ class Fourierft(PeftMethod):
         return (FourierftHook(options),)
 
     def merge(self, params, options):
-        return fold_into_kernels(params, (LEAF,), lambda kernel, held: kernel + fourier_delta(
+        return fold_into_kernels(params, (LEAF,), lambda kernel, held, _: kernel + fourier_delta(
             held[LEAF], *kernel.shape, options))

@@ -195,5 +195,5 @@ class Loha(PeftMethod):
         return (LohaHook(options),)
 
     def merge(self, params, options):
-        return fold_into_kernels(params, LEAVES, lambda kernel, held: kernel + loha_delta(
+        return fold_into_kernels(params, LEAVES, lambda kernel, held, _: kernel + loha_delta(
             *(held[n] for n in LEAVES), options.scale))

@@ -203,4 +203,4 @@ class Lokr(PeftMethod):
 
     def merge(self, params, options):
         return fold_into_kernels(
-            params, LEAVES, lambda kernel, held: kernel + lokr_delta(held, options.scale))
+            params, LEAVES, lambda kernel, held, _: kernel + lokr_delta(held, options.scale))

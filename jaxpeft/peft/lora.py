@@ -24,7 +24,8 @@ from jaxpeft.models.family import TARGET_NAMES, Family
 from jaxpeft.models.registry import family_of_params, target_aliases
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.codec import PeftCodec
-from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag
+from jaxpeft.peft.method import (MethodOptions, PeftMethod, flag, fold_into_kernels,
+                                 module_patterns, pattern_value)
 
 def check_targets(targets, method: str) -> tuple:
     """Target names (`jaxpeft.models.family.TARGET_NAMES`) with transformers-style aliases
@@ -75,6 +76,9 @@ class LoraConfig(MethodOptions):
     targets: which Dense layers of every encoder layer get LoRA (see `TARGETS`).
     loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): `lora_b` learns at this multiple of the
     learning rate (0: off, plain LoRA). A training option; the forward pass ignores it.
+    rank_pattern, alpha_pattern: other ranks / alphas for some layers, `PATTERN=VALUE`
+    entries matched as peft's `rank_pattern` / `alpha_pattern` keys (`rank_for`,
+    `alpha_for`, `scale_for` give a layer's values).
     """
 
     rank: int = flag("lora_rank", 8, "LoRA rank r.")
@@ -92,8 +96,15 @@ class LoraConfig(MethodOptions):
                      "2024), olora (its QR factors, Buyukakyuz 2024); pissa and olora start "
                      "lora_a, lora_b at those factors and subtract them from the base.",
                      choices=lambda: LORA_INITS)
+    rank_pattern: tuple = flag("lora_rank_pattern", (), "LoRA: other ranks for some layers, "
+                               "as PATTERN=R entries (peft's rank_pattern): the first PATTERN, "
+                               "a regex, that matches the end of a layer's module name (e.g. "
+                               "'layer.0.attention.self.query=16') gives its rank.")
+    alpha_pattern: tuple = flag("lora_alpha_pattern", (), "LoRA: other alphas for some layers, "
+                                "as PATTERN=ALPHA entries matched as --lora_rank_pattern's "
+                                "(peft's alpha_pattern).")
     label: ClassVar[str] = "LoRA"
-    added_fields: ClassVar[dict] = {"init": "default"}
+    added_fields: ClassVar[dict] = {"init": "default", "rank_pattern": (), "alpha_pattern": ()}
 
     def __post_init__(self):
         if self.loraplus_lr_ratio < 0:
@@ -109,11 +120,33 @@ class LoraConfig(MethodOptions):
         if self.init not in LORA_INITS:
             raise JaxpeftError(f"--lora_init={self.init!r} is not one of: "
                                f"{', '.join(LORA_INITS)}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            object.__setattr__(self, name, tuple(str(e) for e in getattr(self, name)))
+        self.patterns()  # checks the entries
+
+    def patterns(self) -> tuple:
+        """`(rank pairs, alpha pairs)`: `((PATTERN, value), ...)` of each pattern flag."""
+        return (module_patterns(self.rank_pattern, "lora_rank_pattern", int),
+                module_patterns(self.alpha_pattern, "lora_alpha_pattern", float))
 
     @property
     def scale(self) -> float:
-        """The multiplier of `x @ a @ b`."""
+        """The multiplier of `x @ a @ b` in layers no pattern names."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def rank_for(self, module: tuple) -> int:
+        """The rank of the layer at module path `module`."""
+        return pattern_value(self.patterns()[0], module, self.rank)
+
+    def alpha_for(self, module: tuple) -> float:
+        """The alpha of the layer at module path `module`."""
+        return pattern_value(self.patterns()[1], module, self.alpha)
+
+    def scale_for(self, module: tuple) -> float:
+        """The multiplier of `x @ a @ b` in the layer at module path `module` (peft's
+        `scaling[adapter]` of that layer)."""
+        r = self.rank_for(module)
+        return self.alpha_for(module) / (math.sqrt(r) if self.use_rslora else r)
 
 
 def add_lora(params: Any, config: LoraConfig, rng: jax.Array) -> Any:
@@ -132,31 +165,32 @@ def add_lora(params: Any, config: LoraConfig, rng: jax.Array) -> Any:
     for i, mod in enumerate(modules):
         kernel = flat[mod + ("kernel",)]
         fan_in, fan_out = kernel.shape
-        key = jax.random.fold_in(rng, i)
+        key, r = jax.random.fold_in(rng, i), config.rank_for(mod)
         if config.init in FROM_KERNEL:
-            a, b = kernel_factors(kernel, config)
+            a, b = kernel_factors(kernel, config.init, r, config.scale_for(mod))
             flat[mod + ("lora_a0",)], flat[mod + ("lora_b0",)] = a, b
         else:
             if config.init == "gaussian":
-                a = jax.random.normal(key, (fan_in, config.rank), jnp.float32) / config.rank
+                a = jax.random.normal(key, (fan_in, r), jnp.float32) / r
             else:
                 bound = 1.0 / math.sqrt(fan_in)
-                a = jax.random.uniform(key, (fan_in, config.rank), jnp.float32, -bound, bound)
-            b = jnp.zeros((config.rank, fan_out), jnp.float32)
+                a = jax.random.uniform(key, (fan_in, r), jnp.float32, -bound, bound)
+            b = jnp.zeros((r, fan_out), jnp.float32)
         flat[mod + ("lora_a",)], flat[mod + ("lora_b",)] = a, b
     return traverse_util.unflatten_dict(flat)
 
 
-def kernel_factors(kernel: jax.Array, config: LoraConfig) -> tuple[jax.Array, jax.Array]:
+def kernel_factors(kernel: jax.Array, init: str, r: int,
+                   scale: float) -> tuple[jax.Array, jax.Array]:
     """`(a (in, r), b (r, out))` with `scale · a @ b` the part of `kernel (in, out)` that
-    PiSSA or OLoRA moves into the adapter (peft's `pissa_init` / `olora_init` on `W =
+    PiSSA or OLoRA (`init`) moves into the adapter (peft's `pissa_init` / `olora_init` on `W =
     kernelᵀ`). PiSSA: the top-r singular triplets, `a = U_r sqrt(S_r / scale)`, `b =
     sqrt(S_r / scale) V_rᵀ`; OLoRA: `W = QR`, `a = R_rᵀ`, `b = Q_rᵀ`. Singular vectors and QR
     columns are defined up to sign; `a @ b` is not, so the model is the same as peft's."""
-    r, w = config.rank, kernel.astype(jnp.float32).T  # peft's (out, in) weight
-    if config.init == "pissa":
+    w = kernel.astype(jnp.float32).T  # peft's (out, in) weight
+    if init == "pissa":
         v, s, uh = jnp.linalg.svd(w, full_matrices=False)
-        root = jnp.sqrt(s[:r] / config.scale)
+        root = jnp.sqrt(s[:r] / scale)
         return (root[:, None] * uh[:r]).T, (v[:, :r] * root).T
     q, rr = jnp.linalg.qr(w)
     return rr[:r].T, q[:, :r].T
@@ -165,11 +199,11 @@ def kernel_factors(kernel: jax.Array, config: LoraConfig) -> tuple[jax.Array, ja
 def merge_lora(params: Any, config: LoraConfig) -> Any:
     """Folds `(a @ b - a0 @ b0) * scale` into each kernel (`a0 @ b0`: PiSSA's and OLoRA's
     first factors, zero otherwise) and drops the LoRA leaves."""
-    def fold(kernel, held):
+    def fold(kernel, held, module):
         delta = held["lora_a"] @ held["lora_b"]
         if "lora_a0" in held:
             delta = delta - held["lora_a0"] @ held["lora_b0"]
-        return kernel + delta * config.scale
+        return kernel + delta * config.scale_for(module)
 
     return fold_into_kernels(params, ("lora_a", "lora_b", "lora_a0", "lora_b0"), fold)
 
@@ -187,8 +221,11 @@ def portable_lora(params: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:
         flat[mod + ("lora_a",)] = jnp.concatenate([flat[mod + ("lora_a",)], a0], axis=1)
         flat[mod + ("lora_b",)] = jnp.concatenate([flat[mod + ("lora_b",)], -b0], axis=0)
     factor = math.sqrt(2.0) if config.use_rslora else 2.0
+    ranks, alphas = config.patterns()  # every layer's rank and alpha change alike
     return traverse_util.unflatten_dict(flat), dataclasses.replace(
-        config, rank=2 * config.rank, alpha=config.alpha * factor, init="default")
+        config, rank=2 * config.rank, alpha=config.alpha * factor, init="default",
+        rank_pattern=tuple(f"{p}={2 * r}" for p, r in ranks),
+        alpha_pattern=tuple(f"{p}={a * factor}" for p, a in alphas))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,16 +236,15 @@ class LoraHook(DenseHook):
     for the full kernel.
     """
 
-    scale: float
-    dropout: float
+    config: LoraConfig
     leaves: tuple = ("lora_a", "lora_b", "lora_a0", "lora_b0")
 
     def __call__(self, dense, x, y, kernel, bias, deterministic):
         if not dense.has_variable("params", "lora_a"):
             return y
         get = lambda n: dense.get_variable("params", n).astype(y.dtype)  # noqa: E731
-        scale = jnp.asarray(self.scale, y.dtype)
-        h = Dropout(self.dropout)(x, deterministic=deterministic)
+        scale = jnp.asarray(self.config.scale_for(tuple(dense.scope.path)), y.dtype)
+        h = Dropout(self.config.dropout)(x, deterministic=deterministic)
         out = y + token_matmul(token_matmul(h, get("lora_a")), get("lora_b")) * scale
         if dense.has_variable("params", "lora_a0"):
             # PiSSA / OLoRA: the residual base, W - scale · a0 b0, on the undropped input.
@@ -229,8 +265,10 @@ class LoraCodec(PeftCodec):
         return dataclasses.replace(peft, options=converted), params
 
     def config(self, options, family):
+        ranks, alphas = options.patterns()
         return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-                "use_rslora": options.use_rslora,
+                "use_rslora": options.use_rslora, "rank_pattern": dict(ranks),
+                "alpha_pattern": dict(alphas),
                 "target_modules": peft_target_modules(options, family),
                 "fan_in_fan_out": False, "bias": "none",
                 "init_lora_weights": True if options.init == "default" else options.init}
@@ -266,7 +304,7 @@ class Lora(PeftMethod):
         return [(r".*/lora_[ab]", True), (".*", False)]
 
     def hooks(self, options):
-        return (LoraHook(scale=options.scale, dropout=options.dropout),)
+        return (LoraHook(options),)
 
     def lr_multipliers(self, options):
         return [(r".*/lora_b", options.loraplus_lr_ratio)] if options.loraplus_lr_ratio else []
@@ -291,9 +329,7 @@ def targets_of_modules(modules: set, method: str) -> tuple:
 
 def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
     """`LoraConfig` of a peft LoRA/DoRA `adapter_config.json`; refuses what differs from a
-    plain per-module LoRA (rank or alpha patterns, trained biases, fan_in_fan_out)."""
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise JaxpeftError(f"{method}: per-module rank/alpha patterns are not supported")
+    plain per-module LoRA (trained biases, fan_in_fan_out)."""
     if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
         raise JaxpeftError(f"{method}: bias={config.get('bias')!r} / fan_in_fan_out adapters "
                            "are not supported")
@@ -305,7 +341,11 @@ def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
     return LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                       dropout=float(config.get("lora_dropout") or 0.0),
                       targets=targets_of_modules(modules, method),
-                      use_rslora=bool(config.get("use_rslora")), init=init)
+                      use_rslora=bool(config.get("use_rslora")), init=init,
+                      rank_pattern=tuple(f"{p}={v}" for p, v in
+                                         (config.get("rank_pattern") or {}).items()),
+                      alpha_pattern=tuple(f"{p}={v}" for p, v in
+                                          (config.get("alpha_pattern") or {}).items()))
 
 
 def peft_target_modules(config: LoraConfig, family: Family) -> Any:

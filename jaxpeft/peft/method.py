@@ -27,6 +27,7 @@ the options it was trained with.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import jax
@@ -35,6 +36,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.bert import SequenceClassifier
+from jaxpeft.models.checkpoint import hf_module_key
 from jaxpeft.models.registry import family_of_params
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.masks import ParamCounts, Rules, count_params, head_rules, mask_from_rules
@@ -53,6 +55,40 @@ def shared_flag(name: str, default: Any) -> Any:
     (one flag, one help text: VeRA's targets are LoRA's `--lora_targets`)."""
     return dataclasses.field(default=default, metadata={"flag": name, "help": None,
                                                         "choices": None})
+
+
+def module_patterns(entries: tuple, flag_name: str, kind: type = int) -> tuple:
+    """`((PATTERN, value), ...)` of a per-layer option given as `PATTERN=VALUE` entries (the
+    flag form of peft's `rank_pattern`-style dicts), in order; each value a positive `kind`,
+    each PATTERN a regex. Raises one clear error naming the flag and the entry."""
+    out = []
+    for entry in entries:
+        pattern, sep, raw = str(entry).rpartition("=")
+        if not sep or not pattern:
+            raise JaxpeftError(f"--{flag_name}: {entry!r} is not PATTERN=VALUE")
+        try:
+            value = kind(raw.strip())
+            re.compile(pattern)
+        except ValueError:
+            value = None
+        except re.error as err:
+            raise JaxpeftError(f"--{flag_name}: {pattern!r} is not a regex ({err})") from None
+        if value is None or value <= 0:
+            raise JaxpeftError(f"--{flag_name}: {entry!r}: the value must be a positive "
+                               f"{kind.__name__}")
+        out.append((pattern, value))
+    return tuple(out)
+
+
+def pattern_value(patterns: tuple, module: tuple, default: Any) -> Any:
+    """The value `module_patterns` gives the layer at module path `module`: that of the first
+    pattern p for which `(.*[.])?(p)$` matches the layer's transformers module name (peft's
+    `get_pattern_key`), else `default`."""
+    name = hf_module_key(module)
+    for pattern, value in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +233,15 @@ class PeftMethod:
 
 
 def fold_into_kernels(params: Any, leaves: tuple,
-                      fold: Callable[[jax.Array, dict], jax.Array]) -> Any:
+                      fold: Callable[[jax.Array, dict, tuple], jax.Array]) -> Any:
     """The tree with `leaves` dropped from every module that holds any of them and its kernel
-    replaced by `fold(kernel, held)`, `held` mapping each of those leaves the module has to its
-    value: the merge of every method that rewrites the frozen kernel."""
+    replaced by `fold(kernel, held, module)`, `held` mapping each of those leaves the module
+    has to its value (`module`: its path, for per-layer options): the merge of every method
+    that rewrites the frozen kernel."""
     flat = dict(traverse_util.flatten_dict(params))
     for mod in {p[:-1] for p in flat if p[-1] in leaves}:
         held = {n: flat.pop(mod + (n,)) for n in leaves if mod + (n,) in flat}
-        flat[mod + ("kernel",)] = fold(flat[mod + ("kernel",)], held)
+        flat[mod + ("kernel",)] = fold(flat[mod + ("kernel",)], held, mod)
     return traverse_util.unflatten_dict(flat)
 
 

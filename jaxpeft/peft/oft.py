@@ -161,5 +161,5 @@ class Oft(PeftMethod):
 
     def merge(self, params, options):
         return fold_into_kernels(
-            params, ("oft_q",), lambda kernel, held: rotated_kernel(kernel, held["oft_q"],
+            params, ("oft_q",), lambda kernel, held, _: rotated_kernel(kernel, held["oft_q"],
                                                                    options))

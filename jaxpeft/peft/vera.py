@@ -134,7 +134,7 @@ class Vera(PeftMethod):
         params = dict(params)
         a, b = params.pop("vera_A"), params.pop("vera_B")
 
-        def fold(kernel, held):
+        def fold(kernel, held, module):
             d, lb = held["vera_lambda_d"], held["vera_lambda_b"]
             return kernel + (a[:, :kernel.shape[0]].T * d) @ b[:kernel.shape[1]].T * lb
 

@@ -47,6 +47,10 @@ def combine_lora(adapters: Sequence[tuple[Peft, Any]], weights: Sequence[float],
     if any(p.name != "lora" for p, _ in adapters):
         raise JaxpeftError("only LoRA adapters combine (got "
                            f"{', '.join(sorted({p.name for p, _ in adapters}))})")
+    if any(p.options.rank_pattern or p.options.alpha_pattern for p, _ in adapters):
+        raise JaxpeftError("adapters with per-layer rank or alpha patterns do not combine "
+                           "(jaxpeft combines LoRA adapters of one rank and alpha per layer "
+                           "set)")
     plain = [p.method.codec.portable(p, params) for p, params in adapters]
     first = plain[0][0]
     for p, _ in plain[1:]:
