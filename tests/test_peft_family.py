@@ -523,19 +523,39 @@ def _peft_patterned(use_dora):
                       "intermediate.dense": 2}, alpha_pattern={"value": 4})
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+LYCORIS_PATTERNS = {"rank_pattern": {r"layer\.[12]\.attention\.self\.query": 2,
+                                     "value": 12},
+                    "alpha_pattern": {"query": 3.0}}
+
+
+def _patterned(method):
+    """`(our options, peft's config)` of a method with rank and alpha patterns."""
+    if method in ("lora", "dora"):
+        return PATTERNED, _peft_patterned(method == "dora")
+    ours = {"loha": LohaConfig, "lokr": LokrConfig}[method](
+        rank=4, alpha=8, targets=("query", "value"),
+        rank_pattern=tuple(f"{p}={v}" for p, v in LYCORIS_PATTERNS["rank_pattern"].items()),
+        alpha_pattern=tuple(f"{p}={v}" for p, v in LYCORIS_PATTERNS["alpha_pattern"].items()))
+    theirs = {"loha": hf_peft.LoHaConfig, "lokr": hf_peft.LoKrConfig}[method](
+        task_type="SEQ_CLS", r=4, alpha=8, target_modules=["query", "value"],
+        **LYCORIS_PATTERNS)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr"])
 def test_rank_and_alpha_patterns_match_peft(minilm, minilm_dir, sst2_batch, method, tmp_path):
     """peft's rank_pattern / alpha_pattern: each layer's shapes and scale as peft gives
     them (count, the export in PeftModel with our logits), merged equal to unmerged."""
-    trained = moved_off_start(minilm, make_peft(method, PATTERNED))
+    ours, theirs = _patterned(method)
+    trained = moved_off_start(minilm, make_peft(method, ours))
     peft, model, params = trained
-    layers = params["bert"]["encoder"]
-    assert layers["layer_1"]["attention"]["self"]["query"]["lora_a"].shape == (384, 4)
-    assert layers["layer_3"]["attention"]["self"]["query"]["lora_a"].shape == (384, 6)
-    assert layers["layer_0"]["intermediate"]["dense"]["lora_b"].shape == (2, 1536)
-    assert layers["layer_0"]["attention"]["self"]["value"]["lora_a"].shape == (384, 8)
-    torch_model = hf_peft.get_peft_model(_torch_model(minilm_dir),
-                                         _peft_patterned(method == "dora"))
+    if method in ("lora", "dora"):
+        layers = params["bert"]["encoder"]
+        assert layers["layer_1"]["attention"]["self"]["query"]["lora_a"].shape == (384, 4)
+        assert layers["layer_3"]["attention"]["self"]["query"]["lora_a"].shape == (384, 6)
+        assert layers["layer_0"]["intermediate"]["dense"]["lora_b"].shape == (2, 1536)
+        assert layers["layer_0"]["attention"]["self"]["value"]["lora_a"].shape == (384, 8)
+    torch_model = hf_peft.get_peft_model(_torch_model(minilm_dir), theirs)
     assert peft.count(params).trainable == torch_model.get_nb_trainable_parameters()[0]
     _check_export(minilm, minilm_dir, method, sst2_batch, tmp_path, trained)
     plain, merged = peft.merge(model, params)

@@ -6,7 +6,8 @@ Beside each `--lora_targets` kernel `(in, out)` the tree gets `loha_u1`, `loha_u
 `ΔW = (u1 @ v1) ⊙ (u2 @ v2) · alpha / r`, so a rank-r pair reaches rank r² updates. peft's
 initialisation: `u1`, `v1`, `v2` Kaiming-uniform (bound 1/sqrt(fan_in) of peft's layout),
 `u2 = 0`, so the model starts equal to the base. The rank, alpha and targets are LoRA's
-flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`). peft's training-time dropouts are
+flags (`--lora_rank`, `--lora_alpha`, `--lora_targets`, and the per-layer
+`--lora_rank_pattern`, `--lora_alpha_pattern`). peft's training-time dropouts are
 `--rank_dropout` (each output column of ΔW dropped, the kept ones rescaled by the inverse of
 the kept fraction) and `--module_dropout` (the layer's whole update skipped), both drawn
 afresh per layer and step, as peft does.
@@ -27,13 +28,14 @@ from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
+from jaxpeft.peft.method import (MethodOptions, PeftMethod, RankPatterns, flag,
+                                 fold_into_kernels, shared_flag)
 
 LEAVES = ("loha_u1", "loha_v1", "loha_u2", "loha_v2")
 
 
 @dataclasses.dataclass(frozen=True)
-class LohaConfig(MethodOptions):
+class LohaConfig(RankPatterns, MethodOptions):
     """LoHa options: rank r of each factor pair, alpha (scale alpha / r), targets, peft's
     rank and module dropout."""
 
@@ -47,8 +49,11 @@ class LohaConfig(MethodOptions):
                                  "probability of skipping a layer's whole update (peft's "
                                  "module_dropout; OFT's is read on import and, as in peft, "
                                  "not applied).")
+    rank_pattern: tuple = shared_flag("lora_rank_pattern", ())
+    alpha_pattern: tuple = shared_flag("lora_alpha_pattern", ())
     label: ClassVar[str] = "LoHa"
-    added_fields: ClassVar[dict] = {"rank_dropout": 0.0, "module_dropout": 0.0}
+    added_fields: ClassVar[dict] = {"rank_dropout": 0.0, "module_dropout": 0.0,
+                                    "rank_pattern": (), "alpha_pattern": ()}
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -57,6 +62,7 @@ class LohaConfig(MethodOptions):
         if self.alpha <= 0:
             raise JaxpeftError(f"{self.label} alpha must be > 0, got {self.alpha}")
         check_dropouts(self)
+        self.check_patterns()
         object.__setattr__(self, "targets", check_targets(self.targets, self.label))
 
     @property
@@ -105,9 +111,9 @@ def add_loha(params, config: LohaConfig, rng: jax.Array):
     flat = dict(traverse_util.flatten_dict(params))
     if any(p[-1] in LEAVES for p in flat):
         raise JaxpeftError("these params already have LoHa leaves")
-    r = config.rank
     for i, mod in enumerate(target_modules(flat, config.targets, "LoHa")):
         fan_in, fan_out = flat[mod + ("kernel",)].shape
+        r = config.rank_for(mod)
         keys = jax.random.split(jax.random.fold_in(rng, i), 3)
         # peft's hada_w1_b (r, in) has fan-in `in`; hada_w1_a, hada_w2_a (out, r) have r.
         flat[mod + ("loha_u1",)] = _uniform(keys[0], (fan_in, r), fan_in)
@@ -136,7 +142,8 @@ class LohaHook(DenseHook):
         if not dense.has_variable("params", "loha_u1"):
             return y
         u1, v1, u2, v2 = (dense.get_variable("params", n).astype(y.dtype) for n in LEAVES)
-        delta = loha_delta(u1, v1, u2, v2, jnp.asarray(self.config.scale, y.dtype))
+        scale = self.config.scale_for(tuple(dense.scope.path))
+        delta = loha_delta(u1, v1, u2, v2, jnp.asarray(scale, y.dtype))
         delta = lycoris_dropout(dense, delta, self.config, True, deterministic)
         return token_matmul(x, kernel + delta) + bias
 
@@ -153,24 +160,18 @@ class LohaCodec(PeftCodec):
         return {"r": options.rank, "alpha": options.alpha,
                 "rank_dropout": options.rank_dropout, "module_dropout": options.module_dropout,
                 "use_effective_conv2d": False, "init_weights": True,
-                "target_modules": peft_target_modules(options, family)}
+                "target_modules": peft_target_modules(options, family),
+                **options.peft_patterns()}
 
     def options_from(self, config, modules):
-        refuse_patterns(config, "LoHa")
         return LohaConfig(rank=int(config["r"]), alpha=float(config["alpha"]),
+                          **RankPatterns.from_peft(config),
                           targets=targets_of_modules(modules, "LoHa"),
                           rank_dropout=float(config.get("rank_dropout") or 0.0),
                           module_dropout=float(config.get("module_dropout") or 0.0))
 
     def leaf(self, path, value):
         return (self.NAMES[path[-1]], value.T) if path[-1] in self.NAMES else None
-
-
-def refuse_patterns(config, label: str) -> None:
-    """A LyCORIS-style peft adapter (LoHa, LoKr) that jaxpeft would not reproduce: per-module
-    rank/alpha patterns."""
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise JaxpeftError(f"{label}: per-module rank/alpha patterns are not supported")
 
 
 class Loha(PeftMethod):
@@ -195,5 +196,5 @@ class Loha(PeftMethod):
         return (LohaHook(options),)
 
     def merge(self, params, options):
-        return fold_into_kernels(params, LEAVES, lambda kernel, held, _: kernel + loha_delta(
-            *(held[n] for n in LEAVES), options.scale))
+        return fold_into_kernels(params, LEAVES, lambda kernel, held, module: kernel + loha_delta(
+            *(held[n] for n in LEAVES), options.scale_for(module)))

@@ -27,10 +27,11 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, token_matmul
 from jaxpeft.peft.codec import PeftCodec
-from jaxpeft.peft.loha import check_dropouts, lycoris_dropout, refuse_patterns
+from jaxpeft.peft.loha import check_dropouts, lycoris_dropout
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
-from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
+from jaxpeft.peft.method import (MethodOptions, PeftMethod, RankPatterns, flag,
+                                 fold_into_kernels, shared_flag)
 
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -56,7 +57,7 @@ def kron_factors(dim: int, factor: int = -1) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LokrConfig(MethodOptions):
+class LokrConfig(RankPatterns, MethodOptions):
     """LoKr options: rank r of the low-rank factors, alpha (scale alpha / r), targets, whether
     the first factor is low-rank too, the split factor, peft's rank and module dropout."""
 
@@ -73,9 +74,12 @@ class LokrConfig(MethodOptions):
     rank_dropout_scale: bool = flag("lokr_rank_dropout_scale", False, "LoKr: rescale the "
                                     "columns --rank_dropout keeps by the inverse of the kept "
                                     "fraction (peft's rank_dropout_scale; LoHa always does).")
+    rank_pattern: tuple = shared_flag("lora_rank_pattern", ())
+    alpha_pattern: tuple = shared_flag("lora_alpha_pattern", ())
     label: ClassVar[str] = "LoKr"
     added_fields: ClassVar[dict] = {"rank_dropout": 0.0, "module_dropout": 0.0,
-                                    "rank_dropout_scale": False}
+                                    "rank_dropout_scale": False, "rank_pattern": (),
+                                    "alpha_pattern": ()}
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -83,6 +87,7 @@ class LokrConfig(MethodOptions):
         if self.alpha <= 0:
             raise JaxpeftError(f"LoKr alpha must be > 0, got {self.alpha}")
         check_dropouts(self)
+        self.check_patterns()
         if self.decompose_factor == 0 or self.decompose_factor < -1:
             raise JaxpeftError(f"--lokr_decompose_factor must be > 0 or -1, got "
                                f"{self.decompose_factor}")
@@ -93,11 +98,10 @@ class LokrConfig(MethodOptions):
         """The multiplier of the Kronecker product."""
         return self.alpha / self.rank
 
-    def shapes(self, fan_in: int, fan_out: int) -> dict:
-        """`{leaf: shape}` of one `fan_in x fan_out` layer (peft's rules)."""
+    def shapes(self, fan_in: int, fan_out: int, r: int) -> dict:
+        """`{leaf: shape}` of one `fan_in x fan_out` layer of rank r (peft's rules)."""
         (a, b), (c, d) = (kron_factors(fan_out, self.decompose_factor),
                           kron_factors(fan_in, self.decompose_factor))
-        r = self.rank
         out = ({"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
                if self.decompose_both and r < max(a, c) / 2 else {"lokr_w1": (a, c)})
         out.update({"lokr_w2_a": (b, r), "lokr_w2_b": (r, d)} if r < max(b, d) / 2
@@ -117,7 +121,7 @@ def add_lokr(params, config: LokrConfig, rng: jax.Array):
         raise JaxpeftError("these params already have LoKr leaves")
     for i, mod in enumerate(target_modules(flat, config.targets, "LoKr")):
         fan_in, fan_out = flat[mod + ("kernel",)].shape
-        shapes = config.shapes(fan_in, fan_out)
+        shapes = config.shapes(fan_in, fan_out, config.rank_for(mod))
         keys = jax.random.split(jax.random.fold_in(rng, i), len(shapes))
         for key, (name, shape) in zip(keys, shapes.items()):
             zero = name in ("lokr_w1", "lokr_w1_a")  # the update starts at 0
@@ -146,7 +150,8 @@ class LokrHook(DenseHook):
                 if dense.has_variable("params", n)}
         if not held:
             return y
-        delta = lokr_delta(held, jnp.asarray(self.config.scale, y.dtype))
+        scale = self.config.scale_for(tuple(dense.scope.path))
+        delta = lokr_delta(held, jnp.asarray(scale, y.dtype))
         delta = lycoris_dropout(dense, delta, self.config, self.config.rank_dropout_scale,
                                 deterministic)
         return token_matmul(x, kernel + delta) + bias
@@ -164,11 +169,12 @@ class LokrCodec(PeftCodec):
                 "use_effective_conv2d": False, "decompose_both": options.decompose_both,
                 "decompose_factor": options.decompose_factor,
                 "rank_dropout_scale": options.rank_dropout_scale,
-                "init_weights": True, "target_modules": peft_target_modules(options, family)}
+                "init_weights": True, "target_modules": peft_target_modules(options, family),
+                **options.peft_patterns()}
 
     def options_from(self, config, modules):
-        refuse_patterns(config, "LoKr")
         return LokrConfig(rank=int(config["r"]), alpha=float(config["alpha"]),
+                          **RankPatterns.from_peft(config),
                           targets=targets_of_modules(modules, "LoKr"),
                           decompose_both=bool(config.get("decompose_both")),
                           decompose_factor=int(config.get("decompose_factor", -1)),
@@ -203,4 +209,5 @@ class Lokr(PeftMethod):
 
     def merge(self, params, options):
         return fold_into_kernels(
-            params, LEAVES, lambda kernel, held, _: kernel + lokr_delta(held, options.scale))
+            params, LEAVES, lambda kernel, held, module: kernel + lokr_delta(
+                held, options.scale_for(module)))

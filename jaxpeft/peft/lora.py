@@ -24,8 +24,8 @@ from jaxpeft.models.family import TARGET_NAMES, Family
 from jaxpeft.models.registry import family_of_params, target_aliases
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.codec import PeftCodec
-from jaxpeft.peft.method import (MethodOptions, PeftMethod, flag, fold_into_kernels,
-                                 module_patterns, pattern_value)
+from jaxpeft.peft.method import (MethodOptions, PeftMethod, RankPatterns, flag,
+                                 fold_into_kernels)
 
 def check_targets(targets, method: str) -> tuple:
     """Target names (`jaxpeft.models.family.TARGET_NAMES`) with transformers-style aliases
@@ -68,7 +68,7 @@ FROM_KERNEL = ("pissa", "olora")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig(MethodOptions):
+class LoraConfig(RankPatterns, MethodOptions):
     """LoRA options.
 
     rank: r, the inner dimension of the update. alpha: scale numerator; the update is scaled
@@ -96,13 +96,14 @@ class LoraConfig(MethodOptions):
                      "2024), olora (its QR factors, Buyukakyuz 2024); pissa and olora start "
                      "lora_a, lora_b at those factors and subtract them from the base.",
                      choices=lambda: LORA_INITS)
-    rank_pattern: tuple = flag("lora_rank_pattern", (), "LoRA: other ranks for some layers, "
-                               "as PATTERN=R entries (peft's rank_pattern): the first PATTERN, "
-                               "a regex, that matches the end of a layer's module name (e.g. "
-                               "'layer.0.attention.self.query=16') gives its rank.")
-    alpha_pattern: tuple = flag("lora_alpha_pattern", (), "LoRA: other alphas for some layers, "
-                                "as PATTERN=ALPHA entries matched as --lora_rank_pattern's "
-                                "(peft's alpha_pattern).")
+    rank_pattern: tuple = flag("lora_rank_pattern", (), "LoRA, DoRA, LoHa, LoKr: other ranks "
+                               "for some layers, as PATTERN=R entries (peft's rank_pattern): "
+                               "the first PATTERN, a regex, that matches the end of a layer's "
+                               "module name (e.g. 'layer.0.attention.self.query=16') gives "
+                               "its rank.")
+    alpha_pattern: tuple = flag("lora_alpha_pattern", (), "LoRA, DoRA, LoHa, LoKr: other "
+                                "alphas for some layers, as PATTERN=ALPHA entries matched as "
+                                "--lora_rank_pattern's (peft's alpha_pattern).")
     label: ClassVar[str] = "LoRA"
     added_fields: ClassVar[dict] = {"init": "default", "rank_pattern": (), "alpha_pattern": ()}
 
@@ -120,27 +121,12 @@ class LoraConfig(MethodOptions):
         if self.init not in LORA_INITS:
             raise JaxpeftError(f"--lora_init={self.init!r} is not one of: "
                                f"{', '.join(LORA_INITS)}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            object.__setattr__(self, name, tuple(str(e) for e in getattr(self, name)))
-        self.patterns()  # checks the entries
-
-    def patterns(self) -> tuple:
-        """`(rank pairs, alpha pairs)`: `((PATTERN, value), ...)` of each pattern flag."""
-        return (module_patterns(self.rank_pattern, "lora_rank_pattern", int),
-                module_patterns(self.alpha_pattern, "lora_alpha_pattern", float))
+        self.check_patterns()
 
     @property
     def scale(self) -> float:
         """The multiplier of `x @ a @ b` in layers no pattern names."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def rank_for(self, module: tuple) -> int:
-        """The rank of the layer at module path `module`."""
-        return pattern_value(self.patterns()[0], module, self.rank)
-
-    def alpha_for(self, module: tuple) -> float:
-        """The alpha of the layer at module path `module`."""
-        return pattern_value(self.patterns()[1], module, self.alpha)
 
     def scale_for(self, module: tuple) -> float:
         """The multiplier of `x @ a @ b` in the layer at module path `module` (peft's
@@ -265,10 +251,8 @@ class LoraCodec(PeftCodec):
         return dataclasses.replace(peft, options=converted), params
 
     def config(self, options, family):
-        ranks, alphas = options.patterns()
         return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-                "use_rslora": options.use_rslora, "rank_pattern": dict(ranks),
-                "alpha_pattern": dict(alphas),
+                "use_rslora": options.use_rslora, **options.peft_patterns(),
                 "target_modules": peft_target_modules(options, family),
                 "fan_in_fan_out": False, "bias": "none",
                 "init_lora_weights": True if options.init == "default" else options.init}
@@ -342,10 +326,7 @@ def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
                       dropout=float(config.get("lora_dropout") or 0.0),
                       targets=targets_of_modules(modules, method),
                       use_rslora=bool(config.get("use_rslora")), init=init,
-                      rank_pattern=tuple(f"{p}={v}" for p, v in
-                                         (config.get("rank_pattern") or {}).items()),
-                      alpha_pattern=tuple(f"{p}={v}" for p, v in
-                                          (config.get("alpha_pattern") or {}).items()))
+                      **RankPatterns.from_peft(config))
 
 
 def peft_target_modules(config: LoraConfig, family: Family) -> Any:

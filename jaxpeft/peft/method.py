@@ -168,6 +168,47 @@ class MethodOptions:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+class RankPatterns:
+    """Per-layer ranks and alphas of a low-rank method's options (LoRA, DoRA, LoHa, LoKr):
+    its `rank_pattern` / `alpha_pattern` fields (peft's keys of the same names) hold
+    `PATTERN=VALUE` entries, read by `rank_for`, `alpha_for` and `scale_for`."""
+
+    def check_patterns(self) -> None:
+        """Normalises the pattern fields to tuples of strings and checks them."""
+        for name in ("rank_pattern", "alpha_pattern"):
+            object.__setattr__(self, name, tuple(str(e) for e in getattr(self, name)))
+        self.patterns()
+
+    def patterns(self) -> tuple:
+        """`(rank pairs, alpha pairs)`: `((PATTERN, value), ...)` of each pattern flag."""
+        return (module_patterns(self.rank_pattern, "lora_rank_pattern", int),
+                module_patterns(self.alpha_pattern, "lora_alpha_pattern", float))
+
+    def rank_for(self, module: tuple) -> int:
+        """The rank of the layer at module path `module`."""
+        return pattern_value(self.patterns()[0], module, self.rank)
+
+    def alpha_for(self, module: tuple) -> float:
+        """The alpha of the layer at module path `module`."""
+        return pattern_value(self.patterns()[1], module, self.alpha)
+
+    def scale_for(self, module: tuple) -> float:
+        """The multiplier of the update in the layer at module path `module` (peft's
+        `scaling[adapter]` of that layer): alpha / r."""
+        return self.alpha_for(module) / self.rank_for(module)
+
+    def peft_patterns(self) -> dict:
+        """The patterns as peft's config keys."""
+        ranks, alphas = self.patterns()
+        return {"rank_pattern": dict(ranks), "alpha_pattern": dict(alphas)}
+
+    @staticmethod
+    def from_peft(config: Mapping) -> dict:
+        """The pattern fields of a peft config's `rank_pattern` / `alpha_pattern`."""
+        return {f: tuple(f"{p}={v}" for p, v in (config.get(f) or {}).items())
+                for f in ("rank_pattern", "alpha_pattern")}
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions(MethodOptions):
     """The options of a method that has none."""
