@@ -339,10 +339,12 @@ def test_dora_refuses_other_inits(minilm):
 
 
 @pytest.mark.parametrize("options", [LoraConfig(rank=4, alpha=8), LohaConfig(), LokrConfig(),
-                                     BoftConfig(), FourierftConfig()], ids=lambda o: o.label)
+                                     BoftConfig(), FourierftConfig(), OftConfig()],
+                         ids=lambda o: o.label)
 def test_adapter_options_saved_before_newer_fields_still_load(options):
-    """adapter.json files written before a field existed (LoRA's `init`, LoHa's and LoKr's
-    dropouts, BOFT's dropout, FourierFT's pattern) lack it: they meant its default. Any
+    """adapter.json files written before a field existed (LoRA's `init` and patterns, LoHa's
+    and LoKr's dropouts and patterns, BOFT's dropout, FourierFT's pattern, OFT's `r`) lack
+    it: they meant its default. Any
     other missing or unknown field stays an error."""
     from jaxpeft.errors import JaxpeftError
 
@@ -588,3 +590,26 @@ def test_lora_patterns_reach_every_use_of_the_scale(minilm):
         combine_lora([(peft, params)] * 2, [0.5, 0.5])
     with pytest.raises(JaxpeftError, match="lora_alpha_pattern.*positive float"):
         LoraConfig(alpha_pattern=("value=-1",))
+
+
+def test_oft_blocks_by_number_per_layer_match_peft(minilm, minilm_dir, sst2_batch, tmp_path):
+    """peft's OFT `r` (blocks per layer; the block size follows each layer's width): count,
+    export in PeftModel with our logits; the two ways of giving blocks are exclusive."""
+    from jaxpeft.errors import JaxpeftError
+
+    options = OftConfig(block_size=0, r=6, targets=("query", "intermediate"))
+    trained = moved_off_start(minilm, make_peft("oft", options))
+    peft, model, params = trained
+    layer = params["bert"]["encoder"]["layer_0"]
+    assert layer["attention"]["self"]["query"]["oft_q"].shape == (6, 64 * 63 // 2)
+    theirs = hf_peft.OFTConfig(task_type="SEQ_CLS", r=6, oft_block_size=0,
+                               target_modules=["query", "intermediate.dense"])
+    torch_model = hf_peft.get_peft_model(_torch_model(minilm_dir), theirs)
+    assert peft.count(params).trainable == torch_model.get_nb_trainable_parameters()[0]
+    _check_export(minilm, minilm_dir, "oft", sst2_batch, tmp_path, trained)
+    for bad in ({"block_size": 32, "r": 6}, {"block_size": 0}):
+        with pytest.raises(JaxpeftError, match="exactly one of --oft_block_size and --oft_r"):
+            OftConfig(**bad)
+    with pytest.raises(JaxpeftError, match="--oft_r=5 does not split the 384"):
+        make_peft("oft", OftConfig(block_size=0, r=5)).init(minilm.model, minilm.params,
+                                                             jax.random.key(0))

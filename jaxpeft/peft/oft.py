@@ -7,7 +7,9 @@ the Cayley transform `R = (I - Q)(I + Q)⁻¹`, or, as peft does by default, its
 layer computes `(x R) W + bias` with `R` block-diagonal; jaxpeft folds `R` into the frozen
 kernel (`(R W)`, b x b blocks times W), so the tokens meet one product. `Q = 0` at init
 (`R = I`): the model starts as the base. The leaves keep peft's layout (`oft_R.weight`:
-the upper triangles, row-major). The targets are LoRA's flag (`--lora_targets`).
+the upper triangles, row-major). The targets are LoRA's flag (`--lora_targets`). As in
+peft, the blocks are given by their size or by their number per layer (`--oft_r`, peft's
+`r`: then b = the layer's input width / r), exactly one of the two non-zero.
 """
 
 from __future__ import annotations
@@ -30,23 +32,44 @@ from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, fl
 
 @dataclasses.dataclass(frozen=True)
 class OftConfig(MethodOptions):
-    """OFT options: block size, Neumann terms of the Cayley transform (0: exact), targets."""
+    """OFT options: block size (or blocks per layer), Neumann terms of the Cayley transform
+    (0: exact), targets."""
 
     block_size: int = flag("oft_block_size", 32, "OFT: input features per orthogonal block "
-                           "(must divide each target's input width).")
+                           "(must divide each target's input width; 0: set by --oft_r).")
     neumann_terms: int = flag("oft_neumann_terms", 5, "OFT: terms of the Neumann series for "
                               "the Cayley transform (peft's default 5); 0: the exact "
                               "transform.")
     targets: tuple = shared_flag("lora_targets", ("query", "value"))
+    r: int = flag("oft_r", 0, "OFT: orthogonal blocks per targeted layer, instead of a block "
+                  "size (peft's r; give --oft_block_size=0 with it).")
     label: ClassVar[str] = "OFT"
+    added_fields: ClassVar[dict] = {"r": 0}
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 2:
-            raise JaxpeftError(f"--oft_block_size must be an integer >= 2, got "
-                               f"{self.block_size!r}")
+        for name in ("block_size", "r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise JaxpeftError(f"--oft_{name} must be an integer >= 0, got {value!r}")
+        if (self.block_size == 0) == (self.r == 0):
+            raise JaxpeftError("OFT: give exactly one of --oft_block_size and --oft_r (the "
+                               "other 0)")
+        if self.block_size == 1:
+            raise JaxpeftError("--oft_block_size must be >= 2 (1 rotates nothing)")
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
             raise JaxpeftError(f"--oft_neumann_terms must be >= 0, got {self.neumann_terms!r}")
         object.__setattr__(self, "targets", check_targets(self.targets, "OFT"))
+
+    def block(self, fan_in: int, module: tuple) -> int:
+        """The block size of a layer of `fan_in` inputs, checked to divide it."""
+        b = self.block_size or fan_in // self.r
+        if self.block_size and fan_in % b:
+            raise JaxpeftError(f"--oft_block_size={b} does not divide the {fan_in} input "
+                               f"features of {'/'.join(module)}")
+        if self.r and (fan_in % self.r or b < 2):
+            raise JaxpeftError(f"--oft_r={self.r} does not split the {fan_in} input features "
+                               f"of {'/'.join(module)} into blocks of 2 or more")
+        return b
 
 
 def add_oft(params, config: OftConfig):
@@ -54,12 +77,9 @@ def add_oft(params, config: OftConfig):
     flat = dict(traverse_util.flatten_dict(params))
     if any(p[-1] == "oft_q" for p in flat):
         raise JaxpeftError("these params already have OFT leaves")
-    b = config.block_size
     for mod in target_modules(flat, config.targets, "OFT"):
         fan_in = flat[mod + ("kernel",)].shape[0]
-        if fan_in % b:
-            raise JaxpeftError(f"--oft_block_size={b} does not divide the {fan_in} input "
-                               f"features of {'/'.join(mod)}")
+        b = config.block(fan_in, mod)
         flat[mod + ("oft_q",)] = jnp.zeros((fan_in // b, b * (b - 1) // 2), jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
@@ -82,9 +102,11 @@ def rotation(q: jax.Array, block_size: int, terms: int) -> jax.Array:
 
 
 def rotated_kernel(kernel: jax.Array, q: jax.Array, config: OftConfig) -> jax.Array:
-    """`R W` for block-diagonal `R`: each block of `b` input rows of `kernel` rotated."""
-    r = rotation(q, config.block_size, config.neumann_terms).astype(kernel.dtype)
-    blocks = kernel.reshape(r.shape[0], config.block_size, kernel.shape[-1])
+    """`R W` for block-diagonal `R`: each block of `b` input rows of `kernel` rotated (b from
+    the number of blocks `q` holds)."""
+    b = kernel.shape[0] // q.shape[0]
+    r = rotation(q, b, config.neumann_terms).astype(kernel.dtype)
+    blocks = kernel.reshape(r.shape[0], b, kernel.shape[-1])
     return jnp.einsum("rkc,rco->rko", r, blocks).reshape(kernel.shape)
 
 
@@ -109,7 +131,7 @@ class OftCodec(PeftCodec):
     markers = ("oft_R",)
 
     def config(self, options, family):
-        return {"r": 0, "oft_block_size": options.block_size, "module_dropout": 0.0,
+        return {"r": options.r, "oft_block_size": options.block_size, "module_dropout": 0.0,
                 "fan_in_fan_out": False, "bias": "none", "init_weights": True, "coft": False,
                 "eps": 6e-5, "block_share": False,
                 "use_cayley_neumann": options.neumann_terms > 0,
@@ -125,11 +147,9 @@ class OftCodec(PeftCodec):
         for name in ("coft", "block_share"):
             if config.get(name):
                 raise JaxpeftError(f"OFT: {name}={config[name]} is not implemented in jaxpeft")
-        if config.get("r") or not config.get("oft_block_size"):
-            raise JaxpeftError("OFT: adapters given by r (blocks per layer) are not supported; "
-                               "jaxpeft reads oft_block_size")
         terms = int(config.get("num_cayley_neumann_terms", 5))
-        return OftConfig(block_size=int(config["oft_block_size"]),
+        return OftConfig(block_size=int(config.get("oft_block_size") or 0),
+                         r=int(config.get("r") or 0),
                          neumann_terms=terms if config.get("use_cayley_neumann", True) else 0,
                          targets=targets_of_modules(modules, "OFT"))
 
