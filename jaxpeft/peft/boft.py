@@ -38,6 +38,7 @@ from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_modules,
                                targets_of_modules)
 from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
+from jaxpeft.peft.oft import check_one_of
 
 LEAVES = ("boft_r", "boft_s")
 
@@ -61,13 +62,7 @@ class BoftConfig(MethodOptions):
     added_fields: ClassVar[dict] = {"dropout": 0.0}
 
     def __post_init__(self):
-        for name in ("block_size", "block_num"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise JaxpeftError(f"--boft_{name} must be an integer >= 0, got {value!r}")
-        if (self.block_size == 0) == (self.block_num == 0):
-            raise JaxpeftError("BOFT: give exactly one of --boft_block_size and "
-                               "--boft_block_num (the other 0)")
+        check_one_of(self, "BOFT", block_size="boft_block_size", block_num="boft_block_num")
         if not 0.0 <= self.dropout < 1.0:
             raise JaxpeftError(f"--boft_dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.butterfly_factors, int) or self.butterfly_factors < 1:

@@ -30,6 +30,19 @@ from jaxpeft.peft.lora import (check_targets, peft_target_modules, target_module
 from jaxpeft.peft.method import MethodOptions, PeftMethod, fold_into_kernels, flag, shared_flag
 
 
+def check_one_of(options, label: str, **flags: str) -> None:
+    """Two non-negative integer fields (`field=flag name`) of which exactly one is non-zero:
+    blocks given by their size or by their number, as peft's OFT and BOFT take them."""
+    for field, flag_name in flags.items():
+        value = getattr(options, field)
+        if not isinstance(value, int) or value < 0:
+            raise JaxpeftError(f"--{flag_name} must be an integer >= 0, got {value!r}")
+    if sum(getattr(options, field) != 0 for field in flags) != 1:
+        names = [f"--{n}" for n in flags.values()]
+        raise JaxpeftError(f"{label}: give exactly one of {names[0]} and {names[1]} (the "
+                           "other 0)")
+
+
 @dataclasses.dataclass(frozen=True)
 class OftConfig(MethodOptions):
     """OFT options: block size (or blocks per layer), Neumann terms of the Cayley transform
@@ -47,13 +60,7 @@ class OftConfig(MethodOptions):
     added_fields: ClassVar[dict] = {"r": 0}
 
     def __post_init__(self):
-        for name in ("block_size", "r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise JaxpeftError(f"--oft_{name} must be an integer >= 0, got {value!r}")
-        if (self.block_size == 0) == (self.r == 0):
-            raise JaxpeftError("OFT: give exactly one of --oft_block_size and --oft_r (the "
-                               "other 0)")
+        check_one_of(self, "OFT", block_size="oft_block_size", r="oft_r")
         if self.block_size == 1:
             raise JaxpeftError("--oft_block_size must be >= 2 (1 rotates nothing)")
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
