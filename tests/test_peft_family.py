@@ -483,8 +483,9 @@ def test_method_dropouts_change_training_forwards_only(minilm, sst2_batch, metho
     runs = {}
     for name, opts in (("drop", options), ("plain", plain)):
         _, model, params = moved_off_start(minilm, make_peft(method, opts))
+        key = {"dropout": jax.random.key(4)}
         runs[name] = [np.asarray(model.apply({"params": params}, *sst2_batch,
-                                             deterministic=det, rngs={"dropout": jax.random.key(4)}))
+                                             deterministic=det, rngs=key))
                       for det in (True, False)]
     np.testing.assert_array_equal(runs["drop"][0], runs["plain"][0])
     assert np.abs(runs["drop"][1] - runs["plain"][1]).max() > 1e-4

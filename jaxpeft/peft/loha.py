@@ -65,11 +65,6 @@ class LohaConfig(RankPatterns, MethodOptions):
         self.check_patterns()
         object.__setattr__(self, "targets", check_targets(self.targets, self.label))
 
-    @property
-    def scale(self) -> float:
-        """The multiplier of the Hadamard product."""
-        return self.alpha / self.rank
-
 
 def check_dropouts(options) -> None:
     """peft's LyCORIS dropouts are probabilities in [0, 1)."""

@@ -93,11 +93,6 @@ class LokrConfig(RankPatterns, MethodOptions):
                                f"{self.decompose_factor}")
         object.__setattr__(self, "targets", check_targets(self.targets, "LoKr"))
 
-    @property
-    def scale(self) -> float:
-        """The multiplier of the Kronecker product."""
-        return self.alpha / self.rank
-
     def shapes(self, fan_in: int, fan_out: int, r: int) -> dict:
         """`{leaf: shape}` of one `fan_in x fan_out` layer of rank r (peft's rules)."""
         (a, b), (c, d) = (kron_factors(fan_out, self.decompose_factor),
