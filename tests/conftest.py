@@ -1,6 +1,8 @@
 """Shared fixtures: the real GLUE folder, the real MiniLM weights, tiny configs."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,47 @@ import pytest
 from tests.helpers import REPO, save_tiny_bert
 
 GLUE_DIR = Path(os.environ.get("JAXPEFT_GLUE_DIR", REPO.parent / "shared" / "glue_data"))
+
+# JAX's persistent compilation cache, on for the whole run: the tests build the same small
+# programs again and again (each run of a config, each resume, each CLI subprocess), and on
+# CPU compiling them is a large part of the suite's time. Every compilation is kept (no
+# minimum time or size) and none is evicted: with a size cap JAX would rescan the folder at
+# every write. Two xdist workers may race on one entry; a reader that meets a half-written
+# file gets a read error, which JAX turns into a warning and a compilation.
+CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def pytest_configure(config):
+    """Points every process of the run (this one, the xdist workers and the CLI
+    subprocesses the tests start, which inherit the environment) at one compilation cache:
+    `JAX_COMPILATION_CACHE_DIR` if set (a warm cache across runs), else a new temporary
+    folder, removed at the end. Gives each xdist worker its share of the cores for PyTorch
+    (`OMP_NUM_THREADS`, unless set): torch's OpenMP threads spin while they wait, and two
+    workers each running one thread per core made the parity tests over twice as slow."""
+    worker = config.__dict__.get("workerinput")
+    if worker is not None:
+        os.environ.setdefault("OMP_NUM_THREADS",
+                              str(max(1, (os.cpu_count() or 1) // int(worker["workercount"]))))
+    elif not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        config._jaxpeft_cache = tempfile.mkdtemp(prefix="jaxpeft-test-xla-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jaxpeft_cache
+    for name, value in CACHE_ENV.items():
+        os.environ.setdefault(name, value)
+    import jax
+
+    # jax may have been imported (and read its environment) before this hook ran.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    for name in CACHE_ENV:
+        jax.config.update(name.lower(), float(os.environ[name])
+                          if name.endswith("SECS") else int(os.environ[name]))
+
+
+def pytest_unconfigure(config):
+    """Removes the temporary compilation cache this run made."""
+    folder = config.__dict__.get("_jaxpeft_cache")
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
