@@ -23,6 +23,12 @@ CONFIGS = {
     "dora": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=True,
                                        target_modules=["key", "value"],
                                        rank_pattern={"key": 6}),
+    # base biases trained beside the factors: all of them (the pooler's too), the adapted ones
+    "lora bias": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, bias="all",
+                                            target_modules=["query", "value"]),
+    "dora bias": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                            use_dora=True, bias="lora_only",
+                                            target_modules=["query", "intermediate.dense"]),
     "ia3": lambda: hf_peft.IA3Config(task_type="SEQ_CLS"),
     "ln_tuning": lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
     "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
@@ -48,8 +54,10 @@ CONFIGS = {
     "adalora": lambda: hf_peft.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2,
                                              total_step=10, target_modules=["query", "value"]),
 }
-# peft's training-time dropouts in those configurations, which the imported options carry
-DROPOUTS = {"loha": {"rank_dropout": 0.1, "module_dropout": 0.1},
+# options of those configurations beyond the shapes (training-time dropouts, trained
+# biases), which the imported options carry
+CARRIED = {"lora bias": {"bias": "all"}, "dora bias": {"bias": "lora_only"},
+           "loha": {"rank_dropout": 0.1, "module_dropout": 0.1},
             "lokr": {"rank_dropout": 0.2, "module_dropout": 0.0, "rank_dropout_scale": True},
             "boft": {"dropout": 0.25}}
 
@@ -95,7 +103,7 @@ def test_peft_trained_adapter_scores_as_in_pytorch(minilm_dir, glue_dir, sst2_ba
     base = np.asarray(pre.model.apply({"params": pre.params}, *args, deterministic=True))
     assert np.abs(ours - base).max() > 1e-3  # the adapter was really applied
     assert peft.count(params).trainable == tm.get_nb_trainable_parameters()[0]
-    for name, value in DROPOUTS.get(method, {}).items():
+    for name, value in CARRIED.get(method, {}).items():
         assert getattr(peft.options, name) == value
 
 
@@ -110,7 +118,8 @@ def test_unsupported_types_and_other_bases_are_clear_errors(minilm_dir, sst2_bat
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     for change, message in (({"peft_type": "HRA"}, "has no jaxpeft method"),
                             ({"task_type": "CAUSAL_LM"}, "imports sequence-classification"),
-                            ({"bias": "all"}, "bias='all'")):
+                            ({"bias": "boft_only"}, "bias='boft_only' is not supported"),
+                            ({"fan_in_fan_out": True}, "fan_in_fan_out")):
         (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(JaxpeftError, match=message):
             import_peft(tmp_path / "lora", jaxpeft.load_pretrained(minilm_dir, num_labels=2))

@@ -108,6 +108,9 @@ def test_heads_and_refusals(minilm):
     _, p = ia3.init(minilm.model, minilm.params, jax.random.key(0))
     with pytest.raises(JaxpeftError, match="only LoRA adapters combine"):
         combine_lora([a, (ia3, p)], (0.5, 0.5), "cat")
+    biased = _lora(minilm, LoraConfig(rank=4, alpha=8, bias="lora_only"), 4)
+    with pytest.raises(JaxpeftError, match="train base biases .--lora_bias. do not combine"):
+        combine_lora([a, biased], (0.5, 0.5), "cat")
 
 
 def test_pissa_adapters_combine_as_peft_shares_them(minilm, sst2_batch):

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, per_token, token_matmul
-from jaxpeft.peft.lora import Lora, LoraCodec, LoraConfig, add_lora
+from jaxpeft.peft.lora import Lora, LoraCodec, LoraConfig, add_lora, bias_rules
 from jaxpeft.peft.method import fold_into_kernels
 
 
@@ -95,7 +95,7 @@ class Dora(Lora):
         return traverse_util.unflatten_dict(flat)
 
     def rules(self, options):
-        return [(r".*/lora_(a|b|magnitude)", True), (".*", False)]
+        return [(r".*/lora_(a|b|magnitude)", True), *bias_rules(options), (".*", False)]
 
     def hooks(self, options):
         return (DoraHook(options),)

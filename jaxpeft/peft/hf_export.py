@@ -46,15 +46,21 @@ def fold_target(params: Any, mean: float, std: float) -> Any:
 
 
 def peft_items(peft: Peft, leaves: dict) -> dict[str, tuple]:
-    """`{peft key: (our path, value in peft's layout)}` for `{path: value}` leaves."""
+    """`{peft key: (our path, value in peft's layout)}` for `{path: value}` leaves.
+
+    A trained bias of an adapted layer (LoRA's `bias` option) is `<module>.base_layer.bias`:
+    peft wraps the layer, and the base layer holds its bias."""
     codec = peft.method.codec
     items, prefix = {}, codec.prefix
+    own = {path: codec.leaf(path, value) for path, value in leaves.items()}
+    adapted = {path[:-1] for path, o in own.items() if o is not None and len(path) > 1}
     for path, value in leaves.items():
-        own = codec.leaf(path, value)
-        if own is not None and len(path) == 1:
-            key, value = own  # one of peft's own top-level tensors
-        elif own is not None:
-            key, value = prefix + hf_module_key(path[:-1]) + "." + own[0], own[1]
+        if own[path] is not None and len(path) == 1:
+            key, value = own[path]  # one of peft's own top-level tensors
+        elif own[path] is not None:
+            key, value = prefix + hf_module_key(path[:-1]) + "." + own[path][0], own[path][1]
+        elif path[-1] == "bias" and path[:-1] in adapted:
+            key = prefix + hf_module_key(path[:-1]) + ".base_layer.bias"
         else:
             key, value = prefix + hf_key(path), value.T if path[-1] == "kernel" else value
         items[key] = (path, value)

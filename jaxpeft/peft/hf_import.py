@@ -68,7 +68,8 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
     saved = method.codec.saved_tensors(config, read_safetensors_file(directory / WEIGHTS))
     prefix = get_family(pre.config.model_type).prefix
     options = method.codec.options_from(config, _module_paths(saved, prefix))
-    train_pooler = any(".pooler." in k for k in saved)
+    # A trained pooler saves its weight; LoRA's bias="all" saves the pooler's bias alone.
+    train_pooler = any(".pooler." in k and k.endswith(".weight") for k in saved)
     peft = Peft(method, options, train_pooler)
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
     flat = dict(traverse_util.flatten_dict(params))

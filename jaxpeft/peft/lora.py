@@ -21,7 +21,7 @@ from flax import traverse_util
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
 from jaxpeft.models.family import TARGET_NAMES, Family
-from jaxpeft.models.registry import family_of_params, target_aliases
+from jaxpeft.models.registry import FAMILIES, family_of_params, target_aliases
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.codec import PeftCodec
 from jaxpeft.peft.method import (MethodOptions, PeftMethod, RankPatterns, flag,
@@ -62,6 +62,8 @@ def target_modules(flat: dict, targets, method: str) -> list:
 
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# peft's `bias`: which of the base model's biases train beside the LoRA factors.
+LORA_BIASES = ("none", "all", "lora_only")
 # Inits that take lora_a, lora_b from the base kernel: the tree keeps those first factors as
 # frozen `lora_a0`, `lora_b0`, and the layer subtracts their product (the residual base).
 FROM_KERNEL = ("pissa", "olora")
@@ -78,7 +80,9 @@ class LoraConfig(RankPatterns, MethodOptions):
     learning rate (0: off, plain LoRA). A training option; the forward pass ignores it.
     rank_pattern, alpha_pattern: other ranks / alphas for some layers, `PATTERN=VALUE`
     entries matched as peft's `rank_pattern` / `alpha_pattern` keys (`rank_for`,
-    `alpha_for`, `scale_for` give a layer's values).
+    `alpha_for`, `scale_for` give a layer's values). bias: peft's `bias`, the base biases
+    that train too: none, all (every bias of the encoder, pooler included: LoRA plus
+    BitFit), lora_only (those of the adapted layers).
     """
 
     rank: int = flag("lora_rank", 8, "LoRA rank r.")
@@ -104,8 +108,13 @@ class LoraConfig(RankPatterns, MethodOptions):
     alpha_pattern: tuple = flag("lora_alpha_pattern", (), "LoRA, DoRA, LoHa, LoKr: other "
                                 "alphas for some layers, as PATTERN=ALPHA entries matched as "
                                 "--lora_rank_pattern's (peft's alpha_pattern).")
+    bias: str = flag("lora_bias", "none", "LoRA, DoRA: base biases that train too (peft's "
+                     "bias): none, all (every bias of the encoder and pooler, as BitFit), "
+                     "lora_only (the biases of the adapted layers).",
+                     choices=lambda: LORA_BIASES)
     label: ClassVar[str] = "LoRA"
-    added_fields: ClassVar[dict] = {"init": "default", "rank_pattern": (), "alpha_pattern": ()}
+    added_fields: ClassVar[dict] = {"init": "default", "rank_pattern": (), "alpha_pattern": (),
+                                    "bias": "none"}
 
     def __post_init__(self):
         if self.loraplus_lr_ratio < 0:
@@ -121,6 +130,9 @@ class LoraConfig(RankPatterns, MethodOptions):
         if self.init not in LORA_INITS:
             raise JaxpeftError(f"--lora_init={self.init!r} is not one of: "
                                f"{', '.join(LORA_INITS)}")
+        if self.bias not in LORA_BIASES:
+            raise JaxpeftError(f"--lora_bias={self.bias!r} is not one of: "
+                               f"{', '.join(LORA_BIASES)}")
         self.check_patterns()
 
     @property
@@ -254,11 +266,20 @@ class LoraCodec(PeftCodec):
         return {"r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
                 "use_rslora": options.use_rslora, **options.peft_patterns(),
                 "target_modules": peft_target_modules(options, family),
-                "fan_in_fan_out": False, "bias": "none",
+                "fan_in_fan_out": False, "bias": options.bias,
                 "init_lora_weights": True if options.init == "default" else options.init}
 
     def matches(self, config):
         return config.get("peft_type") == "LORA" and not config.get("use_dora")
+
+    def saved_tensors(self, config, saved):
+        # With bias="all" peft saves every `.bias` of the model, the head's wrapper included:
+        # its trained copy once more (`classifier.modules_to_save.bias`) and its untrained
+        # original. `classifier.bias` is the head; the copies carry nothing else.
+        if config.get("bias") != "all":
+            return saved
+        return {k: v for k, v in saved.items()
+                if not re.search(r"\.(?:modules_to_save|original_module)\.(?:\w+\.)*bias$", k)}
 
     def options_from(self, config, modules):
         return lora_options_from_peft(config, modules, self.label)
@@ -279,13 +300,13 @@ class Lora(PeftMethod):
     codec = LoraCodec()
 
     def requires(self, options):
-        return options.targets
+        return options.targets + (("biases",) if options.bias != "none" else ())
 
     def augment(self, params, options, rng):
         return add_lora(params, options, rng)
 
     def rules(self, options):
-        return [(r".*/lora_[ab]", True), (".*", False)]
+        return [(r".*/lora_[ab]", True), *bias_rules(options), (".*", False)]
 
     def hooks(self, options):
         return (LoraHook(options),)
@@ -295,6 +316,18 @@ class Lora(PeftMethod):
 
     def merge(self, params, options):
         return merge_lora(params, options)
+
+
+def bias_rules(options: LoraConfig) -> list:
+    """The mask rules of peft's `bias` option: every `bias` leaf (`all`), or those of the
+    adapted layers in any family (`lora_only`), trainable."""
+    if options.bias == "all":
+        return [(r".*/bias", True)]
+    if options.bias == "lora_only":
+        layers = "|".join(f.target_regex(t) for f in FAMILIES.values()
+                          for t in options.targets if t in f.targets)
+        return [(f"(?:{layers})/bias", True)]
+    return []
 
 
 def targets_of_modules(modules: set, method: str) -> tuple:
@@ -313,10 +346,14 @@ def targets_of_modules(modules: set, method: str) -> tuple:
 
 def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
     """`LoraConfig` of a peft LoRA/DoRA `adapter_config.json`; refuses what differs from a
-    plain per-module LoRA (trained biases, fan_in_fan_out)."""
-    if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
-        raise JaxpeftError(f"{method}: bias={config.get('bias')!r} / fan_in_fan_out adapters "
-                           "are not supported")
+    plain per-module LoRA (fan_in_fan_out, another bias option)."""
+    if config.get("fan_in_fan_out"):
+        raise JaxpeftError(f"{method}: fan_in_fan_out adapters are not supported (they are "
+                           "for GPT-2-style Conv1D layers, which no encoder here has)")
+    bias = config.get("bias") or "none"
+    if bias not in LORA_BIASES:
+        raise JaxpeftError(f"{method}: bias={bias!r} is not supported (jaxpeft has "
+                           f"{', '.join(LORA_BIASES)})")
     init = config.get("init_lora_weights", True)
     init = {True: "default", False: "default"}.get(init, init)
     if init not in LORA_INITS:
@@ -325,7 +362,7 @@ def lora_options_from_peft(config, modules: set, method: str) -> "LoraConfig":
     return LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                       dropout=float(config.get("lora_dropout") or 0.0),
                       targets=targets_of_modules(modules, method),
-                      use_rslora=bool(config.get("use_rslora")), init=init,
+                      use_rslora=bool(config.get("use_rslora")), init=init, bias=bias,
                       **RankPatterns.from_peft(config))
 
 

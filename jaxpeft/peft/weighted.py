@@ -51,6 +51,10 @@ def combine_lora(adapters: Sequence[tuple[Peft, Any]], weights: Sequence[float],
         raise JaxpeftError("adapters with per-layer rank or alpha patterns do not combine "
                            "(jaxpeft combines LoRA adapters of one rank and alpha per layer "
                            "set)")
+    if any(p.options.bias != "none" for p, _ in adapters):
+        # peft's combination has no rule for trained base biases: they belong to no adapter.
+        raise JaxpeftError("adapters that train base biases (--lora_bias) do not combine: "
+                           "a combination of LoRA updates has no rule for them")
     plain = [p.method.codec.portable(p, params) for p, params in adapters]
     first = plain[0][0]
     for p, _ in plain[1:]:
