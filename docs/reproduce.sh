@@ -153,6 +153,7 @@ g lokr mrpc,stsb 1e-2,3e-2
 g loha mrpc,stsb 1e-2
 g oft mrpc,stsb 1e-2
 g prefix mrpc,stsb 1e-1
+g boft mrpc,stsb 1e-2
 # the round-two methods on MRPC and STS-B (AdaLoRA: budget warm-up 10 %, fixed pattern 30 %
 # of each task's 3-epoch steps)
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
