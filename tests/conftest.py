@@ -36,14 +36,11 @@ def pytest_configure(config):
         config._jaxpeft_cache = tempfile.mkdtemp(prefix="jaxpeft-test-xla-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jaxpeft_cache
     for name, value in CACHE_ENV.items():
-        os.environ.setdefault(name, value)
-    import jax
+        os.environ.setdefault(name, value)  # for the CLI subprocesses
+    from jaxpeft.train import use_compilation_cache
 
     # jax may have been imported (and read its environment) before this hook ran.
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    for name in CACHE_ENV:
-        jax.config.update(name.lower(), float(os.environ[name])
-                          if name.endswith("SECS") else int(os.environ[name]))
+    use_compilation_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def pytest_unconfigure(config):
