@@ -334,6 +334,25 @@ def test_bad_lora_options(kwargs, msg):
         LoraConfig(**kwargs)
 
 
+def test_pooler_targets_where_a_pretrained_pooler_is(tiny_dirs):
+    """`pooler` (alias `bert.pooler.dense`) and `all-linear` adapt BERT's pooler; RoBERTa has
+    none to adapt, and a pooler trained whole cannot also carry LoRA."""
+    assert LoraConfig(targets=("bert.pooler.dense", "all-linear")).targets == ("pooler",
+                                                                                "all-linear")
+    bert = jaxpeft.load_pretrained(tiny_dirs["bert"], tokenizer=False)
+    roberta = jaxpeft.load_pretrained(tiny_dirs["roberta"], tokenizer=False)
+    _, params = make_peft("lora", LoraConfig(targets=("all-linear",))).init(
+        roberta.model, roberta.params, jax.random.key(0))
+    assert "lora_a" in params["roberta"]["encoder"]["layer_0"]["output"]["dense"]
+    with pytest.raises(JaxpeftError, match="lora needs pooler, which roberta does not have"):
+        make_peft("lora", LoraConfig(targets=("pooler",))).init(roberta.model, roberta.params,
+                                                                jax.random.key(0))
+    for targets in (("pooler",), ("all-linear",)):
+        with pytest.raises(JaxpeftError, match="--train_pooler trains the pooler whole"):
+            make_peft("lora", LoraConfig(targets=targets), train_pooler=True).init(
+                bert.model, bert.params, jax.random.key(0))
+
+
 def test_unknown_method():
     with pytest.raises(JaxpeftError, match="unknown method 'p_tuning'.*full, lora, bitfit"):
         make_peft("p_tuning")

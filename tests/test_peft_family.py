@@ -1,6 +1,7 @@
-"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr, OFT, FourierFT and BOFT (and LoRA, as the reference) against Hugging
-Face peft: trainable counts, exported adapters that peft loads with exactly its own keys and
-the same logits, the same gradients, and merged models equal to unmerged ones."""
+"""DoRA, IA3, VeRA, LN-tuning, prompt tuning, LoHa, LoKr, OFT, FourierFT and BOFT (and LoRA,
+as the reference, also on peft's all-linear targets) against Hugging Face peft: trainable
+counts, exported adapters that peft loads with exactly its own keys and the same logits, the
+same gradients, and merged models equal to unmerged ones."""
 
 import dataclasses
 import re
@@ -44,7 +45,16 @@ CASES = {
                   lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                              target_modules=["query", "value"], use_dora=True,
                                              bias="lora_only")),
+    # peft's all-linear: every layer's Dense layers and BERT's pretrained pooler
+    "lora all-linear": (LoraConfig(rank=8, alpha=16, targets=("all-linear",)),
+                        lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                                   target_modules="all-linear")),
     "ia3": (PEFT_SET, lambda: hf_peft.IA3Config(task_type="SEQ_CLS")),
+    "ia3 pooler": (Ia3Config(("key", "value", "output", "attention_output", "pooler")),
+                   lambda: hf_peft.IA3Config(task_type="SEQ_CLS",
+                                             target_modules=["key", "value", "output.dense",
+                                                             "pooler.dense"],
+                                             feedforward_modules=["output.dense"])),
     "vera": (VeraConfig(rank=256),
              lambda: hf_peft.VeraConfig(task_type="SEQ_CLS", r=256,
                                         target_modules=["query", "value"], save_projection=True)),
@@ -95,7 +105,8 @@ def _torch_logits(model, args):
 
 @pytest.mark.parametrize("method,expected", [("lora", 74_498), ("dora", 79_106),
                                              ("lora bias", 100_610), ("dora bias", 83_714),
-                                             ("ia3", 16_898), ("vera", 8_450),
+                                             ("lora all-linear", 338_690), ("ia3", 16_898),
+                                             ("ia3 pooler", 17_282), ("vera", 8_450),
                                              ("ln_tuning", 10_754), ("prompt", 8_450),
                                              ("loha", 148_226), ("lokr", 8_450),
                                              ("oft", 72_194), ("fourierft", 12_070),
@@ -136,8 +147,8 @@ def _check_export(pre, base_dir, method, args, tmp_path, trained=None):
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-EXPORTED = ["dora", "lora bias", "dora bias", "ia3", "vera", "ln_tuning", "prompt", "loha", "lokr", "oft", "fourierft",
-            "boft"]
+EXPORTED = ["dora", "lora bias", "dora bias", "lora all-linear", "ia3", "ia3 pooler", "vera",
+            "ln_tuning", "prompt", "loha", "lokr", "oft", "fourierft", "boft"]
 
 
 @pytest.mark.parametrize("method", EXPORTED)
@@ -147,14 +158,15 @@ def test_export_loads_in_peft_with_same_logits_minilm(minilm, minilm_dir, sst2_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", EXPORTED)
+@pytest.mark.parametrize("method", [m for m in EXPORTED if m != "ia3 pooler"])  # no pooler
 def test_export_loads_in_peft_with_same_logits_roberta(tiny_roberta, method, tmp_path):
     pre = jaxpeft.load_pretrained(tiny_roberta, tokenizer=False)
     _check_export(pre, tiny_roberta, method, random_batch("roberta"), tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora", "lora bias", "dora bias", "ia3", "vera",
+@pytest.mark.parametrize("method", ["lora", "dora", "lora bias", "dora bias", "lora all-linear",
+                                    "ia3", "ia3 pooler", "vera",
                                     "ln_tuning", "prompt", "loha", "lokr", "oft", "fourierft",
                                     "boft"])
 def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
@@ -192,8 +204,9 @@ def test_gradients_match_peft(minilm_dir, glue_dir, method, tmp_path):
     assert set(ref) <= set(ours) and len(ref) == trainable_leaves
 
 
-@pytest.mark.parametrize("method", ["dora", "lora bias", "dora bias", "ia3", "vera", "loha",
-                                    "lokr", "oft", "fourierft", "boft"])
+@pytest.mark.parametrize("method", ["dora", "lora bias", "dora bias", "lora all-linear", "ia3",
+                                    "ia3 pooler", "vera", "loha", "lokr", "oft", "fourierft",
+                                    "boft"])
 def test_merged_equals_unmerged(minilm, sst2_batch, method):
     peft, model, params = _trained(minilm, method)
     plain, merged = peft.merge(model, params)

@@ -29,7 +29,13 @@ CONFIGS = {
     "dora bias": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
                                             use_dora=True, bias="lora_only",
                                             target_modules=["query", "intermediate.dense"]),
+    # every linear layer, BERT's pretrained pooler included
+    "lora all-linear": lambda: hf_peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                  target_modules="all-linear"),
     "ia3": lambda: hf_peft.IA3Config(task_type="SEQ_CLS"),
+    "ia3 pooler": lambda: hf_peft.IA3Config(task_type="SEQ_CLS",
+                                            target_modules=["value", "pooler.dense"],
+                                            feedforward_modules=[]),
     "ln_tuning": lambda: hf_peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
     "prompt": lambda: hf_peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
     "loha": lambda: hf_peft.LoHaConfig(task_type="SEQ_CLS", r=4, alpha=8, rank_dropout=0.1,
@@ -55,8 +61,11 @@ CONFIGS = {
                                              total_step=10, target_modules=["query", "value"]),
 }
 # options of those configurations beyond the shapes (training-time dropouts, trained
-# biases), which the imported options carry
+# biases, targets), which the imported options carry
 CARRIED = {"lora bias": {"bias": "all"}, "dora bias": {"bias": "lora_only"},
+           "lora all-linear": {"targets": ("query", "key", "value", "attention_output",
+                                           "intermediate", "output", "pooler")},
+           "ia3 pooler": {"targets": ("value", "pooler")},
            "loha": {"rank_dropout": 0.1, "module_dropout": 0.1},
             "lokr": {"rank_dropout": 0.2, "module_dropout": 0.0, "rank_dropout_scale": True},
             "boft": {"dropout": 0.25}}

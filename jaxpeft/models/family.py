@@ -13,8 +13,12 @@ import re
 from typing import Any, Mapping, Optional
 
 # Our name of each layer a method may target; `Family.targets` gives its module per family.
-# `qkv` is a fused query/key/value projection (ModernBERT's Wqkv).
-TARGET_NAMES = ("query", "key", "value", "qkv", "attention_output", "intermediate", "output")
+# `qkv` is a fused query/key/value projection (ModernBERT's Wqkv); `pooler` is the dense layer
+# of a pretrained pooler outside the layers (BERT's), where the family has one.
+TARGET_NAMES = ("query", "key", "value", "qkv", "attention_output", "intermediate", "output",
+                "pooler")
+# peft's `target_modules="all-linear"`: every target the family has (the head trains whole).
+ALL_LINEAR = "all-linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,8 @@ class Family:
     layers: transformers' path of the layer list below the prefix.
     head: top-level modules of the task head, trained by every method (peft's
       `modules_to_save`).
-    pooler: the module path of a pretrained pooler that `--train_pooler` trains (BERT).
+    pooler: the module path of a pretrained pooler (BERT's) that `--train_pooler` trains, or
+      whose `dense` layer a method targets (`pooler`).
     norms: the names of its LayerNorm modules.
     peft_norms: peft's `target_modules` for its LayerNorms, where the names alone would
       also hit modules without weights (ModernBERT's first `attn_norm` is an identity).
@@ -76,15 +81,44 @@ class Family:
         """Regex of a layer's module path in our trees (`bert/encoder/layer_3`)."""
         return re.escape(self.prefix + "/" + self.layers.replace(".", "/")) + r"_\d+"
 
+    @property
+    def target_names(self) -> tuple:
+        """The target names this family has: its layers' and, with a pooler, `pooler`."""
+        return tuple(self.targets) + (("pooler",) if self.pooler else ())
+
+    def expand_targets(self, targets) -> tuple:
+        """`targets` with `all-linear` replaced by every target this family has."""
+        expanded = (t2 for t in targets for t2 in (self.target_names if t == ALL_LINEAR else (t,)))
+        return tuple(dict.fromkeys(expanded))
+
+    def module_name(self, target: str) -> str:
+        """transformers' module name of `target` (the first layer's, for a layer target)."""
+        if target == "pooler":
+            return self.pooler + ".dense"
+        return f"{self.prefix}.{self.layers}.0.{self.targets[target]}"
+
     def target_regex(self, target: str) -> str:
-        """Regex of the module path (in our trees) of one target in every layer."""
+        """Regex of the module path (in our trees) of one target in every layer (the pooler's
+        dense layer for `pooler`)."""
+        if target == "pooler":
+            return re.escape(self.module_name("pooler").replace(".", "/"))
         return self.layer_regex + "/" + re.escape(self.targets[target].replace(".", "/"))
 
     def peft_regex(self, targets) -> str:
         """peft's `target_modules` regex (full match over transformers module names) of
-        `targets` in every layer."""
-        alternatives = "|".join(re.escape(self.targets[t]) for t in targets)
-        return rf".*\.{re.escape(self.layers)}\.\d+\.(?:{alternatives})"
+        `targets` in every layer (and of the pooler's dense layer)."""
+        targets = self.expand_targets(targets)
+        alternatives = "|".join(re.escape(self.targets[t]) for t in targets if t != "pooler")
+        layers = rf".*\.{re.escape(self.layers)}\.\d+\.(?:{alternatives})"
+        if "pooler" not in targets:
+            return layers
+        pooler = re.escape(self.module_name("pooler"))
+        return f"(?:{layers}|{pooler})" if alternatives else pooler
+
+    def peft_names(self, targets) -> list:
+        """peft's `target_modules` as a list of module-name suffixes."""
+        return [self.module_name(t) if t == "pooler" else self.targets[t]
+                for t in self.expand_targets(targets)]
 
     def head_regex(self) -> str:
         """Regex over our parameter paths of the task head."""
@@ -95,9 +129,9 @@ class Family:
         return None if self.pooler is None else re.escape(self.pooler.replace(".", "/")) + "/.*"
 
     def provides(self) -> set:
-        """What PEFT methods may require of it: its target names, `biases`,
+        """What PEFT methods may require of it: its target names (and `all-linear`), `biases`,
         `attention_prefix` and `layer_hooks`."""
-        return (set(self.targets) | ({"biases"} if self.biases else set())
+        return (set(self.target_names) | {ALL_LINEAR} | ({"biases"} if self.biases else set())
                 | ({"attention_prefix"} if self.attention_prefix else set())
                 | ({"layer_hooks"} if self.layer_hooks else set()))
 

@@ -46,12 +46,15 @@ def norm_regex() -> str:
 def target_aliases() -> dict:
     """transformers-style names users may give for our target names: each family's module
     path inside a layer (`attention.self.query`, `ffn.lin2`) and its last part where that
-    names one target only (`q_lin`, `query_proj`)."""
+    names one target only (`q_lin`, `query_proj`), and a pooler's dense layer
+    (`bert.pooler.dense`)."""
     aliases, last = {}, {}
     for family in FAMILIES.values():
         for target, module in family.targets.items():
             aliases[module] = target
             last.setdefault(module.rsplit(".", 1)[-1], set()).add(target)
+        if family.pooler:
+            aliases[family.module_name("pooler")] = "pooler"
     aliases.update({name: t.pop() for name, t in last.items() if len(t) == 1})
     return {a: t for a, t in aliases.items() if a != t}
 

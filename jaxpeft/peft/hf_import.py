@@ -32,15 +32,22 @@ from jaxpeft.peft.registry import METHODS
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _module_paths(keys, prefix: str) -> set:
-    """Our module paths of the peft keys that sit in encoder layers (found by the names the
-    registered codecs give their own tensors, `PeftCodec.markers`)."""
-    markers = sorted({re.escape(m) for method in METHODS.values() if method.codec
-                      for m in method.codec.markers})
+def _markers() -> str:
+    """Regex of the names the registered codecs give their own tensors
+    (`PeftCodec.markers`)."""
+    return "|".join(sorted({re.escape(m) for method in METHODS.values() if method.codec
+                            for m in method.codec.markers}))
+
+
+def _module_paths(keys, family) -> set:
+    """Our module paths of the peft keys that sit in encoder layers or in the family's
+    pretrained pooler (found by the method tensors' names, `_markers`)."""
+    prefix = family.prefix
+    pooler = rf"|{re.escape(family.module_name('pooler'))}" if family.pooler else ""
     modules = set()
     for key in keys:
-        m = re.match(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?)\."
-                     rf"({'|'.join(markers)})", key)
+        m = re.match(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?"
+                     rf"{pooler})\.({_markers()})", key)
         if m:
             parts = re.sub(r"(layers?)\.(\d+)", r"\1_\2", m.group(1)).split(".")
             if parts[0] != prefix:
@@ -66,10 +73,12 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
         raise JaxpeftError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} has no "
                            f"jaxpeft method (peft types here: {', '.join(supported)})")
     saved = method.codec.saved_tensors(config, read_safetensors_file(directory / WEIGHTS))
-    prefix = get_family(pre.config.model_type).prefix
-    options = method.codec.options_from(config, _module_paths(saved, prefix))
-    # A trained pooler saves its weight; LoRA's bias="all" saves the pooler's bias alone.
-    train_pooler = any(".pooler." in k and k.endswith(".weight") for k in saved)
+    family = get_family(pre.config.model_type)
+    options = method.codec.options_from(config, _module_paths(saved, family))
+    # A trained pooler saves its weight; LoRA's bias="all" saves the pooler's bias alone, and
+    # a pooler target its method tensors.
+    train_pooler = any(".pooler." in k and k.endswith(".weight")
+                       and not re.search(rf"\.(?:{_markers()})", k) for k in saved)
     peft = Peft(method, options, train_pooler)
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
     flat = dict(traverse_util.flatten_dict(params))

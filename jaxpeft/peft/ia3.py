@@ -67,8 +67,9 @@ class Ia3Codec(PeftCodec):
     markers = ("ia3_l",)
 
     def config(self, options, family):
-        return {"target_modules": family.peft_regex(options.targets),
-                "feedforward_modules": family.peft_regex([t for t in options.targets
+        targets = family.expand_targets(options.targets)
+        return {"target_modules": family.peft_regex(targets),
+                "feedforward_modules": family.peft_regex([t for t in targets
                                                           if t in INPUT_SCALED] or ["output"]),
                 "fan_in_fan_out": False, "init_ia3_weights": True}
 
@@ -79,7 +80,7 @@ class Ia3Codec(PeftCodec):
         # are output and attention_output.
         ff = config.get("feedforward_modules") or []
         for t in targets:
-            name = f"{family.prefix}.{family.layers}.0.{family.targets[t]}"
+            name = family.module_name(t)
             is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(
                 name == f or name.endswith("." + f) for f in ff)
             if is_ff != (t in INPUT_SCALED):
@@ -111,7 +112,7 @@ class Ia3(PeftMethod):
 
     def augment(self, params, options, rng):
         flat = dict(traverse_util.flatten_dict(params))
-        for target in options.targets:
+        for target in family_of_params(params).expand_targets(options.targets):
             leaf = "ia3_in" if target in INPUT_SCALED else "ia3_out"
             for mod in target_modules(flat, (target,), "IA3"):
                 size = flat[mod + ("kernel",)].shape[0 if leaf == "ia3_in" else 1]

@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.models.encoder import DenseHook, Dropout, token_matmul
-from jaxpeft.models.family import TARGET_NAMES, Family
+from jaxpeft.models.family import ALL_LINEAR, TARGET_NAMES, Family
 from jaxpeft.models.registry import FAMILIES, family_of_params, target_aliases
 from jaxpeft.peft.masks import path_str
 from jaxpeft.peft.codec import PeftCodec
@@ -30,14 +30,15 @@ from jaxpeft.peft.method import (MethodOptions, PeftMethod, RankPatterns, flag,
 def check_targets(targets, method: str) -> tuple:
     """Target names (`jaxpeft.models.family.TARGET_NAMES`) with transformers-style aliases
     resolved (`attention.self.query`, DistilBERT's `q_lin`, `ffn.lin2`, ...) and duplicates
-    dropped; an unknown or empty list is a `JaxpeftError` naming the valid targets."""
+    dropped; an unknown or empty list is a `JaxpeftError` naming the valid targets.
+    `all-linear` stays as given: each family resolves it (`Family.expand_targets`)."""
     aliases = target_aliases()
     resolved = tuple(dict.fromkeys(aliases.get(t, t) for t in targets))
-    unknown = [t for t in resolved if t not in TARGET_NAMES]
+    unknown = [t for t in resolved if t not in TARGET_NAMES + (ALL_LINEAR,)]
     if unknown or not resolved:
         raise JaxpeftError(
             f"unknown {method} target module(s) {', '.join(map(repr, unknown)) or '(none given)'}"
-            f"; valid targets: {', '.join(TARGET_NAMES)}")
+            f"; valid targets: {', '.join(TARGET_NAMES + (ALL_LINEAR,))}")
     return resolved
 
 
@@ -49,10 +50,11 @@ def target_modules(flat: dict, targets, method: str) -> list:
     """Sorted module paths (of a flattened tree) of the Dense layers `targets` name in the
     tree's family."""
     family = _family(flat)
-    missing = [t for t in targets if t not in family.targets]
+    targets = family.expand_targets(targets)
+    missing = [t for t in targets if t not in family.target_names]
     if missing:
         raise JaxpeftError(f"{method}: {family.name} has no {', '.join(missing)} layer; its "
-                           f"targets: {', '.join(family.targets)}")
+                           f"targets: {', '.join(family.target_names)}")
     rx = re.compile("|".join(f"(?:{family.target_regex(t)})" for t in targets))
     modules = sorted({p[:-1] for p in flat
                       if p[-1] == "kernel" and rx.fullmatch(path_str(p[:-1]))})
@@ -89,7 +91,9 @@ class LoraConfig(RankPatterns, MethodOptions):
     alpha: float = flag("lora_alpha", 16.0, "LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = flag("lora_dropout", 0.0, "Dropout on the LoRA input.")
     targets: tuple = flag("lora_targets", ("query", "value"), "Layers that get LoRA: query, "
-                          "key, value, attention_output, intermediate, output.")
+                          "key, value (qkv on ModernBERT), attention_output, intermediate, "
+                          "output, pooler (BERT's pretrained pooler), or all-linear (every "
+                          "one the model has, as peft's).")
     use_rslora: bool = flag("lora_rslora", False, "Scale LoRA by alpha/sqrt(r) (rsLoRA).")
     loraplus_lr_ratio: float = flag("loraplus_lr_ratio", 0.0, "LoRA+: lora_b learns at this "
                                     "multiple of the learning rate (Hayou et al. suggest 16; "
@@ -325,7 +329,7 @@ def bias_rules(options: LoraConfig) -> list:
         return [(r".*/bias", True)]
     if options.bias == "lora_only":
         layers = "|".join(f.target_regex(t) for f in FAMILIES.values()
-                          for t in options.targets if t in f.targets)
+                          for t in f.expand_targets(options.targets) if t in f.target_names)
         return [(f"(?:{layers})/bias", True)]
     return []
 
@@ -333,7 +337,7 @@ def bias_rules(options: LoraConfig) -> list:
 def targets_of_modules(modules: set, method: str) -> tuple:
     """Our target names of module paths (`("bert", "encoder", "layer_0", ...)`)."""
     family = _family(modules) if modules else None
-    regexes = {t: family.target_regex(t) for t in family.targets} if family else {}
+    regexes = {t: family.target_regex(t) for t in family.target_names} if family else {}
     found = [t for t, rx in regexes.items()
              if any(re.fullmatch(rx, path_str(m)) for m in modules)]
     unknown = [m for m in modules
@@ -373,6 +377,6 @@ def peft_target_modules(config: LoraConfig, family: Family) -> Any:
     peft matches list entries as module-name suffixes, where BERT's `output.dense` would also
     hit `attention.output.dense`; a full-match regex over the module name is exact.
     """
-    if "output" not in config.targets:
-        return [family.targets[t] for t in config.targets]
+    if "output" not in family.expand_targets(config.targets):
+        return family.peft_names(config.targets)
     return family.peft_regex(config.targets)

@@ -318,13 +318,19 @@ class Peft:
     def check_family(self, family) -> None:
         """Refuses, in one line, a family that lacks what this method needs (LoRA on query
         and value of ModernBERT, whose projection is the fused `qkv`; BitFit without biases)."""
-        missing = [r for r in self.method.requires(self.options) if r not in family.provides()]
+        required = self.method.requires(self.options)
+        missing = [r for r in required if r not in family.provides()]
         for capability, (needs, instead) in _CAPABILITIES.items():
             if capability in missing:
                 raise JaxpeftError(f"{self.name} {needs}; {family.name} {instead}: choose "
                                    "another method or a BERT-like model")
+        if self.train_pooler and "pooler" in family.expand_targets(
+                [r for r in required if r not in missing]):
+            raise JaxpeftError(f"{self.name}: --train_pooler trains the pooler whole, so it "
+                               "cannot also be a target; drop one (all-linear includes the "
+                               "pooler: list the other targets instead)")
         if missing:
-            offered = ", ".join(t for t in family.targets)
+            offered = ", ".join(family.target_names)
             raise JaxpeftError(
                 f"{self.name} needs {', '.join(missing)}, which {family.name} does not have "
                 f"(its layers: {offered}{'' if family.biases else '; no biases'}); choose "
