@@ -76,6 +76,45 @@ def test_export_loads_in_peft_with_same_logits_and_imports_back(minilm, minilm_d
         {"params": merged}, *sst2_batch, deterministic=True)), ours, atol=1e-5, rtol=0)
 
 
+def test_masked_triplets_export_pruned_as_peft_saves_them(minilm, minilm_dir, sst2_batch,
+                                                          tmp_path):
+    """Triplets the allocator masked (E exactly 0) leave the file, named by `rank_pattern`,
+    as in peft's own save after an allocation: peft loads it with our logits and saves it
+    again tensor for tensor; the import puts zeros back at full rank."""
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+
+    peft, model, params = _trained(minilm, AdaloraConfig(init_r=4, target_r=2))
+    flat = dict(traverse_util.flatten_dict(params))
+    values = sorted(p for p in flat if p[-1] == "adalora_e")
+    for i, path in enumerate(values):  # layer by layer, 0 to 3 of the 4 triplets masked
+        flat[path] = flat[path].at[:i % 4].set(0.0)
+    params = traverse_util.unflatten_dict(flat)
+    export_peft(tmp_path / "ours", peft, params, base_model=str(minilm_dir))
+    config = hf_peft.PeftConfig.from_pretrained(tmp_path / "ours")
+    assert sorted(config.rank_pattern) == sorted(
+        "bert." + ".".join(p[1:-1]).replace("layer_", "layer.") + ".lora_E" for p in values)
+    assert sum(map(sum, config.rank_pattern.values())) == sum(4 - i % 4 for i in
+                                                              range(len(values)))
+    tm = hf_peft.PeftModel.from_pretrained(_torch_model(minilm_dir), tmp_path / "ours").eval()
+    with torch.no_grad():
+        theirs = tm(**{k: torch.tensor(v) for k, v in zip(
+            ("input_ids", "attention_mask", "token_type_ids"), sst2_batch)}).logits.numpy()
+    ours = np.asarray(model.apply({"params": params}, *sst2_batch, deterministic=True))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    tm.save_pretrained(tmp_path / "resaved")
+    mine, peft_own = (load_file(str(tmp_path / d / "adapter_model.safetensors"))
+                      for d in ("ours", "resaved"))
+    assert set(mine) == set(peft_own)
+    for key, value in mine.items():
+        np.testing.assert_array_equal(value, peft_own[key], err_msg=key)
+    assert hf_peft.PeftConfig.from_pretrained(tmp_path / "resaved").rank_pattern == \
+        config.rank_pattern
+    model2, params2, _ = import_peft(tmp_path / "ours", minilm)
+    np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, *sst2_batch,
+                                                       deterministic=True)), ours, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_loss_with_penalty_and_gradients_match_peft(minilm_dir, glue_dir, tmp_path):
     """peft adds the orthogonality penalty to the loss: the same loss and gradients."""

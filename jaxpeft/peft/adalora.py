@@ -282,6 +282,25 @@ class AdaloraCodec(PeftCodec):
             beta1=float(get("beta1", 0.85)), beta2=float(get("beta2", 0.85)),
             orth_reg=float(get("orth_reg_weight", 0.5)))
 
+    def as_saved(self, tensors, config):
+        # The allocator zeroes the singular value of each triplet it masks, so exact zeros
+        # name them (dropping them leaves the function as it is; peft keeps `ranknum`). peft
+        # prunes from its first allocation on; with no zero, or only zeros (an untrained
+        # adapter, whose E start at 0), nothing was masked and the file stays whole.
+        values = {k: v for k, v in tensors.items() if k.endswith(".lora_E")}
+        zeros = [bool(np.any(v == 0)) for v in values.values()]
+        if not any(zeros) or all(not np.any(v) for v in values.values()):
+            return tensors, config
+        out, pattern = dict(tensors), {}
+        for key, value in values.items():
+            keep = value[:, 0] != 0
+            stem = key.removesuffix(".lora_E")
+            pattern[stem.removeprefix(self.prefix) + ".lora_E"] = keep.tolist()
+            out[key] = value[keep]
+            out[stem + ".lora_A"] = tensors[stem + ".lora_A"][keep]
+            out[stem + ".lora_B"] = tensors[stem + ".lora_B"][:, keep]
+        return out, {**config, "rank_pattern": pattern}
+
     def saved_tensors(self, config, saved):
         # peft saves only the kept triplets when training fixed a rank pattern (and loads
         # them into smaller layers with the initial ranknum): zeros in the dropped ones give

@@ -52,6 +52,12 @@ class PeftCodec:
         """Frozen tensors peft's file also needs, by full peft key (VeRA's projections)."""
         return {}
 
+    def as_saved(self, tensors: dict, config: dict) -> tuple[dict, dict]:
+        """`(tensors, adapter_config)` as peft itself saves them (AdaLoRA: only the triplets
+        its allocator kept, and the `rank_pattern` naming them); default unchanged. The
+        import's `saved_tensors` undoes it."""
+        return tensors, config
+
     def saved_tensors(self, config: Mapping, saved: dict) -> dict:
         """peft's saved tensors in the layout the export writes (AdaLoRA: pruned triplets
         back at full rank); default unchanged."""

@@ -107,8 +107,9 @@ def export_peft(directory: os.PathLike, peft: Peft, params: Any, *, base_model: 
     directory = Path(directory)
     if target is not None:
         params = fold_target(params, *target)
-    atomic_write_bytes(directory / "adapter_model.safetensors",
-                       serialize(peft_tensors(peft, params)))
+    tensors, adapter_config = peft.method.codec.as_saved(peft_tensors(peft, params),
+                                                         adapter_config)
+    atomic_write_bytes(directory / "adapter_model.safetensors", serialize(tensors))
     atomic_write_json(directory / "adapter_config.json", adapter_config)
     return directory
 
