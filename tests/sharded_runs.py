@@ -15,7 +15,7 @@ from jaxpeft.config import RunConfig
 from jaxpeft.run import train_and_evaluate
 from tests.helpers import run_config
 
-STEPS = 20
+STEPS = 10
 
 
 class _Kill(Exception):
@@ -23,7 +23,7 @@ class _Kill(Exception):
 
 
 def config(model, glue_dir, out, method, mesh, **kw):
-    """20 logged steps of real SST-2 on one mesh (one evaluation, at the end)."""
+    """`STEPS` logged steps of real SST-2 on one mesh (one evaluation, at the end)."""
     name = f"{method}-{mesh.replace(':', '').replace(',', '_') or 'default'}"
     return run_config(Path(model), Path(glue_dir), Path(out) / name, method=method, mesh=mesh,
                       max_train_samples=STEPS * 16, max_steps=STEPS, log_every=1,

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpeft.distributed import leaf_spec, mesh_shape, parse_mesh
 from jaxpeft.errors import JaxpeftError
 from tests.helpers import REPO, metric_rows, save_tiny_bert
+from tests.sharded_runs import STEPS
 
 MESHES = ("data:8", "fsdp:8", "data:2,fsdp:4")
 
@@ -85,7 +86,7 @@ def _compare(a, b):
 
 @pytest.mark.slow
 def test_every_mesh_gives_one_devices_numbers(wide_tiny_model, glue_dir, tmp_path):
-    """Full fine-tuning and LoRA, 20 steps with dropout: one device against data:8, fsdp:8
+    """Full fine-tuning and LoRA, 10 steps with dropout: one device against data:8, fsdp:8
     and data:2,fsdp:4 on 8 devices; per-device parameter and optimizer bytes fall as 1/fsdp
     for full fine-tuning. A fsdp:8 run killed at step 7 and resumed on data:2,fsdp:4
     continues as the uninterrupted runs do."""
@@ -93,7 +94,7 @@ def test_every_mesh_gives_one_devices_numbers(wide_tiny_model, glue_dir, tmp_pat
     _launch(8, "steps", wide_tiny_model, glue_dir, tmp_path, *MESHES)
     for method in ("full", "lora"):
         one = _run_dir(tmp_path, method, "")
-        assert len(metric_rows(one)) == 21  # 20 training rows and the evaluation
+        assert len(metric_rows(one)) == STEPS + 1  # the training rows and the evaluation
         for mesh in MESHES:
             _compare(one, _run_dir(tmp_path, method, mesh))
     held = {}
