@@ -161,6 +161,13 @@ for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e
     g "${m%%:*}" mrpc,stsb "${m#*:}"; done
 g adalora mrpc 3e-4,1e-3,3e-3 --adalora_tinit=35 --adalora_tfinal=100
 g adalora stsb 3e-4,1e-3,3e-3 --adalora_tinit=54 --adalora_tfinal=160
+# the PyTorch peer (transformers + peft) at the same recipe and protocol, at jaxpeft's chosen
+# rates (seed 0 first); its runs read in the report as <method>-torch
+peer() { local out="runs/glue-standard/peer/$1-$2-lr$3-seed${4:-0}"
+         [ -f "$out/results.json" ] || $py -m benchmarks.torch_run_glue --task="$2" \
+         --method="$1" --model=minilm --data_dir=$data --max_steps=0 --num_epochs=3 \
+         --select_on=dev_half --learning_rate="$3" --seed="${4:-0}" --output_dir="$out"; }
+peer lora mrpc 1.25e-3; peer full mrpc 5e-5; peer lora stsb 3e-3; peer full stsb 5e-5
 # ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
 # and 30 % of them), the study's rates
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
