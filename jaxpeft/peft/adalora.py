@@ -288,8 +288,7 @@ class AdaloraCodec(PeftCodec):
         # prunes from its first allocation on; with no zero, or only zeros (an untrained
         # adapter, whose E start at 0), nothing was masked and the file stays whole.
         values = {k: v for k, v in tensors.items() if k.endswith(".lora_E")}
-        zeros = [bool(np.any(v == 0)) for v in values.values()]
-        if not any(zeros) or all(not np.any(v) for v in values.values()):
+        if all(v.all() for v in values.values()) or not any(v.any() for v in values.values()):
             return tensors, config
         out, pattern = dict(tensors), {}
         for key, value in values.items():

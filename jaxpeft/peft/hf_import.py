@@ -44,10 +44,11 @@ def _module_paths(keys, family) -> set:
     pretrained pooler (found by the method tensors' names, `_markers`)."""
     prefix = family.prefix
     pooler = rf"|{re.escape(family.module_name('pooler'))}" if family.pooler else ""
+    module_key = re.compile(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?"
+                            rf"{pooler})\.({_markers()})")
     modules = set()
     for key in keys:
-        m = re.match(r"base_model\.model\.(.*\.layers?\.\d+\.[^.]+(?:\.[^.]+)*?"
-                     rf"{pooler})\.({_markers()})", key)
+        m = module_key.match(key)
         if m:
             parts = re.sub(r"(layers?)\.(\d+)", r"\1_\2", m.group(1)).split(".")
             if parts[0] != prefix:
@@ -77,8 +78,9 @@ def import_peft(directory: os.PathLike, pre: Pretrained) -> tuple[SequenceClassi
     options = method.codec.options_from(config, _module_paths(saved, family))
     # A trained pooler saves its weight; LoRA's bias="all" saves the pooler's bias alone, and
     # a pooler target its method tensors.
+    method_tensor = re.compile(rf"\.(?:{_markers()})")
     train_pooler = any(".pooler." in k and k.endswith(".weight")
-                       and not re.search(rf"\.(?:{_markers()})", k) for k in saved)
+                       and not method_tensor.search(k) for k in saved)
     peft = Peft(method, options, train_pooler)
     model, params = peft.init(pre.model, pre.params, jax.random.key(0))
     flat = dict(traverse_util.flatten_dict(params))
