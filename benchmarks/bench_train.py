@@ -34,7 +34,10 @@ from benchmarks import machine
 
 flags.DEFINE_string("model", "minilm", "model name or folder")
 flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time; "
-                  "'name:flag=value:...' sets run_glue options (prompt:prompt_head=virtual)")
+                  "'name:flag=value:...' sets run_glue options (prompt:prompt_head=virtual), "
+                  "jaxpeft's runtime settings (full:fused_qkv=true, onehot_small_tables, "
+                  "sorted_word_grads, attention_implementation=cudnn) or config values both "
+                  "sides take (attention_probs_dropout_prob=0)")
 flags.DEFINE_list("shapes", ["32x128"], "batch x sequence shapes")
 flags.DEFINE_integer("steps", 8, "timed steps (median reported, mean and slow steps beside)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
@@ -55,6 +58,10 @@ flags.DEFINE_bool("in_process", False, "run every measurement in this process, o
                   "imports per measurement (about half of a 10-minute GPU job), but no peak "
                   "memory per measurement, and on CPU both libraries' thread pools stay up "
                   "(for GPUs)")
+flags.DEFINE_bool("interleave", False, "time jaxpeft's --methods entries of a shape in this "
+                  "process, one step of each in turn per round: the A/B form, for variants "
+                  "whose difference is smaller than the machine's drift between processes "
+                  "(peak memory then reads n/a)")
 flags.DEFINE_string("out", "", "write all results as JSON here")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
@@ -148,12 +155,44 @@ def _load(f, dtype=None):
     return pre.model, pre.params, pre.config
 
 
+# --methods parts that set how jaxpeft computes the step (`jaxpeft.models.Runtime`'s
+# candidates: `full:fused_qkv=true`), and config values both sides take (`full:
+# attention_probs_dropout_prob=0`, which lets attention run fused in training).
+RUNTIME_SETTINGS = ("fused_qkv", "onehot_small_tables", "sorted_word_grads",
+                    "attention_implementation")
+CONFIG_SETTINGS = ("attention_probs_dropout_prob", "hidden_dropout_prob")
+
+
+def split_spec(spec: str) -> tuple[str, dict, dict]:
+    """`(method spec, runtime settings, config values)` of a --methods entry: a method name,
+    then optional `:name=value` parts, each a run_glue flag of the method, a
+    `RUNTIME_SETTINGS` name or a `CONFIG_SETTINGS` one."""
+    name, *options = spec.split(":")
+    kept, runtime, config = [name], {}, {}
+    for option in options:
+        key, value = option.split("=", 1)
+        if key in RUNTIME_SETTINGS:
+            runtime[key] = {"true": True, "false": False}.get(value.lower(), value)
+        elif key in CONFIG_SETTINGS:
+            config[key] = float(value)
+        else:
+            kept.append(option)
+    return ":".join(kept), runtime, config
+
+
+def peer_spec(spec: str) -> str:
+    """The --methods entry as the peer runs it: without jaxpeft's runtime settings (the
+    peer's figure for `full:fused_qkv=true` is the one for `full`)."""
+    method, _, config = split_spec(spec)
+    return ":".join([method, *(f"{k}={v:g}" for k, v in config.items())])
+
+
 def _peft(spec: str):
-    """The `Peft` of a --methods entry: a method name, then optional `:flag=value` parts."""
+    """The `Peft` of a --methods entry (its runtime settings and config values aside)."""
     from jaxpeft.config import RunConfig, parse_value
     from jaxpeft.peft import peft_from_run
 
-    name, *options = spec.split(":")
+    name, *options = split_spec(spec)[0].split(":")
     settings = dict(o.split("=", 1) for o in options)
     return peft_from_run(RunConfig(method=name, **{k: parse_value(k, v)
                                                    for k, v in settings.items()}))
@@ -162,11 +201,17 @@ def _peft(spec: str):
 def _train_setup(f, method: str):
     """`(model, params, mask, tx, cfg, peft)` of a --methods entry: the model with the
     method's leaves, its trainable mask and the benchmarks' AdamW."""
+    import dataclasses
+
     import jax
 
     from jaxpeft.optim import OptimConfig, make_optimizer
 
     model, params, cfg = _load(f)
+    _, runtime, config = split_spec(method)
+    if runtime or config:
+        cfg = dataclasses.replace(cfg, **config)
+        model = model.clone(config=cfg, runtime=dataclasses.replace(model.runtime, **runtime))
     peft = _peft(method)
     model, params = peft.init(model, params, jax.random.key(0))
     mask = peft.mask(params)
@@ -223,8 +268,9 @@ def interleave(runs: dict, data, rng, rounds: int) -> dict:
             for v, r in runs.items()}
 
 
-def jax_worker(f, method, batch, seq):
-    """Times the jaxpeft train step for one method and shape; returns a dict."""
+def jax_variant(f, method, batch, seq) -> tuple[dict, dict]:
+    """`(start_variant record, facts)` of the jaxpeft train step for one --methods entry and
+    shape: compiled and warm, ready for `interleave`; facts: counts, bytes, options."""
     import jax
 
     from flax import traverse_util
@@ -242,19 +288,37 @@ def jax_worker(f, method, batch, seq):
     step = make_train_step(model, tx, options, penalty=peft.penalty)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
     run = start_variant(step, state, frozen, data, jax.random.key(0))
-    timed = interleave({method: run}, data, jax.random.key(0), f.steps)[method]
-    state = run["state"]
     nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
     # The model's own sequence: a soft prompt adds its virtual tokens to every row.
-    return {"impl": "jaxpeft", "method": method, "batch": batch, "seq": seq,
-            "model_seq": seq + peft.virtual_tokens,
-            **{k: timed[k] for k in ("step_s", "mean_step_s", "slow_steps", "compile_s")},
-            "trainable": counts.trainable, "kernel_grads": kernel_grads,
-            "trainable_bytes": nbytes(state.trainable), "opt_state_bytes": nbytes(state.opt_state),
-            "frozen_bytes": nbytes(frozen),
-            "peak_memory_bytes": _peak_memory_bytes(jax.devices()[0]),
-            "device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
-            "compiler_options": options or {}}
+    facts = {"impl": "jaxpeft", "method": method, "batch": batch, "seq": seq,
+             "model_seq": seq + peft.virtual_tokens, "trainable": counts.trainable,
+             "kernel_grads": kernel_grads, "trainable_bytes": nbytes(state.trainable),
+             "opt_state_bytes": nbytes(state.opt_state), "frozen_bytes": nbytes(frozen),
+             "device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
+             "compiler_options": options or {}}
+    return {**run, "data": data}, facts
+
+
+def jax_interleaved(f, methods, batch, seq) -> list:
+    """Times the jaxpeft steps of several --methods entries in this process, one step of
+    each in turn per round (`interleave`), so that the machine's drift between them cannot
+    pass for a difference; returns a result dict per entry (peak memory: n/a)."""
+    import jax
+
+    built = {m: jax_variant(f, m, batch, seq) for m in methods}
+    runs = {m: run for m, (run, _) in built.items()}
+    timed = interleave(runs, next(iter(runs.values()))["data"], jax.random.key(0), f.steps)
+    return [{**facts, **{k: timed[m][k] for k in ("step_s", "mean_step_s", "slow_steps",
+                                                  "compile_s")}, "peak_memory_bytes": None}
+            for m, (_, facts) in built.items()]
+
+
+def jax_worker(f, method, batch, seq):
+    """Times the jaxpeft train step for one method and shape; returns a dict."""
+    import jax
+
+    (result,) = jax_interleaved(f, [method], batch, seq)
+    return {**result, "peak_memory_bytes": _peak_memory_bytes(jax.devices()[0])}
 
 
 def peer_available(f) -> bool:
@@ -278,19 +342,20 @@ def torch_peer_model(f, method: str):
     from jaxpeft.models.checkpoint import resolve_model_dir
 
     torch.manual_seed(0)
+    values = split_spec(method)[2]
     # SDPA where transformers has it for the family (DeBERTa has only its eager attention).
     for attention in ("sdpa", "eager"):
         try:
             if f.random_weights:
                 cfg = transformers.AutoConfig.from_pretrained(
                     os.path.dirname(os.path.abspath(f.config_json)) if f.config_json
-                    else resolve_model_dir(f.model))
-                cfg.num_labels = 2
+                    else resolve_model_dir(f.model), num_labels=2, **values)
                 model = transformers.AutoModelForSequenceClassification.from_config(
                     cfg, attn_implementation=attention)
             else:
                 model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                    resolve_model_dir(f.model), num_labels=2, attn_implementation=attention)
+                    resolve_model_dir(f.model), num_labels=2, attn_implementation=attention,
+                    **values)
             break
         except ValueError:
             if attention == "eager":
@@ -409,21 +474,31 @@ def main(_):
     for shape in f.shapes:
         batch, seq = map(int, shape.split("x"))
         by_method = {}
+        peers = {}  # one peer measurement serves the variants that differ in jaxpeft only
+        together = {}
+        if f.interleave:
+            try:
+                together = dict(zip(f.methods, jax_interleaved(f, f.methods, batch, seq)))
+            except Exception:  # noqa: BLE001 - reported; the peer's figures still come
+                print(f"interleaved {shape} failed:\n{traceback.format_exc()[-3000:]}",
+                      flush=True)
         for method in f.methods:
-            spec, peer_spec = f"jax:{method}:{shape}", f"torch:{method}:{shape}"
-            mine = _run_worker(spec)
+            spec, theirs = f"jax:{method}:{shape}", f"torch:{peer_spec(method)}:{shape}"
+            mine = together.get(method) if f.interleave else _run_worker(spec)
             if mine is None:
                 failed.append(spec)
                 continue
             rows = [mine]
             if have_torch:
-                peer = _run_worker(peer_spec)
+                if theirs not in peers:
+                    peers[theirs] = _run_worker(theirs)
+                peer = peers[theirs]
                 if peer is None:
-                    failed.append(peer_spec)
+                    failed.append(theirs)
                 elif "skipped" in peer:
                     print(f"{shape:>8} {method:>7} {'torch+peft':>10} skipped: {peer['skipped']}")
                 else:
-                    rows.append(peer)
+                    rows.append({**peer, "method": method})
             for r in rows:
                 flops = model_flops(cfg, batch, rows[0]["model_seq"], rows[0]["kernel_grads"])
                 r.update(examples_per_s=batch / r["step_s"], tokens_per_s=batch * seq / r["step_s"],

@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 9-10 minutes on an H200 (`bash benchmarks/gpu_check.sh
-# minilm` reruns one stage on a machine that is still warm). Stages, in order of need:
-#   bert: bf16 train steps of a bert-base-sized model, full / LoRA / BitFit at 32x128 and
-#      128x128, each beside the PyTorch transformers + peft peer;
+# The GPU check: one command meant to finish in 10 minutes on an H200 (the last default run,
+# then bert, profile and minilm, took 9-10; the candidates stage has not yet run on a GPU:
+# run it alone first, `bash benchmarks/gpu_check.sh candidates`, where time is short).
+# `bash benchmarks/gpu_check.sh minilm` reruns one stage on a machine that is still warm.
+# Stages, in order of need:
+#   candidates: bf16 train steps of a bert-base-sized model at 32x128 and 128x128, full
+#      fine-tuning and LoRA as they are and with each candidate fix of full fine-tuning's
+#      GPU step switched on (`jaxpeft.models.Runtime`: one fused query/key/value product;
+#      one-hot lookups of the position and token-type tables; the word table's gradient
+#      summed in sorted order; cuDNN's fused attention, which needs attention dropout off,
+#      beside XLA's with it off too), each beside the PyTorch peer (measured once per
+#      distinct peer setting); a second run can time one candidate alone
+#      (`bench_train --methods=full,full:sorted_word_grads=true ...`);
+#   bert: full / LoRA / BitFit as they are, at 32x128 and 128x128, 20 steps (not in the
+#      default run: candidates holds full's and LoRA's);
 #   profile: where the time goes (benchmarks.profile_step): kernels of bert-base full and
 #      LoRA at 128x128;
 #   minilm: every method on MiniLM at 32x128 beside the peer;
@@ -34,9 +45,16 @@ minilm=(--random_weights --dtype=bfloat16 --model=minilm
         --config_json=benchmarks/configs/minilm/config.json)
 status=0
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(bert profile minilm)
+[ ${#stages[@]} -gt 0 ] || stages=(candidates profile minilm)
+quiet=attention_probs_dropout_prob=0
+candidates=full,full:onehot_small_tables=true:sorted_word_grads=true,full:fused_qkv=true
+candidates+=,full:$quiet,full:$quiet:attention_implementation=cudnn
+candidates+=,lora,lora:fused_qkv=true,lora:$quiet:attention_implementation=cudnn
 for stage in "${stages[@]}"; do
     case $stage in
+    candidates) "$py" -m benchmarks.bench_train "${bert[@]}" --in_process \
+            --peak_shape=8192x8192x8192 --shapes=128x128,32x128 --steps=10 \
+            --methods="$candidates" --out="$out/bench_bert_base_candidates.json" || status=1 ;;
     bert) "$py" -m benchmarks.bench_train "${bert[@]}" --in_process \
             --peak_shape=8192x8192x8192 --shapes=32x128,128x128 --steps=20 \
             --out="$out/bench_bert_base_bf16.json" || status=1 ;;
@@ -55,7 +73,7 @@ for stage in "${stages[@]}"; do
                 --peak_shape=8192x8192x8192 --shapes=32x128 --steps=10 --methods=full,$lora \
                 --out="$out/bench_${name}_bf16.json" || status=1
         done ;;
-    *) echo "unknown stage $stage (bert, profile, minilm, families)"; exit 2 ;;
+    *) echo "unknown stage $stage (candidates, bert, profile, minilm, families)"; exit 2 ;;
     esac
 done
 exit $status

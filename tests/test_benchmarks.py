@@ -1,6 +1,7 @@
 """The step benchmark's per-op split (`benchmarks/split_step.py --ops`): overlapping thunks
 share wall time, XLA ops are placed by their source names, and both sides' splits come out
-of a real run."""
+of a real run; the step benchmark's variants (`bench_train`: runtime settings and config
+values in a --methods entry, timed in turn with --interleave beside one peer run each)."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from benchmarks.bench_train import peer_spec, split_spec
 from benchmarks.split_step import CATEGORIES, jax_category, split_overlaps
 from tests.helpers import REPO
 
@@ -63,3 +65,35 @@ def test_both_sides_split_a_real_step(tiny_model, tmp_path):
                                     ("optimizer", "optimizer (clip, AdamW)")):
             assert ops[direction][category] > 0, (side, direction, category)
         assert set(ops["forward"]) == set(CATEGORIES)
+
+
+def test_a_methods_entry_splits_into_method_runtime_and_config():
+    assert split_spec("lora:lora_rank=4:fused_qkv=true:attention_probs_dropout_prob=0"
+                      ":attention_implementation=cudnn") == (
+        "lora:lora_rank=4", {"fused_qkv": True, "attention_implementation": "cudnn"},
+        {"attention_probs_dropout_prob": 0.0})
+    assert peer_spec("full:sorted_word_grads=true:attention_probs_dropout_prob=0") == \
+        "full:attention_probs_dropout_prob=0"
+
+
+@pytest.mark.slow
+def test_step_variants_timed_in_turn_beside_one_peer_each(tiny_model, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    methods = ["full", "full:fused_qkv=true:onehot_small_tables=true:sorted_word_grads=true",
+               "full:attention_probs_dropout_prob=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_train", "--random_weights",
+         f"--config_json={tiny_model / 'config.json'}", "--shapes=3x16", "--steps=2",
+         "--interleave", f"--methods={','.join(methods)}", f"--out={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    mine = {r["method"]: r for r in rows if r["impl"] == "jaxpeft"}
+    peers = {r["method"]: r for r in rows if r["impl"] == "torch+peft"}
+    assert set(mine) == set(peers) == set(methods)
+    # Two peer runs (full, and full without attention dropout), not three.
+    assert len({r["step_s"] for r in peers.values()}) == 2
+    assert peers[methods[0]]["step_s"] == peers[methods[1]]["step_s"]
+    assert all(r["step_s"] > 0 and r["trainable"] > 0 for r in rows)
+    assert mine[methods[0]]["trainable"] == mine[methods[1]]["trainable"]

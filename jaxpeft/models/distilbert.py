@@ -17,7 +17,7 @@ import jax
 from jaxpeft.models.bert import finish_logits
 from jaxpeft.models.config import EncoderConfig
 from jaxpeft.models.encoder import (ACTIVATIONS, Backbone, Dense, Dropout, EncoderLayers,
-                                    Runtime, attend, hooked_keys, layer_norm)
+                                    Runtime, attend, hooked_keys, layer_norm, project_qkv)
 from jaxpeft.models.family import Family
 
 
@@ -30,10 +30,9 @@ class MultiHeadSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
         cfg = self.config
-        q, k, v = (Dense(cfg.hidden_size, cfg, self.runtime, name=n)(x, deterministic)
-                   for n in ("q_lin", "k_lin", "v_lin"))
+        q, k, v = project_qkv(self, x, ("q_lin", "k_lin", "v_lin"), deterministic)
         k, v, mask = hooked_keys(self, self.runtime, k, v, mask)
-        out = attend(q, k, v, mask, cfg, deterministic)
+        out = attend(q, k, v, mask, cfg, deterministic, self.runtime)
         return Dense(cfg.hidden_size, cfg, self.runtime, name="out_lin")(out, deterministic)
 
 

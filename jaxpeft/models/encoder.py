@@ -64,12 +64,31 @@ class Runtime:
     target_mean, target_std: a regression head outputs `target_std * raw + target_mean`, so
       training starts at the label mean and scale (fixed values, not trained; the
       default is the identity).
+
+    The fields below change only how a step is computed, never its result beyond float
+    rounding; they are candidates for a faster step on some hardware, off by default and
+    measured side by side by `benchmarks.bench_train` (`--methods=full,full:fused_qkv=true`):
+    fused_qkv: one product of the input with the query, key and value kernels side by side
+      (`[in, 3 * hidden]`) instead of three; each projection's bias and hooks then apply to
+      its slice, and the parameter tree is unchanged.
+    onehot_small_tables: look up the embedding tables of at most `ONEHOT_ROWS` rows
+      (positions, token types) as a one-hot matmul, whose gradient is a matmul too instead
+      of a scatter-add.
+    sorted_word_grads: the word table's gradient as a sum over the token gradients sorted by
+      id (`jax.ops.segment_sum` with sorted indices) instead of an unsorted scatter-add.
+    attention_implementation: `jax.nn.dot_product_attention`'s `implementation` ("xla",
+      "cudnn") where attention runs fused: at inference, and in training only when the
+      config's attention-probability dropout is 0 (the fused kernels take no dropout).
     """
 
     dtype: str = "float32"
     hooks: tuple = ()
     target_mean: float = 0.0
     target_std: float = 1.0
+    fused_qkv: bool = False
+    onehot_small_tables: bool = False
+    sorted_word_grads: bool = False
+    attention_implementation: str | None = None
 
     @property
     def jnp_dtype(self):
@@ -296,12 +315,15 @@ class Dense(nn.Module):
     use_bias: bool = True
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, product=None):
+        """`x @ kernel + bias`, then the hooks; `product`: `x @ kernel` where the caller has
+        computed it already (`project_qkv`'s fused product)."""
         dtype = self.runtime.jnp_dtype
         kernel = self.param("kernel", _normal(self.config), (x.shape[-1], self.features),
                             jnp.float32).astype(dtype)
         x = x.astype(dtype)
-        product = token_matmul(x, kernel)
+        if product is None:
+            product = token_matmul(x, kernel)
         if self.use_bias:
             bias = per_token(self.param("bias", nn.initializers.zeros, (self.features,),
                                         jnp.float32), product)
@@ -403,14 +425,30 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
-        cfg = self.config
-        q, k, v = (Dense(cfg.hidden_size, cfg, self.runtime, name=n)(x, deterministic)
-                   for n in self.names)
+        q, k, v = project_qkv(self, x, self.names, deterministic)
         k, v, mask = hooked_keys(self, self.runtime, k, v, mask)
-        return attend(q, k, v, mask, cfg, deterministic)
+        return attend(q, k, v, mask, self.config, deterministic, self.runtime)
 
 
-def attend(q, k, v, mask, config: EncoderConfig, deterministic: bool) -> jax.Array:
+def project_qkv(attention: nn.Module, x, names: tuple, deterministic: bool) -> tuple:
+    """The query, key and value projections of `x` by the `Dense` children `names` of
+    `attention` (hidden size each): three products, or with `runtime.fused_qkv` one product
+    with the three kernels side by side, sliced, each slice then through its own `Dense`
+    (bias, hooks), so the parameter tree and every hook stay as they are."""
+    cfg, runtime = attention.config, attention.runtime
+    products = (None,) * len(names)
+    # At initialisation the kernels do not exist yet; the unfused call creates them.
+    if runtime.fused_qkv and not attention.is_initializing():
+        params = attention.variables["params"]
+        kernel = jnp.concatenate([params[n]["kernel"] for n in names], axis=1)
+        fused = token_matmul(x.astype(runtime.jnp_dtype), kernel.astype(runtime.jnp_dtype))
+        products = jnp.split(fused, len(names), axis=-1)
+    return tuple(Dense(cfg.hidden_size, cfg, runtime, name=n)(x, deterministic, product=p)
+                 for n, p in zip(names, products))
+
+
+def attend(q, k, v, mask, config: EncoderConfig, deterministic: bool,
+           runtime: Runtime = Runtime()) -> jax.Array:
     """Scaled dot-product attention of projected `q: [batch, length, hidden]` and `k, v:
     [batch, keys, hidden]` over `config.num_attention_heads` heads, with the config's dropout
     on the probabilities when training; returns `[batch, length, hidden]`."""
@@ -419,8 +457,14 @@ def attend(q, k, v, mask, config: EncoderConfig, deterministic: bool) -> jax.Arr
                for t in (q, k, v))
     dropout = config.attention_probs_dropout_prob
     if deterministic or dropout == 0.0:
-        # The fused path (cuDNN flash attention on GPUs when shapes allow).
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        # The fused path (cuDNN flash attention on GPUs when asked for and shapes allow).
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                           implementation=runtime.attention_implementation)
+    elif runtime.attention_implementation not in (None, "xla"):
+        raise JaxpeftError(
+            f"attention_implementation={runtime.attention_implementation!r} runs attention "
+            "fused, which has no dropout on the probabilities: set the config's "
+            "attention_probs_dropout_prob to 0 to train with it")
     else:
         # Dropout on attention probabilities, as in BERT, needs the probabilities
         # materialized, which the fused kernel never does.
@@ -508,6 +552,44 @@ class Layer(nn.Module):
         return Residual(self.config, self.runtime, name="output")(h, x, deterministic)
 
 
+# Tables up to this many rows are looked up as one-hot matmuls with `onehot_small_tables`:
+# BERT's positions (512, RoBERTa's 514) and token types, never a vocabulary.
+ONEHOT_ROWS = 1024
+
+
+def onehot_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]` as `one_hot(ids) @ table`: its gradient is the matmul `one_hotᵀ @ dy`.
+    At the highest precision, so the rows come out exact where matmuls default to fewer
+    mantissa bits (TF32 on GPUs)."""
+    onehot = jax.nn.one_hot(ids.reshape(-1), table.shape[0], dtype=table.dtype)
+    rows = jnp.dot(onehot, table, precision=jax.lax.Precision.HIGHEST)
+    return rows.reshape(*ids.shape, table.shape[1])
+
+
+@jax.custom_vjp
+def sorted_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]`, whose gradient sums the token gradients of each id after sorting them
+    by id (a segment sum over sorted indices) rather than by an unsorted scatter-add."""
+    return jnp.take(table, ids, axis=0)
+
+
+def _sorted_lookup_fwd(table, ids):
+    # A zero-size array carries the table's row count into the backward pass.
+    return jnp.take(table, ids, axis=0), (ids, jnp.zeros((table.shape[0], 0), table.dtype))
+
+
+def _sorted_lookup_bwd(saved, dy):
+    ids, rows = saved
+    ids, dy = ids.reshape(-1), dy.reshape(-1, dy.shape[-1])
+    order = jnp.argsort(ids)
+    grad = jax.ops.segment_sum(dy[order], ids[order], num_segments=rows.shape[0],
+                               indices_are_sorted=True)
+    return grad, None
+
+
+sorted_lookup.defvjp(_sorted_lookup_fwd, _sorted_lookup_bwd)
+
+
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings (summed in float32), LayerNorm (output in the
     compute dtype), dropout. `config.embedding_width` wide (ELECTRA's may be narrower than
@@ -532,17 +614,25 @@ class Embeddings(nn.Module):
             return nn.Embed(num, cfg.embedding_width, embedding_init=_normal(cfg),
                             dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
+        def look_up(num, name, ids):
+            table = embed(num, name)
+            if self.runtime.onehot_small_tables and num <= ONEHOT_ROWS:
+                return onehot_lookup(table.embedding, ids)
+            if self.runtime.sorted_word_grads and name == "word_embeddings":
+                return sorted_lookup(table.embedding, ids)
+            return table(ids)
+
         hooks = self.runtime.hooks_of(EmbeddingHook)
         # Virtual slots (negative ids) look up word 0; their hook replaces it.
-        words = embed(cfg.vocab_size, "word_embeddings")(
-            jnp.maximum(input_ids, 0) if hooks else input_ids)
+        words = look_up(cfg.vocab_size, "word_embeddings",
+                        jnp.maximum(input_ids, 0) if hooks else input_ids)
         for hook in hooks:
             words = hook(self, input_ids, words)
         x = words
         if cfg.absolute_positions:
-            x = x + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+            x = x + look_up(cfg.max_position_embeddings, "position_embeddings", position_ids)
         if cfg.type_vocab_size:
-            x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+            x = x + look_up(cfg.type_vocab_size, "token_type_embeddings", token_type_ids)
         if cfg.project_in_embeddings and cfg.embedding_width != cfg.hidden_size:
             x = Dense(cfg.hidden_size, cfg, self.runtime, use_bias=False, name="embed_proj")(
                 x, deterministic)
