@@ -6,12 +6,13 @@
 # Stages, in order of need:
 #   candidates: bf16 train steps of a bert-base-sized model at 32x128 and 128x128, full
 #      fine-tuning and LoRA as they are and with each candidate fix of full fine-tuning's
-#      GPU step switched on (`jaxpeft.models.Runtime`: one fused query/key/value product;
-#      one-hot lookups of the position and token-type tables; the word table's gradient
-#      summed in sorted order; cuDNN's fused attention, which needs attention dropout off,
-#      beside XLA's with it off too), each beside the PyTorch peer (measured once per
-#      distinct peer setting); a second run can time one candidate alone
-#      (`bench_train --methods=full,full:sorted_word_grads=true ...`);
+#      GPU step switched on (`jaxpeft.models.Runtime`: one-hot lookups of the position and
+#      token-type tables, the suspect: every token's gradient lands in one of the two
+#      token-type rows by atomic adds; that and the word table's gradient summed in sorted
+#      order; one fused query/key/value product; cuDNN's fused attention, which needs
+#      attention dropout off, beside XLA's with it off too), each beside the PyTorch peer
+#      (measured once per distinct peer setting); a second run can time one candidate
+#      alone (`bench_train --methods=full,full:sorted_word_grads=true ...`);
 #   bert: full / LoRA / BitFit as they are, at 32x128 and 128x128, 20 steps (not in the
 #      default run: candidates holds full's and LoRA's);
 #   profile: where the time goes (benchmarks.profile_step): kernels of bert-base full and
@@ -47,7 +48,8 @@ status=0
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(candidates profile minilm)
 quiet=attention_probs_dropout_prob=0
-candidates=full,full:onehot_small_tables=true:sorted_word_grads=true,full:fused_qkv=true
+candidates=full,full:onehot_small_tables=true,full:onehot_small_tables=true:sorted_word_grads=true
+candidates+=,full:fused_qkv=true
 candidates+=,full:$quiet,full:$quiet:attention_implementation=cudnn
 candidates+=,lora,lora:fused_qkv=true,lora:$quiet:attention_implementation=cudnn
 for stage in "${stages[@]}"; do
