@@ -70,7 +70,9 @@ class Runtime:
     measured side by side by `benchmarks.bench_train` (`--methods=full,full:fused_qkv=true`):
     fused_qkv: one product of the input with the query, key and value kernels side by side
       (`[in, 3 * hidden]`) instead of three; each projection's bias and hooks then apply to
-      its slice, and the parameter tree is unchanged.
+      its slice, and the parameter tree is unchanged. In the attention of BERT, RoBERTa,
+      XLM-R, ELECTRA and DistilBERT (ModernBERT's `Wqkv` is one product already; DeBERTa's
+      projections also serve its relative embeddings and stay three).
     onehot_small_tables: look up the embedding tables of at most `ONEHOT_ROWS` rows
       (positions, token types) as a one-hot matmul, whose gradient is a matmul too instead
       of a scatter-add.
