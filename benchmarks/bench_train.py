@@ -157,7 +157,8 @@ def _load(f, dtype=None):
 
 # --methods parts that set how jaxpeft computes the step (`jaxpeft.models.Runtime`'s
 # candidates: `full:fused_qkv=true`), and config values both sides take (`full:
-# attention_probs_dropout_prob=0`, which lets attention run fused in training).
+# attention_probs_dropout_prob=0`, which lets attention run fused in training; by the names
+# of BERT's config, which the families whose configs rename them do not read).
 RUNTIME_SETTINGS = ("fused_qkv", "onehot_small_tables", "sorted_word_grads",
                     "attention_implementation")
 CONFIG_SETTINGS = ("attention_probs_dropout_prob", "hidden_dropout_prob")
