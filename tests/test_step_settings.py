@@ -18,11 +18,8 @@ from jaxpeft.models import EncoderConfig, Runtime
 from jaxpeft.models.encoder import onehot_lookup, sorted_lookup
 from jaxpeft.models.registry import build_model
 from jaxpeft.peft import LoraConfig, combine, make_peft, partition
-from tests.helpers import random_batch
+from tests.helpers import random_batch, tiny_hf_config
 
-TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=48, max_position_embeddings=72, type_vocab_size=2,
-            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 SETTINGS = {"fused_qkv": dict(fused_qkv=True),
             "onehot_small_tables": dict(onehot_small_tables=True),
             "sorted_word_grads": dict(sorted_word_grads=True),
@@ -31,14 +28,8 @@ SETTINGS = {"fused_qkv": dict(fused_qkv=True),
 
 
 def _model(model_type, **runtime):
-    names = {"distilbert": {"hidden_size": "dim", "num_hidden_layers": "n_layers",
-                            "num_attention_heads": "n_heads", "intermediate_size": "hidden_dim",
-                            "hidden_dropout_prob": "dropout",
-                            "attention_probs_dropout_prob": "attention_dropout"}}.get(
-        model_type, {})
-    cfg = EncoderConfig.from_hf_dict({"model_type": model_type,
-                                      **{names.get(k, k): v for k, v in TINY.items()}},
-                                     num_labels=2)
+    """The tiny random model of a family (tests.helpers' config), computing with `runtime`."""
+    cfg = EncoderConfig.from_hf_dict(tiny_hf_config(model_type).to_dict(), num_labels=2)
     return build_model(cfg, Runtime(**runtime))
 
 
@@ -83,7 +74,7 @@ def test_a_setting_changes_no_result(model_type, method, setting):
     if setting == "fused_qkv":  # really one product per layer, not three
         count = lambda m: str(jax.make_jaxpr(  # noqa: E731
             lambda p: m.apply({"params": p}, *batch))(params)).count("dot_general")
-        assert count(model) - count(varied) == 2 * TINY["num_hidden_layers"]
+        assert count(model) - count(varied) == 2 * model.config.num_hidden_layers
     loss, logits, grads = _loss_and_grads(model, params, peft, batch)
     loss2, logits2, grads2 = _loss_and_grads(varied, params, peft, batch)
     assert jax.tree.structure(grads) == jax.tree.structure(grads2)
