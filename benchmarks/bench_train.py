@@ -36,8 +36,9 @@ flags.DEFINE_string("model", "minilm", "model name or folder")
 flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time; "
                   "'name:flag=value:...' sets run_glue options (prompt:prompt_head=virtual), "
                   "jaxpeft's runtime settings (full:fused_qkv=true, onehot_small_tables, "
-                  "sorted_word_grads, attention_implementation=cudnn) or config values both "
-                  "sides take (attention_probs_dropout_prob=0)")
+                  "sorted_word_grads, attention_implementation=cudnn), config values both "
+                  "sides take (attention_probs_dropout_prob=0) or XLA options of jaxpeft's "
+                  "step (full:xla_cpu_use_onednn=true; '+' for a comma in a value)")
 flags.DEFINE_list("shapes", ["32x128"], "batch x sequence shapes")
 flags.DEFINE_integer("steps", 8, "timed steps (median reported, mean and slow steps beside)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
@@ -52,7 +53,9 @@ flags.DEFINE_string("config_json", "", "with --random_weights: a config.json to 
 flags.DEFINE_string("peak_shape", "4096x384x1536", "MxKxN of the reference matmul (the "
                     "default is model-shaped for MiniLM; use a large one on GPUs)")
 flags.DEFINE_string("train_step_xla_options", "", "as run_glue's flag: XLA options "
-                    "(name=value, several joined by ';') for the train step's program")
+                    "(name=value, several joined by ';') for the train step's program, or "
+                    "'auto': chosen per --methods entry by timing the candidates as a run "
+                    "does (the times are printed)")
 flags.DEFINE_bool("in_process", False, "run every measurement in this process, one after "
                   "another, rather than each in its own: no process start, CUDA set-up and "
                   "imports per measurement (about half of a 10-minute GPU job), but no peak "
@@ -162,12 +165,15 @@ def _load(f, dtype=None):
 RUNTIME_SETTINGS = ("fused_qkv", "onehot_small_tables", "sorted_word_grads",
                     "attention_implementation")
 CONFIG_SETTINGS = ("attention_probs_dropout_prob", "hidden_dropout_prob")
+# ... and XLA options of jaxpeft's step program alone (`full:xla_cpu_use_onednn=true`).
+XLA_PREFIX = "xla_"
 
 
 def split_spec(spec: str) -> tuple[str, dict, dict]:
     """`(method spec, runtime settings, config values)` of a --methods entry: a method name,
     then optional `:name=value` parts, each a run_glue flag of the method, a
-    `RUNTIME_SETTINGS` name or a `CONFIG_SETTINGS` one."""
+    `RUNTIME_SETTINGS` name or a `CONFIG_SETTINGS` one (XLA options are left out:
+    `spec_xla_options`)."""
     name, *options = spec.split(":")
     kept, runtime, config = [name], {}, {}
     for option in options:
@@ -176,9 +182,20 @@ def split_spec(spec: str) -> tuple[str, dict, dict]:
             runtime[key] = {"true": True, "false": False}.get(value.lower(), value)
         elif key in CONFIG_SETTINGS:
             config[key] = float(value)
-        else:
+        elif not key.startswith(XLA_PREFIX):
             kept.append(option)
     return ":".join(kept), runtime, config
+
+
+def spec_xla_options(spec: str) -> dict:
+    """The XLA compiler options of a --methods entry (its `xla_...=value` parts), for
+    jaxpeft's train step only: `full:xla_cpu_experimental_ynn_fusion_type=
+    LIBRARY_FUSION_TYPE_DOT+LIBRARY_FUSION_TYPE_REDUCE` ('+' stands for the comma that
+    --methods itself splits on)."""
+    from jaxpeft.config import parse_xla_options
+
+    return parse_xla_options(";".join(o.replace("+", ",") for o in spec.split(":")[1:]
+                                      if o.startswith(XLA_PREFIX)))
 
 
 def peer_spec(spec: str) -> str:
@@ -276,8 +293,9 @@ def jax_variant(f, method, batch, seq) -> tuple[dict, dict]:
 
     from flax import traverse_util
 
+    from jaxpeft import tuning
     from jaxpeft.config import parse_xla_options
-    from jaxpeft.train import create_train_state, make_train_step
+    from jaxpeft.train import check_compiler_options, create_train_state, make_train_step
 
     model, params, mask, tx, cfg, peft = _train_setup(f, method)
     counts = peft.count(params)
@@ -285,9 +303,21 @@ def jax_variant(f, method, batch, seq) -> tuple[dict, dict]:
                        if p[-1] == "kernel" and p[0] != "classifier")
     state, frozen = create_train_state(params, mask, tx)
     del params
-    options = parse_xla_options(f.train_step_xla_options)
-    step = make_train_step(model, tx, options, penalty=peft.penalty)
     data = jax.device_put(_random_batch(batch, seq, cfg.vocab_size))
+    own = spec_xla_options(method)
+    build = lambda o: make_train_step(model, tx, {**o, **own}, penalty=peft.penalty)  # noqa: E731
+    tuned = None
+    if f.train_step_xla_options == tuning.AUTO:
+        # As a run with --train_step_xla_options=auto chooses, measured afresh (no cache).
+        candidates = tuning.usable_candidates(jax.default_backend(), check_compiler_options)
+        seconds = tuning.time_candidates(build, candidates, state, data, jax.random.key(0),
+                                         frozen)
+        options = tuning.pick(candidates, seconds)
+        tuned = [{"options": c, "step_ms": 1e3 * t} for c, t in zip(candidates, seconds)]
+    else:
+        options = parse_xla_options(f.train_step_xla_options)
+    step = build(options)
+    options = {**options, **own}
     run = start_variant(step, state, frozen, data, jax.random.key(0))
     nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
     # The model's own sequence: a soft prompt adds its virtual tokens to every row.
@@ -296,7 +326,7 @@ def jax_variant(f, method, batch, seq) -> tuple[dict, dict]:
              "kernel_grads": kernel_grads, "trainable_bytes": nbytes(state.trainable),
              "opt_state_bytes": nbytes(state.opt_state), "frozen_bytes": nbytes(frozen),
              "device": jax.devices()[0].device_kind, "threads": os.cpu_count(),
-             "compiler_options": options or {}}
+             "compiler_options": options or {}, "auto_measured": tuned}
     return {**run, "data": data}, facts
 
 
@@ -519,6 +549,10 @@ def main(_):
                   f"{j['opt_state_bytes'] / 2**20:.1f} MiB, frozen {j['frozen_bytes'] / 2**20:.1f} "
                   "MiB (frozen: once, outside the donated state); XLA options "
                   f"{j['compiler_options'] or 'default'}")
+            if j.get("auto_measured"):
+                print(f"{'':>8} {method:>7} {'jaxpeft':>10} auto measured: " + ", ".join(
+                    f"{c['options'] or 'default'} {c['step_ms']:.1f} ms"
+                    for c in j["auto_measured"]))
             by_method[method] = rows
         jax_step = {m: rows[0]["step_s"] for m, rows in by_method.items()}
         for m, rows in by_method.items():

@@ -112,10 +112,11 @@ class RunConfig:
         resumable=True, **_IO)
     train_step_xla_options: str = _option(
         "", "XLA compiler options for the train step's program, name=value, several joined "
-        "by ';' (e.g. xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT); "
-        "speed only: they pick kernels, not the math (docs/performance.md has measured ones).",
-        check=(lambda v: all("=" in o for o in v.split(";") if o.strip()),
-               "name=value options joined by ';'"), resumable=True, **_IO)
+        "by ';' (e.g. xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT), "
+        "or 'auto': chosen by timing a few sets on this machine's first steps (cached in "
+        "<cache_dir>/xla); speed only: they pick kernels, not the math (docs/performance.md).",
+        check=(lambda v: v == "auto" or all("=" in o for o in v.split(";") if o.strip()),
+               "'auto' or name=value options joined by ';'"), resumable=True, **_IO)
     cache_dir: str = _option("~/.cache/jaxpeft", "Tokenized-data and compilation cache "
                              "(empty: no cache).", resumable=True, **_IO)
     max_train_samples: int = _option(0, "Use the first N training examples (0: all).",
@@ -200,7 +201,10 @@ class RunConfig:
         return dataclasses.replace(self, output_dir=f"runs/{task}-{self.method}")
 
     def xla_options(self) -> dict:
-        """`--train_step_xla_options` as the `compiler_options` dict of the step's jit."""
+        """`--train_step_xla_options` as the `compiler_options` dict of the step's jit
+        (empty for `auto`, whose options the training loop measures)."""
+        if self.train_step_xla_options == "auto":
+            return {}
         return parse_xla_options(self.train_step_xla_options)
 
     def resolved_learning_rate(self) -> float:
@@ -231,8 +235,10 @@ class Option:
 
 
 def parse_xla_options(text: str) -> dict:
-    """`"name=value;name2=value2"` (a value may hold commas) as a `compiler_options` dict."""
-    return dict(o.strip().split("=", 1) for o in text.split(";") if o.strip())
+    """`"name=value;name2=value2"` (a value may hold commas) as a `compiler_options` dict;
+    `true`/`false` in any case become bools, the only spelling XLA takes for a bool option."""
+    pairs = (o.strip().split("=", 1) for o in text.split(";") if o.strip())
+    return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in pairs}
 
 
 def options() -> dict[str, Option]:
@@ -324,6 +330,11 @@ def validate(cfg: RunConfig, device_count: int = 1) -> Task:
     rules = [
         (cfg.max_steps > 0 or cfg.num_epochs > 0, "give --num_epochs > 0 or --max_steps > 0"),
         (not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both"),
+        # Each process would time its own candidates and could choose differently, while
+        # every process must run one program.
+        (not (cfg.multihost and cfg.train_step_xla_options == "auto"),
+         "--train_step_xla_options=auto times the step on one process; with --multihost "
+         "name the options (docs/performance.md)"),
     ]
     for ok, message in rules:
         if not ok:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpeft import distributed
+from jaxpeft import distributed, tuning
 from jaxpeft.checkpointing import Checkpointer
 from jaxpeft.data.batching import train_batches
 from jaxpeft.errors import JaxpeftError, RunInterrupted
@@ -25,8 +25,8 @@ from jaxpeft.evaluation import Evaluator, metric_columns, selection_key
 from jaxpeft.optim import make_optimizer, make_schedule
 from jaxpeft.peft import combine, save_adapter
 from jaxpeft.setup import Setup
-from jaxpeft.train import (STEP_STATS, CompileCounter, create_train_state, make_eval_step,
-                           make_train_step)
+from jaxpeft.train import (STEP_STATS, CompileCounter, check_compiler_options,
+                           create_train_state, make_eval_step, make_train_step)
 from jaxpeft.writer import RunWriter
 
 
@@ -168,9 +168,13 @@ class TrainLoop:
         # handed to the export; the state is made in its shards.
         self.state, self.frozen = create_train_state(self.sharder.place(params), mask, tx,
                                                      self.sharder.shardings)
-        self.train_step = make_train_step(setup.model, tx, self.cfg.xla_options(),
-                                          self.sharder.shardings(self.state),
-                                          setup.peft.penalty)
+        self.tx = tx
+        # With --train_step_xla_options=auto the options (and so the step) wait for `run`:
+        # a resumed run takes the ones its checkpoint was trained with, a new one measures.
+        auto = self.cfg.train_step_xla_options == tuning.AUTO
+        self.step_options = None if auto else self.cfg.xla_options()
+        self.train_step = None if auto else self._make_step(self.step_options)
+        self.tune_s = 0.0
         self.schedule = make_schedule(setup.optim)
         self.evaluator = Evaluator(make_eval_step(setup.model), setup.task,
                                    self.cfg.eval_batch_size, setup.buckets, setup.pad_id,
@@ -182,6 +186,57 @@ class TrainLoop:
             selection_key(setup.task, self.cfg.select_on)), LogWindow()
         self.last_eval, self.recent_loss, self.compilations = None, None, 0
         self.header_printed, self.signals = False, StopSignals()
+
+    def _make_step(self, options: dict):
+        return make_train_step(self.setup.model, self.tx, options,
+                               self.sharder.shardings(self.state), self.setup.peft.penalty)
+
+    def choose_step_options(self) -> None:
+        """`--train_step_xla_options=auto`: the options chosen earlier for this program on
+        this machine, else the fastest candidate timed on the run's longest early batch
+        (`jaxpeft.tuning`); builds the train step with them."""
+        setup, cfg = self.setup, self.cfg
+        batch = self.sharder.batch(self._longest_early_batch())
+        program = {"model": setup.pre.config.to_dict(), "peft": setup.peft.to_dict(),
+                   "batch": {k: list(v.shape) for k, v in batch.items()},
+                   "dtype": cfg.dtype, "mesh": self.sharder.describe()}
+        cache = tuning.OptionsCache(Path(cfg.cache_dir).expanduser() / "xla" /
+                                    "step_options.json" if cfg.cache_dir else None)
+        key = tuning.program_key(program)
+        options, how = cache.get(key), "chosen earlier for this program on this machine"
+        if options is None:
+            candidates = tuning.usable_candidates(jax.default_backend(),
+                                                  check_compiler_options)
+            start = time.perf_counter()
+            seconds = tuning.time_candidates(self._make_step, candidates, self.state, batch,
+                                             self.rng, self.frozen) \
+                if len(candidates) > 1 else [0.0]
+            self.tune_s = time.perf_counter() - start
+            options = tuning.pick(candidates, seconds)
+            cache.put(key, options, [{"options": c, "step_ms": round(1e3 * t, 1)}
+                                     for c, t in zip(candidates, seconds)])
+            how = ("measured: " + ", ".join(f"{tuning.describe(c)} {1e3 * t:.0f} ms"
+                                            for c, t in zip(candidates, seconds))
+                   if len(candidates) > 1 else f"no candidates on {jax.default_backend()}")
+        self._use_step_options(options)
+        if self.writer.enabled:
+            tqdm.write(f"train step XLA options (auto): {tuning.describe(options)} ({how})")
+
+    def _use_step_options(self, options: dict) -> None:
+        self.step_options, self.train_step = dict(options), self._make_step(options)
+
+    def _longest_early_batch(self) -> dict:
+        """The first batch of the longest bucket among the first epoch's early batches."""
+        setup, cfg, longest = self.setup, self.cfg, None
+        batches = train_batches(setup.train_enc, cfg.batch_size, setup.buckets, setup.pad_id,
+                                cfg.seed, 0, packing=setup.packing)
+        for i, batch in enumerate(batches):
+            if longest is None or batch["input_ids"].shape[-1] > \
+                    longest["input_ids"].shape[-1]:
+                longest = batch
+            if longest["input_ids"].shape[-1] >= max(setup.buckets) or i >= 64:
+                break
+        return longest
 
     @functools.cached_property
     def ckpt(self) -> Checkpointer:
@@ -208,6 +263,8 @@ class TrainLoop:
             self.state, meta = self.ckpt.restore_intact(self.state)
             print(f"Resuming {self.out} from step {int(meta['step'])}")
         self.step = int(meta.get("step", 0))
+        if self.train_step is None and isinstance(meta.get("step_options"), dict):
+            self._use_step_options(meta["step_options"])  # as the first part was trained
         self.best = BestTracker(self.best.key, meta.get("best"))
         self.clock = Stopwatch(float(meta.get("train_wall_s", 0.0)))
         self.examples = int(meta.get("examples", 0))
@@ -219,6 +276,8 @@ class TrainLoop:
     def run(self) -> None:
         """Trains to the last step, evaluating and checkpointing on the way."""
         setup, total = self.setup, self.setup.optim.total_steps
+        if self.train_step is None:
+            self.choose_step_options()
         # disable=None: tqdm turns itself off when stderr is not a terminal (log files).
         bar = tqdm(total=total, initial=self.step, dynamic_ncols=True,
                    disable=None if self.cfg.progress else True,
@@ -273,7 +332,8 @@ class TrainLoop:
         with self.clock.paused():
             self.ckpt.save(self.step, self.state, {
                 "step": self.step, "best": self.best.best, "train_wall_s": self.clock.elapsed,
-                "examples": self.examples, **self.window.state()})
+                "examples": self.examples, "step_options": self.step_options,
+                **self.window.state()})
 
     def _log(self, bar) -> None:
         row = self.window.row(self.step, self.out)

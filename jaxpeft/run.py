@@ -112,7 +112,9 @@ def finish(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
         "train": {"steps": loop.step, "epochs": loop.step / setup.steps_per_epoch,
                   "wall_s": wall, "examples": loop.examples,
                   "examples_per_s": loop.examples / wall if wall else 0.0,
-                  "compilations": loop.compilations},
+                  "compilations": loop.compilations,
+                  # What --train_step_xla_options=auto chose (else the options given).
+                  "xla_options": loop.step_options, "xla_options_tune_s": loop.tune_s},
         "learning_rate": setup.optim.learning_rate,
         "baseline": trivial_baseline(setup.task, setup.eval_encs, cfg.select_on),
     }

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.bench_train import peer_spec, split_spec
+from benchmarks.bench_train import peer_spec, spec_xla_options, split_spec
 from benchmarks.split_step import CATEGORIES, jax_category, split_overlaps
 from tests.helpers import REPO
 
@@ -74,6 +74,11 @@ def test_a_methods_entry_splits_into_method_runtime_and_config():
         {"attention_probs_dropout_prob": 0.0})
     assert peer_spec("full:sorted_word_grads=true:attention_probs_dropout_prob=0") == \
         "full:attention_probs_dropout_prob=0"
+    spec = "full:xla_cpu_experimental_ynn_fusion_type=A+B:xla_cpu_use_onednn=true:fused_qkv=true"
+    assert split_spec(spec) == ("full", {"fused_qkv": True}, {})
+    assert peer_spec(spec) == "full"
+    assert spec_xla_options(spec) == {"xla_cpu_experimental_ynn_fusion_type": "A,B",
+                                      "xla_cpu_use_onednn": True}
 
 
 @pytest.mark.slow

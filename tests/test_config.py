@@ -105,6 +105,14 @@ def test_train_step_xla_options_parse_values_with_commas():
     assert RunConfig().xla_options() == {}
     with pytest.raises(JaxpeftError, match="name=value options joined by ';'"):
         validate(RunConfig(train_step_xla_options="just_a_name"))
+    # XLA takes a bool option only as a bool, so the flag's true/false become bools.
+    assert RunConfig(train_step_xla_options="a=TRUE;b=false;c=truth").xla_options() == \
+        {"a": True, "b": False, "c": "truth"}
+    # `auto`: the loop measures the options; multi-host runs must name them.
+    assert RunConfig(train_step_xla_options="auto").xla_options() == {}
+    validate(RunConfig(train_step_xla_options="auto"))
+    with pytest.raises(JaxpeftError, match="auto times the step on one process"):
+        validate(RunConfig(train_step_xla_options="auto", multihost=True))
 
 
 def test_task_names_have_one_spelling():
