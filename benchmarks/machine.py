@@ -6,27 +6,17 @@ import os
 import platform
 from importlib import metadata
 
+from jaxpeft.tuning import cpuinfo
+
 # The extensions XLA's and PyTorch's CPU kernels pick code paths by.
 _EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
                "asimd", "sve")
 
 
-def _cpuinfo() -> dict:
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
 def describe() -> dict:
     """`{cpu, extensions, cores, accelerator, versions}` of this machine (versions of the
     libraries that are installed: jax, jaxlib, flax, optax, torch, transformers, peft)."""
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = set(info.get("flags", info.get("Features", "")).split())
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):

@@ -47,17 +47,24 @@ MARGIN = 0.03
 ROUNDS = 3
 
 
-def machine_key() -> dict:
-    """What a timing depends on besides the program: CPU model and flags, usable cores,
-    devices, jax and jaxlib versions."""
-    cpu = {}
+def cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo (`model name`, `flags`, ...); empty
+    where there is no such file."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                cpu.setdefault(key.strip(), value.strip())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def machine_key() -> dict:
+    """What a timing depends on besides the program: CPU model and flags, usable cores,
+    devices, jax and jaxlib versions."""
+    cpu = cpuinfo()
     flags = cpu.get("flags", cpu.get("Features", ""))
     return {"cpu": cpu.get("model name", ""),
             "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
