@@ -134,8 +134,10 @@ def pick(candidates: Sequence[dict], seconds: Sequence[float],
 
 
 def describe(options: dict) -> str:
-    """`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`, or `XLA's default`."""
-    return ";".join(f"{k}={v}" for k, v in options.items()) or "XLA's default"
+    """`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`, or `XLA's default`;
+    an empty value is written `''`, so the text pastes into a shell as the flag's value."""
+    shown = {k: "''" if v == "" else v for k, v in options.items()}
+    return ";".join(f"{k}={v}" for k, v in shown.items()) or "XLA's default"
 
 
 class OptionsCache:

@@ -20,6 +20,11 @@ def test_the_default_stays_unless_a_candidate_beats_it_by_the_margin():
     assert tuning.pick([{}, A], [1.0, 0.5], margin=0.6) == {}
 
 
+def test_options_read_as_the_flag_takes_them():
+    assert tuning.describe({}) == "XLA's default"
+    assert tuning.describe({"a": "X,Y", "b": ""}) == "a=X,Y;b=''"
+
+
 def test_refused_candidates_are_dropped(monkeypatch):
     monkeypatch.setitem(tuning.CANDIDATES, "cpu", ({}, A, B))
 
