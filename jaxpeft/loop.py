@@ -196,7 +196,11 @@ class TrainLoop:
         this machine, else the fastest candidate timed on the run's longest early batch
         (`jaxpeft.tuning`); builds the train step with them."""
         setup, cfg = self.setup, self.cfg
-        batch = self.sharder.batch(self._longest_early_batch())
+        batch = self._longest_early_batch()
+        if batch is None:  # nothing to train on, so nothing to time
+            self._use_step_options({})
+            return
+        batch = self.sharder.batch(batch)
         program = {"model": setup.pre.config.to_dict(), "peft": setup.peft.to_dict(),
                    "batch": {k: list(v.shape) for k, v in batch.items()},
                    "dtype": cfg.dtype, "mesh": self.sharder.describe()}
@@ -225,8 +229,9 @@ class TrainLoop:
     def _use_step_options(self, options: dict) -> None:
         self.step_options, self.train_step = dict(options), self._make_step(options)
 
-    def _longest_early_batch(self) -> dict:
-        """The first batch of the longest bucket among the first epoch's early batches."""
+    def _longest_early_batch(self) -> Optional[dict]:
+        """The first batch of the longest bucket among the first epoch's early batches (None
+        if the epoch has none)."""
         setup, cfg, longest = self.setup, self.cfg, None
         batches = train_batches(setup.train_enc, cfg.batch_size, setup.buckets, setup.pad_id,
                                 cfg.seed, 0, packing=setup.packing)
