@@ -494,7 +494,9 @@ def main(_):
     peak = peak_matmul_flops("bfloat16" if f.dtype == "bfloat16" else "float32", f.peak_shape)
     have_torch = peer_available(f)
     print(machine.line())
-    print(f"model {f.model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
+    # With --random_weights the model is built from --config_json (else --model's config).
+    model = f"{f.config_json or f.model} (random weights)" if f.random_weights else f.model
+    print(f"model {model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"malloc {malloc}")
     header = (f"{'shape':>8} {'method':>7} {'impl':>10} {'step ms':>9} {'ex/s':>8} "
