@@ -1,9 +1,9 @@
 """`--train_step_xla_options=auto`: the train step's XLA options chosen by timing them.
 
 Which library runs a CPU step's matrix products, and what XLA fuses into them, changes the
-step time by 5-17 % in one direction on one CPU and in the other on another
-(docs/performance.md), so the choice is measured on the machine at hand rather than read from
-a table: every candidate option set compiles the real step, the candidates are timed in
+step time by up to 17 %, and which choice wins differs between CPUs, methods and shapes
+(docs/performance.md), so it is measured on the machine at hand rather than read from a
+table: every candidate option set compiles the real step, the candidates are timed in
 turn on the run's own batch and state (copies; the run's are untouched), and the fastest
 wins if it beats XLA's default by `MARGIN`. The choice is cached per machine, library
 versions and program (model config, method, batch shape, dtype, mesh) in
