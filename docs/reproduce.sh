@@ -156,6 +156,8 @@ g prefix mrpc,stsb 1e-1
 g boft mrpc,stsb 1e-2
 g fourierft mrpc,stsb 2e-1
 g loreft mrpc,stsb 1e-2
+g loha mrpc,stsb 3e-2
+g boft mrpc,stsb 3e-2
 # the round-two methods on MRPC and STS-B (AdaLoRA: budget warm-up 10 %, fixed pattern 30 %
 # of each task's 3-epoch steps)
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
@@ -170,6 +172,8 @@ peer() { local out="runs/glue-standard/peer/$1-$2-lr$3-seed${4:-0}"
          --method="$1" --model=minilm --data_dir=$data --max_steps=0 --num_epochs=3 \
          --select_on=dev_half --learning_rate="$3" --seed="${4:-0}" --output_dir="$out"; }
 peer lora mrpc 1.25e-3; peer full mrpc 5e-5; peer lora stsb 3e-3; peer full stsb 5e-5
+peer lora cola 1.25e-3; peer full cola 5e-5; peer lora rte 3e-3; peer full rte 5e-5
+peer lora wnli 1.25e-3; peer full wnli 1e-5
 # seeds 1 and 2 at the chosen rates on both sides, full fine-tuning's MRPC first
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
