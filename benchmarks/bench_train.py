@@ -309,11 +309,8 @@ def jax_variant(f, method, batch, seq) -> tuple[dict, dict]:
     tuned = None
     if f.train_step_xla_options == tuning.AUTO:
         # As a run with --train_step_xla_options=auto chooses, measured afresh (no cache).
-        candidates = tuning.usable_candidates(jax.default_backend(), check_compiler_options)
-        seconds = tuning.time_candidates(build, candidates, state, data, jax.random.key(0),
-                                         frozen)
-        options = tuning.pick(candidates, seconds)
-        tuned = [{"options": c, "step_ms": 1e3 * t} for c, t in zip(candidates, seconds)]
+        options, tuned = tuning.choose(build, check_compiler_options, state, data,
+                                       jax.random.key(0), frozen)
     else:
         options = parse_xla_options(f.train_step_xla_options)
     step = build(options)

@@ -209,19 +209,14 @@ class TrainLoop:
         key = tuning.program_key(program)
         options, how = cache.get(key), "chosen earlier for this program on this machine"
         if options is None:
-            candidates = tuning.usable_candidates(jax.default_backend(),
-                                                  check_compiler_options)
             start = time.perf_counter()
-            seconds = tuning.time_candidates(self._make_step, candidates, self.state, batch,
-                                             self.rng, self.frozen) \
-                if len(candidates) > 1 else [0.0]
+            options, measured = tuning.choose(self._make_step, check_compiler_options,
+                                              self.state, batch, self.rng, self.frozen)
             self.tune_s = time.perf_counter() - start
-            options = tuning.pick(candidates, seconds)
-            cache.put(key, options, [{"options": c, "step_ms": round(1e3 * t, 1)}
-                                     for c, t in zip(candidates, seconds)])
-            how = ("measured: " + ", ".join(f"{tuning.describe(c)} {1e3 * t:.0f} ms"
-                                            for c, t in zip(candidates, seconds))
-                   if len(candidates) > 1 else f"no candidates on {jax.default_backend()}")
+            cache.put(key, options, measured)
+            how = ("measured: " + ", ".join(f"{tuning.describe(m['options'])} "
+                                            f"{m['step_ms']:.0f} ms" for m in measured)
+                   if measured else f"no candidates on {jax.default_backend()}")
         self._use_step_options(options)
         if self.writer.enabled:
             tqdm.write(f"train step XLA options (auto): {tuning.describe(options)} ({how})")

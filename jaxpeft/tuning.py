@@ -133,6 +133,19 @@ def pick(candidates: Sequence[dict], seconds: Sequence[float],
                 else candidates[0])
 
 
+def choose(build: Callable[[dict], Callable], check: Callable[[dict], None], state: Any,
+           batch: Any, rng: jax.Array, frozen: Any) -> tuple[dict, list[dict]]:
+    """`(options, measured)`: the fastest of this backend's usable candidates for the step
+    that `build(options)` compiles (`pick`), and each candidate's median step in ms (empty
+    where the backend has one candidate or none, and the default is kept untimed)."""
+    candidates = usable_candidates(jax.default_backend(), check)
+    if len(candidates) < 2:
+        return {}, []
+    seconds = time_candidates(build, candidates, state, batch, rng, frozen)
+    return pick(candidates, seconds), [{"options": c, "step_ms": round(1e3 * t, 1)}
+                                       for c, t in zip(candidates, seconds)]
+
+
 def describe(options: dict) -> str:
     """`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`, or `XLA's default`;
     an empty value is written `''`, so the text pastes into a shell as the flag's value."""
