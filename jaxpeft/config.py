@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from jaxpeft.data import HUB_DATASET, TASKS, Task, get_task
@@ -192,6 +193,11 @@ class RunConfig:
         core = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not f.metadata.get("internal")}
         return core | dict(self.method_flags)
+
+    def xla_cache_dir(self) -> Optional[Path]:
+        """`<cache_dir>/xla`, where compiled programs and the chosen step options are kept
+        (None without a --cache_dir)."""
+        return Path(self.cache_dir).expanduser() / "xla" if self.cache_dir else None
 
     def with_output_dir(self) -> "RunConfig":
         """The same config with an empty `output_dir` made `runs/<task>-<method>`."""

@@ -204,8 +204,8 @@ class TrainLoop:
         program = {"model": setup.pre.config.to_dict(), "peft": setup.peft.to_dict(),
                    "batch": {k: list(v.shape) for k, v in batch.items()},
                    "dtype": cfg.dtype, "mesh": self.sharder.describe()}
-        cache = tuning.OptionsCache(Path(cfg.cache_dir).expanduser() / "xla" /
-                                    "step_options.json" if cfg.cache_dir else None)
+        xla_dir = cfg.xla_cache_dir()
+        cache = tuning.OptionsCache(xla_dir / "step_options.json" if xla_dir else None)
         key = tuning.program_key(program)
         options, how = cache.get(key), "chosen earlier for this program on this machine"
         if options is None:

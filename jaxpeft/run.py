@@ -197,7 +197,7 @@ def train_and_evaluate(cfg: RunConfig,
     # With several processes, a user error on any of them stops all with its message.
     task, plan = distributed.agree(check)
     if cfg.compilation_cache and cfg.cache_dir:
-        use_compilation_cache(Path(cfg.cache_dir).expanduser() / "xla")
+        use_compilation_cache(cfg.xla_cache_dir())
     # An extended run keeps its warmup; the decay is recomputed for the new total.
     warmup = plan.warmup_steps if plan is not None and plan.extends else None
     setup, params = distributed.agree(lambda: build(cfg, task, warmup_steps=warmup))

@@ -17,12 +17,12 @@ import hashlib
 import json
 import os
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from jaxpeft.fileio import atomic_write_json
@@ -71,14 +71,7 @@ def machine_key() -> dict:
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(),
             "devices": f"{jax.devices()[0].device_kind} x {jax.device_count()}",
-            "jax": jax.__version__, "jaxlib": _version("jaxlib")}
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__}
 
 
 def program_key(program: dict) -> str:
