@@ -195,16 +195,36 @@ def glue_table(table: list) -> list:
     return out
 
 
+def _method_label(row: dict) -> str:
+    """A table row's method as the tables and plots name it: `lora r8 train_pooler=True`."""
+    return " ".join(x for x in (row["method"], f"r{row['rank']}" if row["rank"] else "",
+                                row["setting"]) if x)
+
+
+def shared_tasks(rows: list) -> list:
+    """The tasks every row of `glue_table` has: the only set over which their GLUE scores
+    compare (a mean over CoLA and MRPC is not comparable with one over MRPC alone)."""
+    return sorted(set.intersection(*(set(r["tasks"]) for r in rows))) if rows else []
+
+
+def shared_score(row: dict, tasks: list) -> float:
+    """One `glue_table` row's GLUE score over `tasks` (the mean of its task medians)."""
+    return float(np.mean([row["tasks"][t]["median"] for t in tasks]))
+
+
 def glue_markdown(rows: list) -> str:
     """`glue_table` as Markdown: a column per task (median [min, max] over seeds, the chosen
     learning rate below it, † when at or below the trivial baseline), the GLUE score over the
-    tasks present, trainable parameters and the training seconds of the chosen runs."""
+    tasks present, trainable parameters and the training seconds of the chosen runs. When the
+    rows ran different tasks, a column gives each row's score over the tasks all of them ran."""
     tasks = sorted({task for r in rows for task in r["tasks"]})
-    lines = ["| method | trainable | " + " | ".join(tasks) + " | GLUE score (tasks) | train s |",
-             "|---|---:|" + "---|" * len(tasks) + "---:|---:|"]
+    shared = shared_tasks(rows)
+    extra = shared and shared != tasks
+    lines = ["| method | trainable | " + " | ".join(tasks) + " | GLUE score (tasks) | " +
+             (f"score on {', '.join(shared)} | " if extra else "") + "train s |",
+             "|---|---:|" + "---|" * len(tasks) + "---:|" + ("---:|" if extra else "") + "---:|"]
     for r in rows:
-        label = " ".join(x for x in (r["method"], f"r{r['rank']}" if r["rank"] else "",
-                                     r["setting"]) if x)
+        label = _method_label(r)
         cells = []
         for task in tasks:
             c = r["tasks"].get(task)
@@ -216,7 +236,9 @@ def glue_markdown(rows: list) -> str:
                          f"lr {c['learning_rate']:g}, {c['seeds']} seed"
                          f"{'s' if c['seeds'] > 1 else ''}")
         lines.append(f"| {label} | {r['trainable']:,} | " + " | ".join(cells) +
-                     f" | {r['score']:.4f} ({len(r['tasks'])}) | {r['train_s']:.0f} |")
+                     f" | {r['score']:.4f} ({len(r['tasks'])}) | " +
+                     (f"{shared_score(r, shared):.4f} | " if extra else "") +
+                     f"{r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,8 +346,7 @@ def _methods_plot(task: str, rows: list, out: Path) -> Optional[Path]:
     for i, t in enumerate(chosen):
         ax.bar(i, np.median(t["task_scores"]), color="#c6dbef", width=0.6)
         ax.plot([i] * len(t["task_scores"]), t["task_scores"], "o", color="#08519c", ms=4)
-        labels.append(" ".join(x for x in (t["method"], f"r{t['rank']}" if t["rank"] else "",
-                                           t["setting"]) if x))
+        labels.append(_method_label(t))
     if chosen[0]["baseline_score"] is not None:
         ax.axhline(chosen[0]["baseline_score"], color="gray", ls="--", lw=1,
                    label="trivial baseline")
@@ -338,18 +359,25 @@ def _methods_plot(task: str, rows: list, out: Path) -> Optional[Path]:
 
 
 def _glue_plot(rows: list, out: Path) -> Optional[Path]:
-    """The GLUE score per method (mean of its task medians), tasks counted in the label."""
+    """The GLUE score per method over the tasks every method ran (named in the title), so
+    that the bars compare; none when the methods share no task."""
     import matplotlib.pyplot as plt
 
-    if not rows:
+    shared = shared_tasks(rows)
+    if not shared:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 4.5))
-    labels = [" ".join(x for x in (r["method"], f"r{r['rank']}" if r["rank"] else "",
-                                   r["setting"]) if x) + f" ({len(r['tasks'])})" for r in rows]
-    ax.bar(range(len(rows)), [r["score"] for r in rows], color="#6baed6")
+    labels = [_method_label(r) for r in rows]
+    bars = ax.bar(range(len(rows)), [shared_score(r, shared) for r in rows], color="#6baed6")
+    ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    baselines = [rows[0]["tasks"][t]["baseline"] for t in shared]
+    if None not in baselines:
+        ax.axhline(np.mean(baselines), color="gray", ls="--", lw=1,
+                   label="trivial baseline (constant prediction)")
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="GLUE score (mean of task medians)",
-           title="GLUE score per method (tasks counted)")
+           title=f"GLUE score per method on {', '.join(shared)} (the tasks every method ran)")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, out / "glue_scores.png")
 

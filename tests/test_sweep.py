@@ -8,7 +8,8 @@ import pytest
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.config import RunConfig
-from jaxpeft.plots import pack_study, write_report
+from jaxpeft.plots import (_glue_plot, glue_markdown, glue_table, pack_study, shared_tasks,
+                           write_report)
 from jaxpeft.sweep import expand, parse_grid, run_sweep, sweep_cli
 from jaxpeft.writer import read_study
 
@@ -146,3 +147,31 @@ def test_a_damaged_study_file_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not gzip")
     with pytest.raises(JaxpeftError, match="bad.jsonl.gz: not a readable study file"):
         write_report(str(bad))
+
+
+def test_glue_scores_compare_only_over_the_tasks_every_method_ran(tmp_path):
+    """A method with CoLA and MRPC and one with MRPC alone: the table keeps each one's own
+    GLUE score and adds their scores on MRPC, the only set on which they compare; the bar
+    chart plots that one."""
+    def row(method, task, scores):
+        return {"chosen": True, "task_scores": scores, "method": method, "rank": None,
+                "setting": "", "task": task, "learning_rate": 1e-3, "trivial": False,
+                "baseline_score": 0.0, "wall_s": 10.0, "trainable": 100, "percent": 1.0}
+
+    table = [row("full", "cola", [0.30, 0.32, 0.28]), row("full", "mrpc", [0.84]),
+             row("lora", "mrpc", [0.80, 0.82])]
+    rows = glue_table(table)
+    assert shared_tasks(rows) == ["mrpc"]
+    lines = glue_markdown(rows).splitlines()
+    assert lines[0].endswith("| GLUE score (tasks) | score on mrpc | train s |")
+    assert lines[2].startswith("| full | 100 | 0.3000 [0.280, 0.320]")
+    assert lines[2].endswith(f"| {np.mean([0.30, 0.84]):.4f} (2) | 0.8400 | 40 |")
+    assert lines[3].endswith("| 0.8100 (1) | 0.8100 | 20 |")
+    # One task set for all: no extra column.
+    same = glue_markdown(glue_table(table[1:])).splitlines()[0]
+    assert "score on" not in same
+    # No task in common: no bar chart rather than bars over different tasks.
+    import matplotlib
+    matplotlib.use("Agg")
+    assert _glue_plot(glue_table([table[0], table[2]]), tmp_path) is None
+    assert _glue_plot(rows, tmp_path).name == "glue_scores.png"
