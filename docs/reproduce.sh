@@ -174,9 +174,11 @@ peer() { local out="runs/glue-standard/peer/$1-$2-lr$3-seed${4:-0}"
 peer lora mrpc 1.25e-3; peer full mrpc 5e-5; peer lora stsb 3e-3; peer full stsb 5e-5
 peer lora cola 1.25e-3; peer full cola 5e-5; peer lora rte 3e-3; peer full rte 5e-5
 peer lora wnli 1.25e-3; peer full wnli 1e-5
+peer oft mrpc 3e-3; peer oft stsb 3e-3   # a third peft method beside the peer
 # seeds 1 and 2 at the chosen rates on both sides, full fine-tuning's MRPC first
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
+g oft mrpc,stsb 3e-3 --seeds=1
 # ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
 # and 30 % of them), the study's rates
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
