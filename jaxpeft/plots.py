@@ -187,11 +187,10 @@ def glue_table(table: list) -> list:
                         "baseline": t["baseline_score"], "wall_s": t["wall_s"]}
                  for task, t in tasks.items()}
         first = next(iter(tasks.values()))
-        out.append({"method": method, "rank": rank, "setting": setting,
-                    "trainable": first["trainable"], "percent": first["percent"],
-                    "tasks": cells,
-                    "score": float(np.mean([c["median"] for c in cells.values()])),
-                    "train_s": float(sum(c["wall_s"] * c["seeds"] for c in cells.values()))})
+        row = {"method": method, "rank": rank, "setting": setting,
+               "trainable": first["trainable"], "percent": first["percent"], "tasks": cells,
+               "train_s": float(sum(c["wall_s"] * c["seeds"] for c in cells.values()))}
+        out.append(row | {"score": shared_score(row, list(cells))})
     return out
 
 
