@@ -74,12 +74,26 @@ def _mean_stat(run, key: str) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
+def _varying(keys: list) -> dict:
+    """Per method, the settings (other than task/method/lr/rank) in which two of its
+    configurations differ: what tells its rows apart. Another method's options (AdaLoRA's
+    schedule beside a LoRA row) never label a row."""
+    by_method = defaultdict(list)
+    for k in keys:
+        by_method[k["method"]].append(k)
+    return defaultdict(list, {
+        method: sorted(name for name in set().union(*ks) - _OWN_COLUMNS
+                       if len({repr(k.get(name)) for k in ks}) > 1)
+        for method, ks in by_method.items()})
+
+
 def summarize(runs: list) -> list:
     """One row per configuration (all settings but the seed): mean ± std, median, min and
     max over seeds.
 
     `setting` names the settings, other than task/method/lr/rank, that differ between rows
-    (e.g. `train_pooler=True`), so runs that differ in them are never averaged together.
+    of the same method (e.g. `train_pooler=True`); runs that differ in any setting are never
+    averaged together.
     Runs that chose their checkpoint on a dev half (`--select_on=dev_half`) also carry
     `selection`, the mean of that half's metric; among rows that differ only in the learning
     rate, the one with the highest is `chosen`, so the rate is picked on examples that do not
@@ -88,9 +102,7 @@ def summarize(runs: list) -> list:
     groups = defaultdict(list)
     for r in runs:
         groups[tuple(sorted(_settings(r).items()))].append(r)
-    keys = [dict(k) for k in groups]
-    varying = sorted(name for name in set().union(*keys) - _OWN_COLUMNS
-                     if len({repr(k.get(name)) for k in keys}) > 1)
+    varying = _varying([dict(k) for k in groups])
     table = []
     for key, group in groups.items():
         s = dict(key)
@@ -107,7 +119,7 @@ def summarize(runs: list) -> list:
         table.append({
             "task": s["task"], "method": s["method"], "learning_rate": s["learning_rate"],
             "rank": _rank(group[0]),
-            "setting": ", ".join(f"{n}={s.get(n)}" for n in varying),
+            "setting": ", ".join(f"{n}={s.get(n)}" for n in varying[s["method"]]),
             "metric": main.removeprefix("eval_"), "mean": float(best.mean()),
             "std": float(best.std(ddof=1)) if len(best) > 1 else 0.0, "seeds": len(group),
             "median": float(np.median(best)), "min": float(best.min()), "max": float(best.max()),
@@ -201,13 +213,22 @@ def _method_label(row: dict) -> str:
 
 
 def shared_tasks(rows: list) -> list:
-    """The tasks every row of `glue_table` has: the only set over which their GLUE scores
-    compare (a mean over CoLA and MRPC is not comparable with one over MRPC alone)."""
-    return sorted(set.intersection(*(set(r["tasks"]) for r in rows))) if rows else []
+    """The tasks that more than half of `glue_table`'s rows ran: the set over which their
+    GLUE scores compare (a mean over CoLA and MRPC is not comparable with one over MRPC
+    alone). A row that lacks one of them has no score on the set, rather than the set
+    shrinking to what the least complete row ran."""
+    counts = defaultdict(int)
+    for r in rows:
+        for task in r["tasks"]:
+            counts[task] += 1
+    return sorted(t for t, n in counts.items() if 2 * n > len(rows))
 
 
-def shared_score(row: dict, tasks: list) -> float:
-    """One `glue_table` row's GLUE score over `tasks` (the mean of its task medians)."""
+def shared_score(row: dict, tasks: list) -> Optional[float]:
+    """One `glue_table` row's GLUE score over `tasks` (the mean of its task medians); None
+    when the row lacks one of them."""
+    if not tasks or any(t not in row["tasks"] for t in tasks):
+        return None
     return float(np.mean([row["tasks"][t]["median"] for t in tasks]))
 
 
@@ -215,10 +236,11 @@ def glue_markdown(rows: list) -> str:
     """`glue_table` as Markdown: a column per task (median [min, max] over seeds, the chosen
     learning rate below it, † when at or below the trivial baseline), the GLUE score over the
     tasks present, trainable parameters and the training seconds of the chosen runs. When the
-    rows ran different tasks, a column gives each row's score over the tasks all of them ran."""
+    rows ran different tasks, a column gives each row's score over `shared_tasks` (— for a
+    row that lacks one of them)."""
     tasks = sorted({task for r in rows for task in r["tasks"]})
     shared = shared_tasks(rows)
-    extra = shared and shared != tasks
+    extra = bool(shared) and any(sorted(r["tasks"]) != shared for r in rows)
     lines = ["| method | trainable | " + " | ".join(tasks) + " | GLUE score (tasks) | " +
              (f"score on {', '.join(shared)} | " if extra else "") + "train s |",
              "|---|---:|" + "---|" * len(tasks) + "---:|" + ("---:|" if extra else "") + "---:|"]
@@ -236,9 +258,13 @@ def glue_markdown(rows: list) -> str:
                          f"{'s' if c['seeds'] > 1 else ''}")
         lines.append(f"| {label} | {r['trainable']:,} | " + " | ".join(cells) +
                      f" | {r['score']:.4f} ({len(r['tasks'])}) | " +
-                     (f"{shared_score(r, shared):.4f} | " if extra else "") +
+                     (f"{_score_cell(shared_score(r, shared))} | " if extra else "") +
                      f"{r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _score_cell(score: Optional[float]) -> str:
+    return "—" if score is None else f"{score:.4f}"
 
 
 def _label(run) -> str:
@@ -249,7 +275,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend beside the axes stays in
     plt.close(fig)
     return path
 
@@ -317,17 +343,22 @@ def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
         panels += [("update_ratio", "‖Δθ‖/‖θ‖ per step", "log"),
                    ("loss_decrease", "−⟨g,Δθ⟩ per step", "log")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    # A family study draws a dozen curves or more: twenty colours and a marker per curve keep
+    # them apart, and one legend beside the panels keeps it off the data.
+    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10").colors
     for ax, (key, ylabel, yscale) in zip(axes[0], panels):
-        for (method, rank, setting), pts in sorted(curves.items(), key=str):
+        for i, (_, pts) in enumerate(sorted(curves.items(), key=str)):
+            label = _method_label(pts[0])
             pts = [t for t in pts if t[key] is not None]
-            label = " ".join(x for x in (method, f"r{rank}" if rank else "", setting) if x)
             ax.errorbar([t["learning_rate"] for t in pts], [t[key] for t in pts],
                         [t["std"] for t in pts] if key == "mean" else None,
-                        marker="o", capsize=3, label=label)
+                        marker="osD^vPX*"[i % 8], ms=4, capsize=3,
+                        color=colors[i % len(colors)], label=label)
         ax.set(xscale="log", yscale=yscale, xlabel="learning rate", ylabel=ylabel,
                title=f"{task}: {ylabel} vs learning rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center left",
+               bbox_to_anchor=(1.0, 0.5))
     return _save(fig, out / f"{task}_lr.png")
 
 
@@ -358,12 +389,13 @@ def _methods_plot(task: str, rows: list, out: Path) -> Optional[Path]:
 
 
 def _glue_plot(rows: list, out: Path) -> Optional[Path]:
-    """The GLUE score per method over the tasks every method ran (named in the title), so
-    that the bars compare; none when the methods share no task."""
+    """The GLUE score over `shared_tasks` (named in the title) of each method that ran them
+    all, so that the bars compare; none when no task is shared."""
     import matplotlib.pyplot as plt
 
     shared = shared_tasks(rows)
-    if not shared:
+    rows = [r for r in rows if shared_score(r, shared) is not None]
+    if not rows:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 4.5))
     labels = [_method_label(r) for r in rows]
@@ -376,7 +408,7 @@ def _glue_plot(rows: list, out: Path) -> Optional[Path]:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="GLUE score (mean of task medians)",
-           title=f"GLUE score per method on {', '.join(shared)} (the tasks every method ran)")
+           title=f"GLUE score on {', '.join(shared)} (each method that ran them all)")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, out / "glue_scores.png")
 

@@ -8,8 +8,8 @@ import pytest
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.config import RunConfig
-from jaxpeft.plots import (_glue_plot, glue_markdown, glue_table, pack_study, shared_tasks,
-                           write_report)
+from jaxpeft.plots import (_glue_plot, _varying, glue_markdown, glue_table, pack_study,
+                           shared_tasks, write_report)
 from jaxpeft.sweep import expand, parse_grid, run_sweep, sweep_cli
 from jaxpeft.writer import read_study
 
@@ -149,10 +149,10 @@ def test_a_damaged_study_file_is_one_clear_error(tmp_path):
         write_report(str(bad))
 
 
-def test_glue_scores_compare_only_over_the_tasks_every_method_ran(tmp_path):
+def test_glue_scores_compare_only_over_the_tasks_every_method_ran(tmp_path, monkeypatch):
     """A method with CoLA and MRPC and one with MRPC alone: the table keeps each one's own
     GLUE score and adds their scores on MRPC, the only set on which they compare; the bar
-    chart plots that one."""
+    chart plots that one. With more rows, the set is what most of them ran."""
     def row(method, task, scores):
         return {"chosen": True, "task_scores": scores, "method": method, "rank": None,
                 "setting": "", "task": task, "learning_rate": 1e-3, "trivial": False,
@@ -175,3 +175,35 @@ def test_glue_scores_compare_only_over_the_tasks_every_method_ran(tmp_path):
     matplotlib.use("Agg")
     assert _glue_plot(glue_table([table[0], table[2]]), tmp_path) is None
     assert _glue_plot(rows, tmp_path).name == "glue_scores.png"
+    # Two methods with CoLA and MRPC, a third with MRPC alone: the first two compare on both
+    # tasks (run by more than half of the rows); the third has no score there, and no bar.
+    three = glue_table(table + [row("lora", "cola", [0.20]), row("adalora", "mrpc", [0.83])])
+    assert shared_tasks(three) == ["cola", "mrpc"]
+    lines = glue_markdown(three).splitlines()
+    assert lines[0].endswith("| score on cola, mrpc | train s |")
+    adalora, full = lines[2], lines[3]
+    assert adalora.startswith("| adalora |") and adalora.endswith("| 0.8300 (1) | — | 10 |")
+    assert full.endswith(f"| {np.mean([0.30, 0.84]):.4f} (2) | {np.mean([0.30, 0.84]):.4f} | 40 |")
+    import matplotlib.axes
+    bars, real_bar = [], matplotlib.axes.Axes.bar
+
+    def bar(self, x, heights, *args, **kwargs):
+        bars.append(list(heights))
+        return real_bar(self, x, heights, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    _glue_plot(three, tmp_path)
+    assert np.allclose(bars[0], [np.mean([0.30, 0.84]), np.mean([0.20, 0.81])])
+
+
+def test_a_row_is_labelled_by_its_own_methods_settings_only():
+    """AdaLoRA's schedule differs from every other method's (unset there) but labels no
+    other method's row; LoRA's rows differ in train_pooler, so both name it."""
+    def key(method, **options):
+        return {"task": "sst2", "method": method, "learning_rate": 1e-3, "lora_rank": 8,
+                "adalora_tinit": 0, "train_pooler": False, **options}
+
+    varying = _varying([key("lora"), key("lora", train_pooler=True),
+                        key("adalora", adalora_tinit=30), key("oft")])
+    assert varying["lora"] == ["train_pooler"]
+    assert varying["adalora"] == [] and varying["oft"] == []
