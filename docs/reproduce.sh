@@ -158,13 +158,15 @@ g fourierft mrpc,stsb 2e-1
 g loreft mrpc,stsb 1e-2
 g loha mrpc,stsb 3e-2
 g boft mrpc,stsb 3e-2
+g prefix stsb 3e-1
+g loreft stsb 3e-2,1e-1
 # the round-two methods on MRPC and STS-B (AdaLoRA: budget warm-up 10 %, fixed pattern 30 %
 # of each task's 3-epoch steps)
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
          fourierft:1e-2,5e-2,1e-1 prefix:3e-3,1e-2,3e-2 loreft:3e-4,1e-3,3e-3; do
     g "${m%%:*}" mrpc,stsb "${m#*:}"; done
-g adalora mrpc 3e-4,1e-3,3e-3 --adalora_tinit=35 --adalora_tfinal=100
-g adalora stsb 3e-4,1e-3,3e-3 --adalora_tinit=54 --adalora_tfinal=160
+g adalora mrpc 1e-3,3e-3,1e-2 --adalora_tinit=35 --adalora_tfinal=100
+g adalora stsb 1e-3,3e-3,1e-2 --adalora_tinit=54 --adalora_tfinal=160
 # the PyTorch peer (transformers + peft) at the same recipe and protocol, at jaxpeft's chosen
 # rates (seed 0 first); its runs read in the report as <method>-torch
 peer() { local out="runs/glue-standard/peer/$1-$2-lr$3-seed${4:-0}"
@@ -179,12 +181,21 @@ peer oft mrpc 3e-3; peer oft stsb 3e-3   # a third peft method beside the peer
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
 g oft mrpc,stsb 3e-3 --seeds=1
+g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
+g lokr mrpc 3e-3 --seeds=1; g lokr stsb 1e-2 --seeds=1
 # ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
 # and 30 % of them), the study's rates
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
          fourierft:1e-2,5e-2,1e-1 prefix:3e-3,1e-2,3e-2 loreft:3e-4,1e-3,3e-3; do
     f --grid="method=${m%%:*};learning_rate=${m#*:}"; done
-f --grid="method=adalora;learning_rate=3e-4,1e-3,3e-3" --adalora_tinit=30 --adalora_tfinal=90
+f --grid="method=adalora;learning_rate=3e-4,1e-3,3e-3,1e-2,3e-2" --adalora_tinit=30 --adalora_tfinal=90
+# the grids' tops (until each peaks inside), then seed 1 at each method's peak (prefix tuning:
+# 3e-2 and 1e-1 tie on accuracy; 3e-2 has the lower loss)
+for m in loha:1e-2,3e-2 lokr:1e-2,3e-2 oft:1e-2 boft:1e-2,3e-2 loreft:1e-2,3e-2 prefix:1e-1,3e-1; do
+    f --grid="method=${m%%:*};learning_rate=${m#*:}"; done
+for m in oft:3e-3 loha:1e-2 lokr:1e-2 boft:1e-2 loreft:1e-2 fourierft:5e-2 prefix:3e-2; do
+    f --grid="method=${m%%:*};learning_rate=${m#*:}" --seeds=1; done
+f --grid="method=adalora;learning_rate=1e-2" --adalora_tinit=30 --adalora_tfinal=90 --seeds=1
 for m in "${rates[@]}"; do g "${m%%:*}" sst2 "${m#*:}"; done
 $py -m experiments.report --root=runs/glue-standard --out=docs/results/glue-standard.md \
     --plots_dir=docs/results/plots-glue-standard
