@@ -130,6 +130,9 @@ def summarize(runs: list) -> list:
             "baseline_score": task_score(s["task"], group[0]["results"].get("baseline") or {}),
             "selection": None if picked_by == main else float(np.mean(
                 [g["results"]["best"][picked_by] for g in group])), "chosen": False,
+            "selection_by_seed": {} if picked_by == main else {
+                g["config"]["run"].get("seed", 0): g["results"]["best"][picked_by]
+                for g in group},
             "trainable": params["trainable"], "percent": params["percent"],
             "steps": group[0]["results"]["train"]["steps"], **stats,
             "wall_s": float(np.mean([g["results"]["train"]["wall_s"] for g in group])),
@@ -142,13 +145,21 @@ def summarize(runs: list) -> list:
 
 def _mark_chosen(table: list) -> None:
     """Marks, per (task, method, rank, setting), the learning rate with the best selection
-    mean (rows without one are never chosen)."""
+    mean over the seeds every rate ran (rows without one are never chosen). Seeds added at
+    the chosen rate afterwards then do not move the choice: a mean over three seeds is not
+    compared with another rate's single draw. With no seed in common, all seeds count."""
     by_setup = defaultdict(list)
     for t in table:
         if t["selection"] is not None:
             by_setup[(t["task"], t["method"], t["rank"], t["setting"])].append(t)
     for rows in by_setup.values():
-        max(rows, key=lambda t: t["selection"])["chosen"] = True
+        common = set.intersection(*(set(t["selection_by_seed"]) for t in rows))
+
+        def score(t):
+            by_seed = t["selection_by_seed"]
+            return np.mean([by_seed[k] for k in common]) if common else t["selection"]
+
+        max(rows, key=score)["chosen"] = True
 
 
 def _sci(x: Optional[float]) -> str:

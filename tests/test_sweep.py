@@ -8,8 +8,8 @@ import pytest
 
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.config import RunConfig
-from jaxpeft.plots import (_glue_plot, _varying, glue_markdown, glue_table, pack_study,
-                           shared_tasks, write_report)
+from jaxpeft.plots import (_glue_plot, _mark_chosen, _varying, glue_markdown, glue_table,
+                           pack_study, shared_tasks, write_report)
 from jaxpeft.sweep import expand, parse_grid, run_sweep, sweep_cli
 from jaxpeft.writer import read_study
 
@@ -207,3 +207,21 @@ def test_a_row_is_labelled_by_its_own_methods_settings_only():
                         key("adalora", adalora_tinit=30), key("oft")])
     assert varying["lora"] == ["train_pooler"]
     assert varying["adalora"] == [] and varying["oft"] == []
+
+
+def test_the_rate_is_chosen_on_the_seeds_every_rate_ran():
+    """Seeds 1 and 2 added at the rate seed 0 chose do not move the choice, even when their
+    mean on the selection half falls below another rate's seed 0."""
+    def row(lr, by_seed):
+        return {"task": "mrpc", "method": "oft", "rank": None, "setting": "",
+                "learning_rate": lr, "selection": float(np.mean(list(by_seed.values()))),
+                "selection_by_seed": by_seed, "chosen": False}
+
+    table = [row(1e-3, {0: 0.816}), row(3e-3, {0: 0.818, 1: 0.806, 2: 0.800}),
+             row(1e-2, {0: 0.781})]
+    _mark_chosen(table)
+    assert [t["learning_rate"] for t in table if t["chosen"]] == [3e-3]
+    # No seed in common: the means over all seeds decide.
+    table = [row(1e-3, {1: 0.816}), row(3e-3, {0: 0.818, 2: 0.800})]
+    _mark_chosen(table)
+    assert [t["learning_rate"] for t in table if t["chosen"]] == [1e-3]
