@@ -8,7 +8,7 @@ it works on any mix of finished runs, sweeps, single runs and studies.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -96,8 +96,8 @@ def summarize(runs: list) -> list:
     averaged together.
     Runs that chose their checkpoint on a dev half (`--select_on=dev_half`) also carry
     `selection`, the mean of that half's metric; among rows that differ only in the learning
-    rate, the one with the highest is `chosen`, so the rate is picked on examples that do not
-    score it.
+    rate, the one with the highest (over the seeds all of them ran) is `chosen`, so the rate
+    is picked on examples that do not score it.
     """
     groups = defaultdict(list)
     for r in runs:
@@ -228,10 +228,7 @@ def shared_tasks(rows: list) -> list:
     GLUE scores compare (a mean over CoLA and MRPC is not comparable with one over MRPC
     alone). A row that lacks one of them has no score on the set, rather than the set
     shrinking to what the least complete row ran."""
-    counts = defaultdict(int)
-    for r in rows:
-        for task in r["tasks"]:
-            counts[task] += 1
+    counts = Counter(task for r in rows for task in r["tasks"])
     return sorted(t for t, n in counts.items() if 2 * n > len(rows))
 
 
