@@ -402,12 +402,13 @@ def _glue_plot(rows: list, out: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     shared = shared_tasks(rows)
-    rows = [r for r in rows if shared_score(r, shared) is not None]
+    scored = [(r, shared_score(r, shared)) for r in rows]
+    rows, scores = [r for r, x in scored if x is not None], [x for _, x in scored if x is not None]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 4.5))
     labels = [_method_label(r) for r in rows]
-    bars = ax.bar(range(len(rows)), [shared_score(r, shared) for r in rows], color="#6baed6")
+    bars = ax.bar(range(len(rows)), scores, color="#6baed6")
     ax.bar_label(bars, fmt="%.3f", fontsize=7)
     baselines = [rows[0]["tasks"][t]["baseline"] for t in shared]
     if None not in baselines:
