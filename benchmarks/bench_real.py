@@ -21,6 +21,7 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks import machine
+from jaxpeft import cli as _cli  # noqa: F401 - defines --host_malloc, passed to run_glue
 from jaxpeft.data import get_task
 from jaxpeft.peft import METHODS
 
@@ -45,10 +46,9 @@ def main(_):
     f = flags.FLAGS
     if f.method not in METHODS:
         raise SystemExit(f"unknown method {f.method!r}")
-    # Both sides inherit the environment: one allocator setting for each.
-    malloc = os.environ.get("GLIBC_TUNABLES") or "default"
     print(machine.line())
-    print(f"malloc: {malloc} (both sides)")
+    print(f"malloc: jaxpeft --host_malloc={f.host_malloc}, the peer glibc's defaults "
+          f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} for both)")
     rows = []
     print(f"{'task':>5} {'impl':>10} {'train s':>8} {'ex/s':>7} {'dev metric (final)':>24}")
     for name in f.tasks:
@@ -61,8 +61,10 @@ def main(_):
                   f"--learning_rate={f.learning_rate}", f"--max_steps={f.max_steps}",
                   "--eval_every=0", f"--seed={f.seed}", f"--output_dir={out}",
                   f"--cache_dir={Path(tmp) / 'cache'}", "--nocompilation_cache",
-                  "--progress=false", "--checkpoint_every=0"])
+                  "--progress=false", "--checkpoint_every=0",
+                  f"--host_malloc={f.host_malloc}"])
             ours = json.loads((out / "results.json").read_text())
+            malloc = json.loads((out / "config.json").read_text())["devices"]["malloc"]
             _run(["benchmarks.torch_run_glue", f"--task={name}", f"--method={f.method}",
                   f"--model={f.model}", f"--data_dir={f.data_dir}",
                   f"--learning_rate={f.learning_rate}", f"--max_steps={f.max_steps}",

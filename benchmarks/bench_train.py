@@ -31,6 +31,8 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import machine
+from jaxpeft import cli as _cli  # noqa: F401 - defines --host_malloc, jaxpeft's side here
+from jaxpeft import hostmem
 
 flags.DEFINE_string("model", "minilm", "model name or folder")
 flags.DEFINE_list("methods", ["full", "lora", "bitfit"], "registered methods to time; "
@@ -66,6 +68,10 @@ flags.DEFINE_bool("interleave", False, "time jaxpeft's --methods entries of a sh
                   "whose difference is smaller than the machine's drift between processes "
                   "(peak memory then reads n/a)")
 flags.DEFINE_string("out", "", "write all results as JSON here")
+flags.DEFINE_enum("peer_malloc", "system", list(hostmem.POLICIES), "the peer's host malloc "
+                  "policy (--host_malloc is jaxpeft's and the reference matmul's; system is "
+                  "what a transformers + peft script gets). With --in_process both sides run "
+                  "under --host_malloc")
 flags.DEFINE_string("_worker", "", "internal: run one measurement ('jax:lora:32x128')")
 
 
@@ -446,7 +452,10 @@ def _measure(f, spec: str) -> dict:
     impl, rest = spec.split(":", 1)
     method, shape = rest.rsplit(":", 1)
     batch, seq = map(int, shape.split("x"))
-    return (jax_worker if impl == "jax" else torch_worker)(f, method, batch, seq)
+    if f._worker:  # a fresh process: its side's policy, before anything allocates
+        hostmem.set_policy(f.host_malloc if impl == "jax" else f.peer_malloc)
+    result = (jax_worker if impl == "jax" else torch_worker)(f, method, batch, seq)
+    return {**result, "malloc": hostmem.describe()}
 
 
 def _run_worker(spec):
@@ -477,9 +486,9 @@ def main(_):
     if f._worker:
         print("RESULT " + json.dumps(_measure(f, f._worker)))
         return
-    # Workers inherit the environment: the reference matmul and both sides of every
-    # comparison run under one allocator setting (docs/performance.md: GLIBC_TUNABLES).
-    malloc = os.environ.get("GLIBC_TUNABLES") or "default"
+    # Each worker applies its side's policy; the reference matmul runs here under jaxpeft's
+    # (docs/performance.md: malloc).
+    malloc = hostmem.set_policy(f.host_malloc)
     import jax
 
     from jaxpeft.models.checkpoint import resolve_model_dir
@@ -495,7 +504,7 @@ def main(_):
     model = f"{f.config_json or f.model} (random weights)" if f.random_weights else f.model
     print(f"model {model}, dtype {f.dtype}, device {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}, model-shaped matmul peak {peak / 1e9:.1f} GFLOP/s, "
-          f"malloc {malloc}")
+          f"malloc {malloc} (jaxpeft's side; the peer's: its speed line)")
     header = (f"{'shape':>8} {'method':>7} {'impl':>10} {'step ms':>9} {'ex/s':>8} "
               f"{'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'compile s':>9} {'peak MiB':>9} "
               f"{'mean ms':>8} {'slow':>5}")
@@ -559,7 +568,7 @@ def main(_):
                 print(f"{shape} {m}: jaxpeft / torch+peft speed = "
                       f"{rows[1]['step_s'] / rows[0]['step_s']:.2f}x (peer: "
                       f"{rows[1]['threads']} threads, {rows[1]['attention']} attention, "
-                      f"mask {f.peer_mask})")
+                      f"mask {f.peer_mask}, malloc {rows[1].get('malloc', '?')})")
         if "full" in jax_step:
             for m in jax_step:
                 if m != "full":

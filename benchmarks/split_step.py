@@ -40,6 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import machine
+from jaxpeft import hostmem
 from benchmarks.bench_train import (  # noqa: F401 - and its flags
     _random_batch, _train_setup, torch_peer_model)
 
@@ -364,12 +365,14 @@ def main(_):
     if f._split_worker:
         impl, shape = f._split_worker.split(":")
         batch, seq = map(int, shape.split("x"))
+        hostmem.set_policy(f.host_malloc if impl == "jax" else f.peer_malloc)
         fn = jax_stages if impl == "jax" else torch_stages
         print("RESULT " + json.dumps(fn(f, batch, seq)))
         return
     print(machine.line())
     print(f"model {f.config_json or f.model}, full fine-tuning, float32, dropout on; "
-          f"ms per step, median of {f.steps}")
+          f"ms per step, median of {f.steps}; malloc: jaxpeft --host_malloc={f.host_malloc}, "
+          f"peer --peer_malloc={f.peer_malloc}")
     rows = {}
     for shape in f.shapes:
         for impl in ("jax", "torch"):

@@ -4,7 +4,8 @@
 `JaxpeftError` is `error: <message>` and status 1, a run stopped by a signal says how to
 continue and exits with 128 + the signal, a full disk is one line. Anything else is a bug and
 keeps its traceback. `start(main, module)` is absl's `app.run` with flags parsed the same way
-(a bad flag is one `error:` line; `--help` lists the script's flags and exits 0).
+(a bad flag is one `error:` line; `--help` lists the script's flags and exits 0), and the
+process's host malloc policy (`--host_malloc`, `jaxpeft.hostmem`) applied before any work.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import logging
 import sys
 from typing import Callable, Optional
 
+from absl import flags
+
+from jaxpeft import hostmem
 from jaxpeft.errors import JaxpeftError, RunInterrupted
+
+flags.DEFINE_enum("host_malloc", "keep", list(hostmem.POLICIES),
+                  "keep: glibc's malloc keeps the memory each train step frees and reuses it "
+                  "(faster steps, the process keeps its peak memory; jaxpeft.hostmem); "
+                  "system: glibc's defaults")
 
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "--helpxml")
 
@@ -91,16 +100,16 @@ def run_command(work: Callable[[], Optional[int]], *, output_dir: str = "",
 
 def parse_flags(argv: list, module: str = "__main__") -> list:
     """absl's flag parsing for the scripts: a bad flag or value is one `error:` line and exit
-    status 1; `--help` prints the script's docstring and the key flags of `module` and exits
-    0."""
-    from absl import flags
+    status 1; `--help` prints the script's docstring, the key flags of `module` and this
+    runner's own (`--host_malloc`) and exits 0."""
 
     asked = [a for a in argv[1:] if a.split("=", 1)[0] in HELP_FLAGS]
     if asked:
         doc = (sys.modules[module].__doc__ or "").strip()
         full = asked[0].split("=", 1)[0] == "--helpfull"
-        print(doc + "\n\nflags:\n" + (flags.FLAGS.get_help() if full
-                                      else flags.FLAGS.module_help(module)))
+        print(doc + "\n\nflags:\n" + (flags.FLAGS.get_help() if full else
+                                      flags.FLAGS.module_help(module) + "\n"
+                                      + flags.FLAGS.module_help(__name__)))
         sys.exit(0)
     try:
         return flags.FLAGS(argv)
@@ -110,13 +119,16 @@ def parse_flags(argv: list, module: str = "__main__") -> list:
 
 
 def start(main: Callable[[], int], module: str) -> None:
-    """Parses the flags and exits with `main()`'s status; positional arguments are refused."""
+    """Parses the flags, applies `--host_malloc` and exits with `main()`'s status; positional
+    arguments are refused."""
     from absl import app
 
     def checked(argv):
         if len(argv) > 1:
             print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
             sys.exit(1)
+        # Before main: JAX has not allocated yet, so its threads take the one arena.
+        hostmem.set_policy(flags.FLAGS.host_malloc)
         sys.exit(main())
 
     app.run(checked, flags_parser=functools.partial(parse_flags, module=module))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 
 import jaxpeft
+from jaxpeft import hostmem
 from jaxpeft.config import RunConfig, check_fits_model
 from jaxpeft.data import Split, Task, load_split
 from jaxpeft.data.batching import (Encoded, Packing, add_virtual_slots, bucket_lengths,
@@ -79,7 +79,7 @@ class Setup:
             "devices": {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
                         "processes": jax.process_count(), "platform": jax.default_backend(),
                         # The steps' speed depends on it (docs/performance.md), so say which.
-                        "malloc": os.environ.get("GLIBC_TUNABLES") or "default"},
+                        "malloc": hostmem.describe()},
         }
 
 
