@@ -102,7 +102,6 @@ def parse_flags(argv: list, module: str = "__main__") -> list:
     """absl's flag parsing for the scripts: a bad flag or value is one `error:` line and exit
     status 1; `--help` prints the script's docstring, the key flags of `module` and this
     runner's own (`--host_malloc`) and exits 0."""
-
     asked = [a for a in argv[1:] if a.split("=", 1)[0] in HELP_FLAGS]
     if asked:
         doc = (sys.modules[module].__doc__ or "").strip()
