@@ -166,7 +166,9 @@ for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e
          fourierft:1e-2,5e-2,1e-1 prefix:3e-3,1e-2,3e-2 loreft:3e-4,1e-3,3e-3; do
     g "${m%%:*}" mrpc,stsb "${m#*:}"; done
 g adalora mrpc 1e-3,3e-3,1e-2 --adalora_tinit=35 --adalora_tfinal=100
-g adalora stsb 1e-3,3e-3,1e-2 --adalora_tinit=54 --adalora_tfinal=160
+g adalora stsb 3e-3,1e-2 --adalora_tinit=54 --adalora_tfinal=160   # 1e-3 not run
+g adalora mrpc 3e-2 --adalora_tinit=35 --adalora_tfinal=100   # the grid's top, until it peaks inside
+g adalora stsb 3e-2 --adalora_tinit=54 --adalora_tfinal=160
 # the PyTorch peer (transformers + peft) at the same recipe and protocol, at jaxpeft's chosen
 # rates (seed 0 first); its runs read in the report as <method>-torch
 peer() { local out="runs/glue-standard/peer/$1-$2-lr$3-seed${4:-0}"
@@ -181,8 +183,9 @@ peer oft mrpc 3e-3; peer oft stsb 3e-3   # a third peft method beside the peer
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
 g oft mrpc,stsb 3e-3 --seeds=1
-g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
+g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc 1e-1 --seeds=1; g boft mrpc 1e-2 --seeds=1
 g lokr mrpc 3e-3 --seeds=1; g lokr stsb 1e-2 --seeds=1
+g prefix mrpc 3e-2 --seeds=1; g loreft mrpc 3e-3 --seeds=1
 # ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
 # and 30 % of them), the study's rates
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
