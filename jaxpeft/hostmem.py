@@ -63,8 +63,9 @@ def keep_freed_memory() -> str:
         _in_force["text"] = "system (the C library has no mallopt)"
         return describe()
     refused = [param for param, value in KEEP if mallopt(param, value) != 1]
+    # A refused parameter leaves the others set: say which, not "keep".
     _in_force["text"] = (KEEP_TEXT if not refused
-                         else f"system (mallopt refused parameters {refused})")
+                         else f"keep in part (mallopt refused parameters {refused})")
     return describe()
 
 
