@@ -183,9 +183,10 @@ peer oft mrpc 3e-3; peer oft stsb 3e-3   # a third peft method beside the peer
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
 g oft mrpc,stsb 3e-3 --seeds=1
-g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc 1e-1 --seeds=1; g boft mrpc 1e-2 --seeds=1
+g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
 g lokr mrpc 3e-3 --seeds=1; g lokr stsb 1e-2 --seeds=1
-g prefix mrpc 3e-2 --seeds=1; g loreft mrpc 3e-3 --seeds=1
+g prefix mrpc 3e-2 --seeds=1; g prefix stsb 1e-1 --seeds=1
+g loreft mrpc 3e-3 --seeds=1; g loreft stsb 3e-2 --seeds=1
 # ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
 # and 30 % of them), the study's rates
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
