@@ -447,13 +447,19 @@ def torch_worker(f, method, batch, seq):
             "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}
 
 
+def apply_side_malloc(f, impl: str) -> str:
+    """Applies the host malloc policy of one side ('jax': --host_malloc, else --peer_malloc)
+    in this worker process; returns `hostmem.describe()`."""
+    return hostmem.set_policy(f.host_malloc if impl == "jax" else f.peer_malloc)
+
+
 def _measure(f, spec: str) -> dict:
     """Runs the measurement `spec` names ('jax:lora:32x128', 'torch:prompt:k=v:8x64') here."""
     impl, rest = spec.split(":", 1)
     method, shape = rest.rsplit(":", 1)
     batch, seq = map(int, shape.split("x"))
     if f._worker:  # a fresh process: its side's policy, before anything allocates
-        hostmem.set_policy(f.host_malloc if impl == "jax" else f.peer_malloc)
+        apply_side_malloc(f, impl)
     result = (jax_worker if impl == "jax" else torch_worker)(f, method, batch, seq)
     return {**result, "malloc": hostmem.describe()}
 

@@ -40,9 +40,8 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import machine
-from jaxpeft import hostmem
 from benchmarks.bench_train import (  # noqa: F401 - and its flags
-    _random_batch, _train_setup, torch_peer_model)
+    _random_batch, _train_setup, apply_side_malloc, torch_peer_model)
 
 flags.DEFINE_bool("ops", False, "also split each side's whole step by op (module part and "
                   "direction) from a profiler trace")
@@ -365,7 +364,7 @@ def main(_):
     if f._split_worker:
         impl, shape = f._split_worker.split(":")
         batch, seq = map(int, shape.split("x"))
-        hostmem.set_policy(f.host_malloc if impl == "jax" else f.peer_malloc)
+        apply_side_malloc(f, impl)
         fn = jax_stages if impl == "jax" else torch_stages
         print("RESULT " + json.dumps(fn(f, batch, seq)))
         return
