@@ -76,15 +76,18 @@ def _mean_stat(run, key: str) -> Optional[float]:
 
 def _varying(keys: list) -> dict:
     """Per method, the settings (other than task/method/lr/rank) in which two of its
-    configurations differ: what tells its rows apart. Another method's options (AdaLoRA's
-    schedule beside a LoRA row) never label a row."""
-    by_method = defaultdict(list)
+    configurations on the same task differ: what tells its rows apart. Another method's
+    options (AdaLoRA's schedule beside a LoRA row) never label a row, and neither does a
+    setting that differs only from task to task (AdaLoRA's budget phases, set in steps of
+    each task's run): the runs of one configuration across tasks stay one method row."""
+    by_method_task = defaultdict(list)
     for k in keys:
-        by_method[k["method"]].append(k)
-    return defaultdict(list, {
-        method: sorted(name for name in set().union(*ks) - _OWN_COLUMNS
-                       if len({repr(k.get(name)) for k in ks}) > 1)
-        for method, ks in by_method.items()})
+        by_method_task[(k["method"], k["task"])].append(k)
+    out = defaultdict(set)
+    for (method, _), ks in by_method_task.items():
+        out[method] |= {name for name in set().union(*ks) - _OWN_COLUMNS
+                        if len({repr(k.get(name)) for k in ks}) > 1}
+    return defaultdict(list, {method: sorted(names) for method, names in out.items()})
 
 
 def summarize(runs: list) -> list:

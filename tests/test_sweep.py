@@ -198,15 +198,22 @@ def test_glue_scores_compare_only_over_the_tasks_every_method_ran(tmp_path, monk
 
 def test_a_row_is_labelled_by_its_own_methods_settings_only():
     """AdaLoRA's schedule differs from every other method's (unset there) but labels no
-    other method's row; LoRA's rows differ in train_pooler, so both name it."""
-    def key(method, **options):
-        return {"task": "sst2", "method": method, "learning_rate": 1e-3, "lora_rank": 8,
+    other method's row; LoRA's rows differ in train_pooler, so both name it; a schedule set
+    per task (AdaLoRA's tinit on MRPC and STS-B) labels nothing, while two schedules on one
+    task do."""
+    def key(method, task="sst2", **options):
+        return {"task": task, "method": method, "learning_rate": 1e-3, "lora_rank": 8,
                 "adalora_tinit": 0, "train_pooler": False, **options}
 
     varying = _varying([key("lora"), key("lora", train_pooler=True),
-                        key("adalora", adalora_tinit=30), key("oft")])
+                        key("adalora", "mrpc", adalora_tinit=35),
+                        key("adalora", "stsb", adalora_tinit=54), key("oft")])
     assert varying["lora"] == ["train_pooler"]
     assert varying["adalora"] == [] and varying["oft"] == []
+    varying = _varying([key("adalora", "mrpc", adalora_tinit=35),
+                        key("adalora", "mrpc", adalora_tinit=20),
+                        key("adalora", "stsb", adalora_tinit=54)])
+    assert varying["adalora"] == ["adalora_tinit"]
 
 
 def test_the_rate_is_chosen_on_the_seeds_every_rate_ran():
