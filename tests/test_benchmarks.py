@@ -1,7 +1,8 @@
 """The step benchmark's per-op split (`benchmarks/split_step.py --ops`): overlapping thunks
 share wall time, XLA ops are placed by their source names, and both sides' splits come out
 of a real run; the step benchmark's variants (`bench_train`: runtime settings and config
-values in a --methods entry, timed in turn with --interleave beside one peer run each)."""
+values in a --methods entry, timed in turn with --interleave beside one peer run each); the
+LayerNorm benchmark times its four cases on both sides."""
 
 import json
 import subprocess
@@ -102,3 +103,19 @@ def test_step_variants_timed_in_turn_beside_one_peer_each(tiny_model, tmp_path):
     assert peers[methods[0]]["step_s"] == peers[methods[1]]["step_s"]
     assert all(r["step_s"] > 0 and r["trainable"] > 0 for r in rows)
     assert mine[methods[0]]["trainable"] == mine[methods[1]]["trainable"]
+
+
+@pytest.mark.slow
+def test_the_layernorm_benchmark_times_every_case_on_both_sides():
+    pytest.importorskip("torch")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_layernorm", "--shape=2x8x16", "--runs=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("forward")]
+    assert len(rows) == 4
+    for row in rows:  # the case's name, then jaxpeft's and the peer's ms
+        assert float(row[-2]) > 0 and float(row[-1]) > 0, row
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.bench_layernorm", "--shape=2x8"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "expected BxSxH" in bad.stderr
