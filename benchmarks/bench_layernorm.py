@@ -12,7 +12,7 @@ Median of `--runs` calls after a compiling (or warm) one; both sides in this pro
 after the other.
 """
 
-import time
+import timeit
 
 import numpy as np
 from absl import app, flags
@@ -26,13 +26,8 @@ flags.DEFINE_bool("torch", True, "also time PyTorch's nn.LayerNorm and nn.Dropou
 
 
 def _median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    fn()  # compiles (jax) or warms the allocator (torch)
+    return float(np.median(timeit.repeat(fn, number=1, repeat=runs))) * 1e3
 
 
 def jax_cases(shape: tuple, rate: float, runs: int) -> dict:
