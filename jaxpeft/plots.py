@@ -7,6 +7,7 @@ it works on any mix of finished runs, sweeps, single runs and studies.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -455,15 +456,19 @@ def report_cli(roots, out_md: str = "", plots_dir: str = "", pack: str = "") -> 
 
 
 def _gather(roots) -> tuple[list, list]:
-    """`(roots, runs)`: every finished run under `roots`, each once."""
+    """`(roots, runs)`: every finished run under `roots`, each once. A run is the same run
+    wherever it is read from: its folder, and a study file it was packed into (a study
+    extended from itself and the folders it came from), count once, as their config and
+    results say; two runs of one configuration in different folders are two runs."""
     roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
     runs, seen = [], set()
     for root in roots:
         if not Path(root).exists():
             raise JaxpeftError(f"{root}: no such folder or study file")
         for run in load_runs(Path(root)):
-            if run["dir"].resolve() not in seen:
-                seen.add(run["dir"].resolve())
+            identity = json.dumps([run["config"], run["results"]], sort_keys=True)
+            if identity not in seen:
+                seen.add(identity)
                 runs.append(run)
     if not runs:
         where = ", ".join(f"`{r}`" for r in roots)

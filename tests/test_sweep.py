@@ -121,6 +121,12 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog):
     table = lambda t: [l for l in t.splitlines() if l.startswith("|")]  # noqa: E731
     assert table(packed) == table(text)
     assert (tmp_path / "study-plots" / "sst2_curves.png").is_file()
+    # A study extended from itself and the folders it came from holds each run once, and a
+    # report over a study and its folders counts each run once.
+    again = pack_study([str(study), str(root), str(other)], str(tmp_path / "again.jsonl.gz"))
+    assert [r["name"] for r in read_study(again)] == [r["name"] for r in read_study(study)]
+    both = write_report([str(study), str(root)], str(tmp_path / "twice.md")).read_text()
+    assert table(both) == table(text)
     with pytest.raises(JaxpeftError, match="ends in .jsonl.gz"):
         pack_study(str(root), str(tmp_path / "study.json"))
     # A root that is one run's folder names that run by its folder.
