@@ -182,11 +182,18 @@ peer oft mrpc 3e-3; peer oft stsb 3e-3   # a third peft method beside the peer
 # seeds 1 and 2 at the chosen rates on both sides, full fine-tuning's MRPC first
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
+g lora cola 1.25e-3 --seeds=1,2; peer lora cola 1.25e-3 1; peer lora cola 1.25e-3 2
+peer lora cola 3e-3; peer lora cola 2e-4   # the peer's own grid, where the sides' seeds part
+g lora rte 3e-3 --seeds=1,2; peer lora rte 3e-3 1; peer lora rte 3e-3 2
+g lora stsb 3e-3 --seeds=1,2; peer lora stsb 3e-3 1; peer lora stsb 3e-3 2
+g full cola 5e-5 --seeds=1,2; peer full cola 5e-5 1; peer full cola 5e-5 2
 g oft mrpc,stsb 3e-3 --seeds=1
 g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
 g lokr mrpc 3e-3 --seeds=1; g lokr stsb 1e-2 --seeds=1
 g prefix mrpc 3e-2 --seeds=1; g prefix stsb 1e-1 --seeds=1
 g loreft mrpc 3e-3 --seeds=1; g loreft stsb 3e-2 --seeds=1
+g adalora mrpc 1e-2 --adalora_tinit=35 --adalora_tfinal=100 --seeds=1
+g adalora stsb 1e-2 --adalora_tinit=54 --adalora_tfinal=160 --seeds=1
 # ... and on SST-2 at the family study's budget (300 steps, section 6; AdaLoRA's phases 10 %
 # and 30 % of them), the study's rates
 for m in loha:3e-4,1e-3,3e-3 lokr:3e-4,1e-3,3e-3 oft:3e-4,1e-3,3e-3 boft:3e-4,1e-3,3e-3 \
