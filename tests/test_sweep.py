@@ -125,6 +125,9 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog):
     # report over a study and its folders counts each run once.
     again = pack_study([str(study), str(root), str(other)], str(tmp_path / "again.jsonl.gz"))
     assert [r["name"] for r in read_study(again)] == [r["name"] for r in read_study(study)]
+    names = [r["name"] for r in read_study(study)]
+    pack_study([str(study), str(root)], str(study))  # extended in place: still each run once
+    assert [r["name"] for r in read_study(study)] == names
     both = write_report([str(study), str(root)], str(tmp_path / "twice.md")).read_text()
     assert table(both) == table(text)
     with pytest.raises(JaxpeftError, match="ends in .jsonl.gz"):
