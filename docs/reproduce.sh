@@ -148,6 +148,7 @@ rates=(lora:2e-4,5e-4,1.25e-3,3e-3 full:1e-5,2e-5,5e-5 bitfit:3e-4,1e-3,3e-3 ia3
 for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
 # the grids' tops where the chosen rate was the top rate
 g full cola,mrpc,rte,stsb 1e-4
+g full stsb 2e-4   # STS-B's selection half still rose at 1e-4
 g lora rte,stsb 6e-3
 g lokr mrpc,stsb 1e-2,3e-2
 g loha mrpc,stsb 1e-2
@@ -183,7 +184,12 @@ peer oft mrpc 3e-3; peer oft stsb 3e-3   # a third peft method beside the peer
 g full mrpc 5e-5 --seeds=1,2; peer full mrpc 5e-5 1; peer full mrpc 5e-5 2
 g lora mrpc 1.25e-3 --seeds=1,2; peer lora mrpc 1.25e-3 1; peer lora mrpc 1.25e-3 2
 g lora cola 1.25e-3 --seeds=1,2; peer lora cola 1.25e-3 1; peer lora cola 1.25e-3 2
-peer lora cola 3e-3; peer lora cola 2e-4   # the peer's own grid, where the sides' seeds part
+peer lora cola 3e-3; peer lora cola 2e-4; peer lora cola 2e-3; g lora cola 2e-3
+# ... where the two sides' seeds part: jaxpeft without packing, and more seeds on both sides
+$py -m experiments.sweep --root=runs/glue-standard/lora-unpacked --model=minilm --data_dir=$data \
+    --select_on=dev_half --method=lora --progress=false --grid="task=cola;learning_rate=1.25e-3" \
+    --seeds=0,1,2 --packing=false
+g lora cola 1.25e-3 --seeds=3,4,5; for s in 3 4 5; do peer lora cola 1.25e-3 $s; done
 g lora rte 3e-3 --seeds=1,2; peer lora rte 3e-3 1; peer lora rte 3e-3 2
 g lora stsb 3e-3 --seeds=1,2; peer lora stsb 3e-3 1; peer lora stsb 3e-3 2
 g full cola 5e-5 --seeds=1,2; peer full cola 5e-5 1; peer full cola 5e-5 2
