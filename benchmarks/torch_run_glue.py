@@ -167,7 +167,7 @@ def main(_):
         opt.zero_grad(set_to_none=True)
         step += 1
         examples += len(rows)
-        window.append(float(loss))
+        window.append(loss.item())
         if step % f.log_every == 0:
             rows_out.append({"step": step, "epoch": step / steps_per_epoch,
                              "train_loss": float(np.mean(window))})
