@@ -193,6 +193,7 @@ g lora cola 1.25e-3 --seeds=3,4,5; for s in 3 4 5; do peer lora cola 1.25e-3 $s;
 g lora rte 3e-3 --seeds=1,2; peer lora rte 3e-3 1; peer lora rte 3e-3 2
 g lora stsb 3e-3 --seeds=1,2; peer lora stsb 3e-3 1; peer lora stsb 3e-3 2
 g full cola 5e-5 --seeds=1,2; peer full cola 5e-5 1; peer full cola 5e-5 2
+g full stsb 2e-4 --seeds=1,2; g full rte 5e-5 --seeds=1,2; peer full stsb 2e-4
 g oft mrpc,stsb 3e-3 --seeds=1
 g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
 g lokr mrpc 3e-3 --seeds=1; g lokr stsb 1e-2 --seeds=1
