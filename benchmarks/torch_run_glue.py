@@ -198,11 +198,13 @@ def main(_):
             json.dump(result, fh, indent=2)
     if out_dir is not None:
         _write_run_folder(out_dir, f, task, lr, best, rows_out, step, steps_per_epoch, wall,
-                          examples, n_trainable, n_total, main_key, picked_by, dev, result)
+                          examples, n_trainable, n_total, main_key, picked_by, dev, result,
+                          train.labels)
 
 
 def _write_run_folder(out_dir, f, task, lr, best, rows, steps, steps_per_epoch, wall,
-                      examples, n_trainable, n_total, main_key, picked_by, dev, result):
+                      examples, n_trainable, n_total, main_key, picked_by, dev, result,
+                      train_labels):
     """A run folder in jaxpeft's layout, so `experiments.report` lists the peer beside
     jaxpeft's runs (method `<method>-torch`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +233,7 @@ def _write_run_folder(out_dir, f, task, lr, best, rows, steps, steps_per_epoch, 
         "train": {"steps": steps, "epochs": steps / steps_per_epoch, "wall_s": wall,
                   "examples": examples, "examples_per_s": examples / wall},
         "learning_rate": lr, "baseline": trivial_baseline(task, {task.eval_splits[0]: dev},
-                                                          f.select_on)})
+                                                          f.select_on, train_labels)})
     print(f"wrote {out_dir}: results.json, config.json, metrics.jsonl")
 
 

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import numpy as np
+import scipy.stats
 from tqdm.auto import tqdm
 
 from jaxpeft.data.batching import (Encoded, Packing, eval_batches, num_train_batches,
@@ -94,16 +95,20 @@ def metric_columns(task: Task, select_on: str = "dev") -> list:
                                      for s in task.eval_splits for m in task.metrics]
 
 
-def trivial_baseline(task: Task, encs: dict, select_on: str = "dev") -> dict:
+def trivial_baseline(task: Task, encs: dict, select_on: str = "dev",
+                     train_labels: Optional[np.ndarray] = None) -> dict:
     """What a model that ignores its input scores on each dev split (with `dev_half`: on its
     held-out half, where the run is scored): the majority class there (classification: the
     best constant prediction, so a run that does not beat it has learned nothing measurable)
     or a constant (regression: correlations 0).
 
-    Keys as an evaluation row (`eval_<metric><suffix>`), plus `kind` and, for classification,
-    `prediction` (the constant label name per split).
+    Keys as an evaluation row (`eval_<metric><suffix>`), plus `kind`, for classification
+    `prediction` (the constant label name per split) and, given the training labels,
+    `train_loss` (`constant_train_loss`).
     """
     out = {"kind": "constant prediction" if task.is_regression else "majority class"}
+    if train_labels is not None and len(train_labels):
+        out["train_loss"] = constant_train_loss(task, train_labels)
     for split, enc in encs.items():
         suffix = eval_suffix(task, split)
         labels = enc.labels[scored_parts(select_on, len(enc))["eval_"]]
@@ -116,6 +121,16 @@ def trivial_baseline(task: Task, encs: dict, select_on: str = "dev") -> dict:
         for name, value in compute_metrics(task, preds, labels).items():
             out[f"eval_{name}{suffix}"] = value
     return out
+
+
+def constant_train_loss(task: Task, labels: np.ndarray) -> float:
+    """The training loss of the best input-blind model: the entropy (nats) of the training
+    labels' prior for cross-entropy, their variance for squared error. A training curve that
+    stays on it has learned only the label frequencies."""
+    if task.is_regression:
+        return float(np.var(np.asarray(labels, np.float64)))
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=task.num_labels)
+    return float(scipy.stats.entropy(counts))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,10 @@ def _settings(run) -> dict:
     return out
 
 
+def _seed(run) -> int:
+    return run["config"]["run"].get("seed", 0)
+
+
 def _rank(run) -> Optional[int]:
     """The method's rank option, for methods that have one."""
     return run["config"]["resolved"]["peft"]["options"].get("rank")
@@ -135,10 +139,12 @@ def summarize(runs: list) -> list:
             "selection": None if picked_by == main else float(np.mean(
                 [g["results"]["best"][picked_by] for g in group])), "chosen": False,
             "selection_by_seed": {} if picked_by == main else {
-                g["config"]["run"].get("seed", 0): g["results"]["best"][picked_by]
+                _seed(g): g["results"]["best"][picked_by]
                 for g in group},
             "trainable": params["trainable"], "percent": params["percent"],
             "steps": group[0]["results"]["train"]["steps"], **stats,
+            # The runs' folders, lowest seed first: the one whose curve the report draws.
+            "dirs": [g["dir"] for g in sorted(group, key=_seed)],
             "wall_s": float(np.mean([g["results"]["train"]["wall_s"] for g in group])),
             "examples_per_s": float(np.mean([g["results"]["train"]["examples_per_s"]
                                              for g in group]))})
@@ -292,26 +298,57 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _curves_plot(task: str, task_runs: list, main: str, out: Path) -> Path:
-    """Training/validation loss and the validation metric against steps, one line per run."""
+def _curves_plot(task: str, task_runs: list, rows: list, main: str, out: Path) -> Path:
+    """Training and validation loss, and the validation metric, against steps.
+
+    With a selection protocol, one curve per method (and rank, setting): the lowest seed at
+    its chosen learning rate; otherwise one per run. A dotted line marks the training loss of
+    the best input-blind model (`constant_train_loss`, recorded in the runs' baselines): a
+    training curve that stays on it has learned the label frequencies and nothing else.
+    """
     import matplotlib.pyplot as plt
 
+    chosen = sorted((t for t in rows if t["chosen"]),
+                    key=lambda t: (t["method"], t["rank"] or 0, t["setting"]))
+    if chosen:
+        by_dir = {r["dir"]: r for r in task_runs}
+        curves = [(by_dir[t["dirs"][0]], f"{_method_label(t)} lr {t['learning_rate']:g}")
+                  for t in chosen]
+    else:
+        curves = [(r, _label(r)) for r in task_runs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in task_runs:
+    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10").colors
+    for i, (r, label) in enumerate(curves):
+        color = colors[i % len(colors)]
         train = [(x["step"], x["train_loss"]) for x in r["train_rows"]]
         evals = [(x["step"], x["eval_loss"], x.get(main)) for x in r["eval_rows"] if main in x]
-        line = ax1.plot(*zip(*train), lw=1, label=f"{_label(r)} train")[0] if train else None
+        if train:
+            ax1.plot(*zip(*train), lw=1, color=color, label=label)
         if evals:
-            ax1.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3,
-                     color=line.get_color() if line else None, label=f"{_label(r)} val")
-            ax2.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3, label=_label(r))
-    ax1.set(xlabel="step", ylabel="loss", title=f"{task}: training and validation loss")
+            ax1.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3, color=color)
+            ax2.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3, color=color,
+                     label=label)
+    prior = _constant_train_loss([r for r, _ in curves]) or _constant_train_loss(task_runs)
+    if prior is not None:
+        ax1.axhline(prior, color="black", ls=":", lw=1.2,
+                    label=f"constant prediction's training loss {prior:.3f}")
+    ax1.set(xlabel="step", ylabel="loss",
+            title=f"{task}: loss (solid: training, dashed: validation)")
     ax2.set(xlabel="step", ylabel=main, title=f"{task}: validation {main}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        if len(task_runs) <= 12:
-            ax.legend(fontsize=6)
+    if len(curves) <= 20:  # beyond that a legend hides more than it tells
+        fig.legend(*ax1.get_legend_handles_labels(), fontsize=6, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5))
     return _save(fig, out / f"{task}_curves.png")
+
+
+def _constant_train_loss(runs: list) -> Optional[float]:
+    """The recorded constant prediction's training loss of `runs` (runs written before it was
+    recorded lack it); None when none has it or they disagree (different training sets)."""
+    values = {round(v, 6): v for r in runs
+              if (v := (r["results"].get("baseline") or {}).get("train_loss")) is not None}
+    return next(iter(values.values())) if len(values) == 1 else None
 
 
 def _rank_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
@@ -437,7 +474,7 @@ def write_plots(runs: list, table: list, out: Path) -> list:
         task_runs = [r for r in runs if canonical_task(r["config"]["run"]["task"]) == task]
         main = task_runs[0]["results"]["main_metric"]
         rows = [t for t in table if t["task"] == task]
-        written.append(_curves_plot(task, task_runs, main, out))
+        written.append(_curves_plot(task, task_runs, rows, main, out))
         written += [p for p in (_rank_plot(task, rows, main, out),
                                 _lr_plot(task, rows, main, out),
                                 _methods_plot(task, rows, out)) if p is not None]

@@ -116,7 +116,8 @@ def finish(setup: Setup, loop: TrainLoop, writer: RunWriter) -> dict:
                   # What --train_step_xla_options=auto chose (else the options given).
                   "xla_options": loop.step_options, "xla_options_tune_s": loop.tune_s},
         "learning_rate": setup.optim.learning_rate,
-        "baseline": trivial_baseline(setup.task, setup.eval_encs, cfg.select_on),
+        "baseline": trivial_baseline(setup.task, setup.eval_encs, cfg.select_on,
+                                     setup.train_enc.labels),
     }
     # results.json first: if a step after training fails, the run's results stay, and
     # --resume redoes only that step.

@@ -11,7 +11,7 @@ import pytest
 
 from jaxpeft.config import RunConfig
 from jaxpeft.data import get_task, load_split
-from jaxpeft.evaluation import trivial_baseline
+from jaxpeft.evaluation import constant_train_loss, trivial_baseline
 from jaxpeft.run import baseline_warning
 from jaxpeft.suite import GLUE_TASKS, glue_metric_keys, run_suite, task_config, task_score
 
@@ -206,3 +206,30 @@ def test_trivial_baseline_on_real_dev_sets(glue_dir):
     results["best"]["eval_f1"] = 0.85
     assert baseline_warning(results) is None
     assert not math.isnan(mrpc["eval_combined_score"])
+
+
+def test_constant_train_loss_is_the_label_priors_entropy_or_variance(glue_dir):
+    """The training loss a model that ignores its input reaches: CoLA's 2,528 unacceptable
+    and 6,023 acceptable sentences give an entropy of 0.607 nats; STS-B's scores a variance."""
+    cola, stsb = get_task("cola"), get_task("stsb")
+    assert constant_train_loss(cola, np.array([0, 0, 1, 1])) == pytest.approx(math.log(2))
+    assert constant_train_loss(cola, np.array([1, 1, 1])) == 0.0
+    assert constant_train_loss(stsb, np.array([1.0, 3.0])) == pytest.approx(1.0)
+    labels = load_split("cola", "train", glue_dir).labels
+    assert np.bincount(labels).tolist() == [2528, 6023]
+    p = 6023 / 8551
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert constant_train_loss(cola, labels) == pytest.approx(entropy, rel=1e-12)
+    assert round(entropy, 3) == 0.607
+    scores = load_split("stsb", "train", glue_dir).labels.astype(np.float64)
+    assert constant_train_loss(stsb, scores) == pytest.approx(
+        np.mean((scores - scores.mean()) ** 2), rel=1e-12)
+    # Recorded with the dev baseline when the training labels are given, absent otherwise.
+    dev = load_split("cola", "validation", glue_dir)
+    from jaxpeft.data.batching import Encoded
+    n = len(dev)
+    enc = Encoded(cola, "validation", np.zeros(n, np.int32), np.zeros(n, np.int8),
+                  np.arange(n + 1), dev.labels, dev.idx)
+    assert trivial_baseline(cola, {"validation": enc}, train_labels=labels)["train_loss"] == \
+        pytest.approx(entropy, rel=1e-12)
+    assert "train_loss" not in trivial_baseline(cola, {"validation": enc})

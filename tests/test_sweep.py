@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import matplotlib.pyplot
 import numpy as np
 import pytest
 
+from jaxpeft import plots
 from jaxpeft.errors import JaxpeftError
 from jaxpeft.config import RunConfig
 from jaxpeft.plots import (_glue_plot, _mark_chosen, _varying, glue_markdown, glue_table,
@@ -32,7 +34,7 @@ def test_parse_grid_types_and_errors(tmp_path):
             parse_grid(bad)
 
 
-def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog):
+def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog, monkeypatch):
     base = RunConfig(task="sst2", model=str(tiny_model), method="lora", data_dir=str(glue_dir),
                      max_train_samples=64, batch_size=16, max_steps=4, log_every=2,
                      eval_every=2, max_eval_samples=64, max_seq_length=64, cache_dir="",
@@ -100,6 +102,24 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog):
     assert f"lr {picked:g}, 2 seeds" in glue_row and glue_row.endswith(
         f" | {median:.4f} (1) | {sum(r['train']['wall_s'] for r in held_out):.0f} |")
     assert ("**trivial**" in next(r for r in rows if "**chosen**" in r)) == trivial
+    # Every run records the constant prediction's training loss (one training set, one value);
+    # the curves plot draws it, and one curve per method: its lowest seed at the chosen rate.
+    priors = {json.loads((r / "results.json").read_text())["baseline"]["train_loss"]
+              for r in root.glob("learning_rate=*")}
+    assert len(priors) == 1 and 0 < priors.pop() <= np.log(2)
+    figures, runs = [], plots.load_runs(root)
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+        plots._curves_plot("sst2", runs, plots.summarize(runs), "eval_accuracy", tmp_path)
+    train_ax, metric_ax = figures[0].axes
+    prior = runs[0]["results"]["baseline"]["train_loss"]
+    [line] = [ln for ln in train_ax.lines if list(ln.get_ydata()) == [prior, prior]]
+    assert line.get_label().startswith("constant prediction's training loss")
+    [curve] = metric_ax.lines
+    assert curve.get_label() == f"lora r8 lr {picked:g}"
+    [seed0] = [r for r in runs if r["dir"] == root / f"learning_rate={picked:g},seed=0"]
+    assert list(curve.get_ydata()) == [x["eval_accuracy"] for x in seed0["eval_rows"]]
+    matplotlib.pyplot.close(figures[0])
     pngs = sorted(p.name for p in (root / "plots").glob("*.png"))
     assert pngs == ["glue_scores.png", "sst2_curves.png", "sst2_lr.png", "sst2_methods.png"]
     assert all((root / "plots" / p).stat().st_size > 10_000 for p in pngs)
