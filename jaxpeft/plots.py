@@ -141,6 +141,10 @@ def summarize(runs: list) -> list:
             "selection_by_seed": {} if picked_by == main else {
                 _seed(g): g["results"]["best"][picked_by]
                 for g in group},
+            # Breaks ties (RTE's and WNLI's halves of 138 and 36 examples tie often).
+            "selection_loss_by_seed": {_seed(g): g["results"]["best"].get("select_loss",
+                                                                           np.inf)
+                                       for g in group},
             "trainable": params["trainable"], "percent": params["percent"],
             "steps": group[0]["results"]["train"]["steps"], **stats,
             # The runs' folders, lowest seed first: the one whose curve the report draws.
@@ -155,9 +159,11 @@ def summarize(runs: list) -> list:
 
 def _mark_chosen(table: list) -> None:
     """Marks, per (task, method, rank, setting), the learning rate with the best selection
-    mean over the seeds every rate ran (rows without one are never chosen). Seeds added at
-    the chosen rate afterwards then do not move the choice: a mean over three seeds is not
-    compared with another rate's single draw. With no seed in common, all seeds count."""
+    mean over the seeds every rate ran (rows without one are never chosen); a tie goes to the
+    lower selection-half loss at the chosen checkpoints, so the choice never depends on the
+    order runs were read in. Seeds added at the chosen rate afterwards do not move the
+    choice: a mean over three seeds is not compared with another rate's single draw. With no
+    seed in common, all seeds count."""
     by_setup = defaultdict(list)
     for t in table:
         if t["selection"] is not None:
@@ -166,8 +172,9 @@ def _mark_chosen(table: list) -> None:
         common = set.intersection(*(set(t["selection_by_seed"]) for t in rows))
 
         def score(t):
-            by_seed = t["selection_by_seed"]
-            return np.mean([by_seed[k] for k in common]) if common else t["selection"]
+            seeds = common or set(t["selection_by_seed"])
+            return (np.mean([t["selection_by_seed"][k] for k in seeds]),
+                    -np.mean([t["selection_loss_by_seed"][k] for k in seeds]))
 
         max(rows, key=score)["chosen"] = True
 

@@ -248,10 +248,11 @@ def test_a_row_is_labelled_by_its_own_methods_settings_only():
 def test_the_rate_is_chosen_on_the_seeds_every_rate_ran():
     """Seeds 1 and 2 added at the rate seed 0 chose do not move the choice, even when their
     mean on the selection half falls below another rate's seed 0."""
-    def row(lr, by_seed):
+    def row(lr, by_seed, loss=0.5):
         return {"task": "mrpc", "method": "oft", "rank": None, "setting": "",
                 "learning_rate": lr, "selection": float(np.mean(list(by_seed.values()))),
-                "selection_by_seed": by_seed, "chosen": False}
+                "selection_by_seed": by_seed, "chosen": False,
+                "selection_loss_by_seed": {k: loss for k in by_seed}}
 
     table = [row(1e-3, {0: 0.816}), row(3e-3, {0: 0.818, 1: 0.806, 2: 0.800}),
              row(1e-2, {0: 0.781})]
@@ -261,3 +262,10 @@ def test_the_rate_is_chosen_on_the_seeds_every_rate_ran():
     table = [row(1e-3, {1: 0.816}), row(3e-3, {0: 0.818, 2: 0.800})]
     _mark_chosen(table)
     assert [t["learning_rate"] for t in table if t["chosen"]] == [1e-3]
+    # A tie (RTE's 138-example half ties often) goes to the lower selection loss, in either
+    # order.
+    for losses in ((0.69, 0.68), (0.68, 0.69)):
+        table = [row(3e-4, {0: 0.5435}, losses[0]), row(1e-3, {0: 0.5435}, losses[1])]
+        _mark_chosen(table[::-1] if losses[0] < losses[1] else table)
+        assert [t["learning_rate"] for t in table if t["chosen"]] == \
+            [3e-4 if losses[0] < losses[1] else 1e-3]
