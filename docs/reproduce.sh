@@ -150,7 +150,7 @@ for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
 g full cola,mrpc,rte,stsb 1e-4
 g full stsb 2e-4,5e-4   # STS-B's selection half still rose at 1e-4
 g lora rte,stsb 6e-3
-g bitfit stsb 3e-2; g bitfit rte 3e-4
+g bitfit stsb 3e-2; g bitfit rte 3e-4; g ia3 stsb,cola,rte 1e-1
 g lokr mrpc,stsb 1e-2,3e-2
 g loha mrpc,stsb 1e-2
 g oft mrpc,stsb 1e-2
@@ -204,6 +204,11 @@ for t in cola:1e-3,3e-3,1e-2 rte:3e-4,1e-3,3e-3; do
     $py -m experiments.sweep --root=runs/glue-standard/bitfit-10ep --model=minilm \
         --data_dir=$data --select_on=dev_half --method=bitfit --progress=false \
         --grid="task=${t%%:*};learning_rate=${t#*:}" --seeds=0 --num_epochs=10; done
+$py -m experiments.sweep --root=runs/glue-standard/bitfit-10ep --model=minilm --data_dir=$data \
+    --select_on=dev_half --method=bitfit --progress=false --grid="task=cola;learning_rate=3e-3" \
+    --seeds=1,2 --num_epochs=10
+g oft mrpc,stsb 3e-3 --seeds=2; peer oft mrpc 3e-3 2; peer oft stsb 3e-3 2
+g ia3 mrpc 1e-2 --seeds=1,2; g ia3 stsb 3e-2 --seeds=1,2
 g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
 g lokr mrpc 3e-3 --seeds=1; g lokr stsb 1e-2 --seeds=1
 g prefix mrpc 3e-2 --seeds=1; g prefix stsb 1e-1 --seeds=1
