@@ -335,7 +335,9 @@ def _curves_plot(task: str, task_runs: list, rows: list, main: str, out: Path) -
             ax1.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3, color=color)
             ax2.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3, color=color,
                      label=label)
-    prior = _constant_train_loss([r for r, _ in curves]) or _constant_train_loss(task_runs)
+    prior = _constant_train_loss([r for r, _ in curves])
+    if prior is None:
+        prior = _constant_train_loss(task_runs)
     if prior is not None:
         ax1.axhline(prior, color="black", ls=":", lw=1.2,
                     label=f"constant prediction's training loss {prior:.3f}")
