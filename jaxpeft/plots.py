@@ -305,13 +305,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# More methods than this on one pair of axes hide each other: the plot switches to one panel
+# per method, all on the same loss and metric scales.
+_OVERLAY_MAX = 6
+
+
 def _curves_plot(task: str, task_runs: list, rows: list, main: str, out: Path) -> Path:
     """Training and validation loss, and the validation metric, against steps.
 
     With a selection protocol, one curve per method (and rank, setting): the lowest seed at
     its chosen learning rate; otherwise one per run. A dotted line marks the training loss of
     the best input-blind model (`constant_train_loss`, recorded in the runs' baselines): a
-    training curve that stays on it has learned the label frequencies and nothing else.
+    training curve that stays on it has learned the label frequencies and nothing else. Up to
+    `_OVERLAY_MAX` methods share one pair of axes; more get a panel each (`_curves_grid`).
     """
     import matplotlib.pyplot as plt
 
@@ -323,21 +329,22 @@ def _curves_plot(task: str, task_runs: list, rows: list, main: str, out: Path) -
                   for t in chosen]
     else:
         curves = [(r, _label(r)) for r in task_runs]
+    prior = _constant_train_loss([r for r, _ in curves])
+    if prior is None:
+        prior = _constant_train_loss(task_runs)
+    if chosen and len(curves) > _OVERLAY_MAX:
+        return _curves_grid(task, curves, main, prior, out)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10").colors
     for i, (r, label) in enumerate(curves):
         color = colors[i % len(colors)]
-        train = [(x["step"], x["train_loss"]) for x in r["train_rows"]]
-        evals = [(x["step"], x["eval_loss"], x.get(main)) for x in r["eval_rows"] if main in x]
+        train, evals = _curve(r, main)
         if train:
             ax1.plot(*zip(*train), lw=1, color=color, label=label)
         if evals:
             ax1.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3, color=color)
             ax2.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3, color=color,
                      label=label)
-    prior = _constant_train_loss([r for r, _ in curves])
-    if prior is None:
-        prior = _constant_train_loss(task_runs)
     if prior is not None:
         ax1.axhline(prior, color="black", ls=":", lw=1.2,
                     label=f"constant prediction's training loss {prior:.3f}")
@@ -349,6 +356,62 @@ def _curves_plot(task: str, task_runs: list, rows: list, main: str, out: Path) -
     if len(curves) <= 20:  # beyond that a legend hides more than it tells
         fig.legend(*ax1.get_legend_handles_labels(), fontsize=6, loc="center left",
                    bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, out / f"{task}_curves.png")
+
+
+def _curve(run: dict, main: str) -> tuple[list, list]:
+    """A run's (step, training loss) and (step, validation loss, validation `main`) points."""
+    train = [(x["step"], x["train_loss"]) for x in run["train_rows"]]
+    evals = [(x["step"], x["eval_loss"], x[main]) for x in run["eval_rows"] if main in x]
+    return train, evals
+
+
+def _curves_grid(task: str, curves: list, main: str, prior: Optional[float],
+                 out: Path) -> Path:
+    """`_curves_plot` with one panel per curve: loss on the left axis (training solid,
+    validation dashed, the constant prediction dotted), the validation metric on the right.
+    Every panel has the same two scales, so panels compare at a glance; steps are each run's
+    own (a longer budget is named in its title)."""
+    import matplotlib.pyplot as plt
+
+    ncols = 4
+    nrows = -(-len(curves) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.8 * nrows + 0.6),
+                             sharey=True, squeeze=False)
+    points = [_curve(r, main) for r, _ in curves]
+    metric = [e[2] for _, evals in points for e in evals]
+    pad = 0.05 * ((max(metric) - min(metric)) or 1.0) if metric else 0.0
+    legend = {}  # one entry per kind of line, whichever panel drew it first
+    for ax, (_, label), (train, evals) in zip(axes.flat, curves, points):
+        metric_ax = ax.twinx()
+        drawn = []
+        if train:
+            drawn += ax.plot(*zip(*train), lw=1, color="tab:blue", label="training loss")
+        if evals:
+            drawn += ax.plot([e[0] for e in evals], [e[1] for e in evals], "--o", ms=3,
+                             color="tab:blue", label="validation loss")
+            drawn += metric_ax.plot([e[0] for e in evals], [e[2] for e in evals], "-o", ms=3,
+                                    color="tab:red", label=f"validation {main}")
+        if prior is not None:
+            drawn.append(ax.axhline(prior, color="black", ls=":", lw=1.2,
+                                    label=f"constant prediction's training loss {prior:.3f}"))
+        for line in drawn:
+            legend.setdefault(line.get_label(), line)
+        if metric:
+            metric_ax.set_ylim(min(metric) - pad, max(metric) + pad)
+        metric_ax.tick_params(axis="y", colors="tab:red", labelsize=7)
+        ax.tick_params(labelsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(curves):]:
+        ax.set_axis_off()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("loss")
+    for ax in axes.flat[max(0, len(curves) - ncols):len(curves)]:  # each column's lowest
+        ax.set_xlabel("step")
+    fig.suptitle(f"{task}: loss (left) and validation {main} (right, red) per method", y=1.01)
+    fig.legend(handles=list(legend.values()), fontsize=8, loc="lower center", ncol=4,
+               bbox_to_anchor=(0.5, -0.02))
     return _save(fig, out / f"{task}_curves.png")
 
 

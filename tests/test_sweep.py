@@ -225,6 +225,50 @@ def test_glue_scores_compare_only_over_the_tasks_every_method_ran(tmp_path, monk
     assert np.allclose(bars[0], [np.mean([0.30, 0.84]), np.mean([0.20, 0.81])])
 
 
+def test_many_methods_get_one_curves_panel_each_on_shared_scales(tmp_path, monkeypatch):
+    """Past `_OVERLAY_MAX` methods the curves plot draws a panel per method: its chosen run's
+    training and validation loss, the constant prediction's loss, and the metric on a right
+    axis whose limits are the same in every panel; a longer run keeps its own steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    n = plots._OVERLAY_MAX + 1
+    runs, rows = [], []
+    for i in range(n):
+        steps = 100 * (3 if i == 0 else 1)
+        runs.append({"dir": tmp_path / f"m{i}", "results": {"baseline": {"train_loss": 0.6}},
+                     "train_rows": [{"step": s, "train_loss": 0.6 - 0.01 * i * s / 100}
+                                    for s in range(10, steps + 1, 10)],
+                     "eval_rows": [{"step": s, "eval_loss": 0.62, "eval_matthews": 0.05 * i * s
+                                    / steps} for s in (steps // 2, steps)]})
+        rows.append({"chosen": True, "method": f"m{i}", "rank": None, "setting": "",
+                     "learning_rate": 1e-3, "dirs": [tmp_path / f"m{i}"]})
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots._curves_plot("cola", runs, rows, "eval_matthews", tmp_path)
+    [fig] = figures
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [f"m{i} lr 0.001" for i in range(n)]
+    metric_axes = [ax for ax in fig.axes if ax.get_visible() and not ax.get_title()
+                   and ax.lines]
+    assert len(metric_axes) == n
+    assert len({ax.get_ylim() for ax in metric_axes}) == 1
+    low, high = metric_axes[0].get_ylim()
+    assert low < 0.0 and high > 0.05 * (n - 1)
+    for i, (panel, metric) in enumerate(zip(panels, metric_axes)):
+        train, evals, prior = panel.lines
+        assert list(train.get_xdata())[-1] == (300 if i == 0 else 100)
+        assert list(prior.get_ydata()) == [0.6, 0.6]
+        assert list(metric.lines[0].get_ydata()) == [x["eval_matthews"]
+                                                     for x in runs[i]["eval_rows"]]
+    assert len(fig.legends[0].get_texts()) == 4
+    matplotlib.pyplot.close(fig)
+    # Up to `_OVERLAY_MAX` methods share one pair of axes, one line per method.
+    figures.clear()
+    plots._curves_plot("cola", runs[:-1], rows[:-1], "eval_matthews", tmp_path)
+    assert len(figures[0].axes) == 2 and len(figures[0].axes[1].lines) == n - 1
+    matplotlib.pyplot.close(figures[0])
+
+
 def test_a_row_is_labelled_by_its_own_methods_settings_only():
     """AdaLoRA's schedule differs from every other method's (unset there) but labels no
     other method's row; LoRA's rows differ in train_pooler, so both name it; a schedule set
