@@ -169,14 +169,21 @@ def _mark_chosen(table: list) -> None:
         if t["selection"] is not None:
             by_setup[(t["task"], t["method"], t["rank"], t["setting"])].append(t)
     for rows in by_setup.values():
-        common = set.intersection(*(set(t["selection_by_seed"]) for t in rows))
+        scores = _selection_scores(rows)
+        max(rows, key=lambda t: scores[id(t)])["chosen"] = True
 
-        def score(t):
-            seeds = common or set(t["selection_by_seed"])
-            return (np.mean([t["selection_by_seed"][k] for k in seeds]),
-                    -np.mean([t["selection_loss_by_seed"][k] for k in seeds]))
 
-        max(rows, key=score)["chosen"] = True
+def _selection_scores(rows: list) -> dict:
+    """Per row (by `id`) of one setup's learning rates: (selection metric, minus selection
+    loss), each the mean over the seeds every row ran, or over all its seeds with none in
+    common: the key the rate is chosen by."""
+    common = set.intersection(*(set(t["selection_by_seed"]) for t in rows))
+    out = {}
+    for t in rows:
+        seeds = common or set(t["selection_by_seed"])
+        out[id(t)] = (float(np.mean([t["selection_by_seed"][k] for k in seeds])),
+                      -float(np.mean([t["selection_loss_by_seed"][k] for k in seeds])))
+    return out
 
 
 def _sci(x: Optional[float]) -> str:
@@ -449,7 +456,12 @@ def _rank_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
 
 
 def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
-    """Best metric (and step sizes) against the learning rate, one curve per method setup."""
+    """Best metric (and step sizes) against the learning rate, one curve per method setup.
+
+    Where the rate was chosen on a dev half, the first panel shows what it was chosen by: the
+    selection half's metric over the seeds every rate ran, the chosen rate ringed (a peak
+    inside the grid, not at its edge, is what makes the choice believable); the held-out
+    scores are the report's tables and `_methods_plot`."""
     import matplotlib.pyplot as plt
 
     curves = defaultdict(list)
@@ -459,7 +471,11 @@ def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
               if len(v) > 1}
     if not curves:
         return None
-    panels = [("mean", main, "linear")]
+    selected = all(t["selection"] is not None for v in curves.values() for t in v)
+    selection = {i: score[0] for v in curves.values() if selected
+                 for i, score in _selection_scores(v).items()}
+    panels = [("selection", f"selection half's {main.removeprefix('eval_')}", "linear")
+              if selected else ("mean", main, "linear")]
     if any(t["update_ratio"] is not None for v in curves.values() for t in v):
         panels += [("update_ratio", "‖Δθ‖/‖θ‖ per step", "log"),
                    ("loss_decrease", "−⟨g,Δθ⟩ per step", "log")]
@@ -470,11 +486,16 @@ def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
     for ax, (key, ylabel, yscale) in zip(axes[0], panels):
         for i, (_, pts) in enumerate(sorted(curves.items(), key=str)):
             label = _method_label(pts[0])
+            value = (lambda t: selection[id(t)]) if key == "selection" else (lambda t: t[key])
             pts = [t for t in pts if t[key] is not None]
-            ax.errorbar([t["learning_rate"] for t in pts], [t[key] for t in pts],
+            ax.errorbar([t["learning_rate"] for t in pts], [value(t) for t in pts],
                         [t["std"] for t in pts] if key == "mean" else None,
                         marker="osD^vPX*"[i % 8], ms=4, capsize=3,
                         color=colors[i % len(colors)], label=label)
+            if key == "selection":
+                ax.plot([t["learning_rate"] for t in pts if t["chosen"]],
+                        [value(t) for t in pts if t["chosen"]], "o", ms=10, mfc="none",
+                        color=colors[i % len(colors)])
         ax.set(xscale="log", yscale=yscale, xlabel="learning rate", ylabel=ylabel,
                title=f"{task}: {ylabel} vs learning rate")
         ax.grid(alpha=0.3)
@@ -536,7 +557,9 @@ def _glue_plot(rows: list, out: Path) -> Optional[Path]:
 
 
 def write_plots(runs: list, table: list, out: Path) -> list:
-    """Loss curves, validation metric vs steps, metric/params vs rank, metric vs lr (PNG)."""
+    """Loss curves, validation metric vs steps, metric/params vs rank, metric vs lr (the
+    selection half's, where the rate was chosen on one), each method's score at its chosen
+    rate, and the GLUE scores (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
