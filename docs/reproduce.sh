@@ -145,13 +145,15 @@ g() { local m=$1 t=$2 l=$3; shift 3
 rates=(lora:2e-4,5e-4,1.25e-3,3e-3 full:1e-5,2e-5,5e-5 bitfit:1e-3,3e-3,1e-2 ia3:3e-3,1e-2,3e-2
        ln_tuning:1e-3,3e-3,1e-2 vera:3e-3,1e-2,3e-2)
 for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
-g adapter_pfeiffer wnli 3e-4,1e-3,3e-3   # its other tasks, DoRA's, Houlsby's and prompt tuning's next
+g adapter_pfeiffer wnli,rte,mrpc,stsb,cola 3e-4,1e-3,3e-3
+g dora wnli,rte 5e-4,1.25e-3,3e-3   # its other tasks, Houlsby's and prompt tuning's next
 # the grids' tops where the chosen rate was the top rate
 g full cola,mrpc,rte,stsb 1e-4
 g full stsb 2e-4,5e-4   # STS-B's selection half still rose at 1e-4
 g lora rte,stsb 6e-3
 g bitfit stsb 3e-2; g bitfit rte 3e-4; g ia3 stsb,cola,rte 1e-1
 g ia3 wnli 1e-3; g ln_tuning mrpc,stsb,cola 3e-2; g ln_tuning rte 3e-4
+g vera rte,mrpc,stsb,cola 1e-1; g vera wnli 1e-3
 g lokr mrpc,stsb 1e-2,3e-2
 g loha mrpc,stsb 1e-2
 g oft mrpc,stsb 1e-2
@@ -208,6 +210,13 @@ for t in cola:1e-3,3e-3,1e-2 rte:3e-4,1e-3,3e-3; do
 $py -m experiments.sweep --root=runs/glue-standard/bitfit-10ep --model=minilm --data_dir=$data \
     --select_on=dev_half --method=bitfit --progress=false --grid="task=cola;learning_rate=3e-3" \
     --seeds=1,2 --num_epochs=10
+# LN-tuning's CoLA is BitFit's picture at 3 epochs: the same 10-epoch grid, then its seeds
+$py -m experiments.sweep --root=runs/glue-standard/ln_tuning-10ep --model=minilm \
+    --data_dir=$data --select_on=dev_half --method=ln_tuning --progress=false \
+    --grid="task=cola;learning_rate=1e-3,3e-3,1e-2" --seeds=0 --num_epochs=10
+$py -m experiments.sweep --root=runs/glue-standard/ln_tuning-10ep --model=minilm \
+    --data_dir=$data --select_on=dev_half --method=ln_tuning --progress=false \
+    --grid="task=cola;learning_rate=3e-3" --seeds=1 --num_epochs=10
 g oft mrpc,stsb 3e-3 --seeds=2; peer oft mrpc 3e-3 2; peer oft stsb 3e-3 2
 g ia3 mrpc 1e-2 --seeds=1,2; g ia3 stsb 3e-2 --seeds=1,2
 g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
@@ -230,6 +239,7 @@ for m in oft:3e-3 loha:1e-2 lokr:1e-2 boft:1e-2 loreft:1e-2 fourierft:5e-2 prefi
     f --grid="method=${m%%:*};learning_rate=${m#*:}" --seeds=1; done
 f --grid="method=adalora;learning_rate=1e-2" --adalora_tinit=30 --adalora_tfinal=90 --seeds=1
 g lora sst2 2e-4,5e-4,1.25e-3,3e-3   # SST-2 for the other methods next
+g lora sst2 5e-4 --seeds=1,2
 $py -m experiments.report --root=runs/glue-standard --out=docs/results/glue-standard.md \
     --plots_dir=docs/results/plots-glue-standard
 
