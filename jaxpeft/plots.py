@@ -484,9 +484,9 @@ def _lr_plot(task: str, rows: list, main: str, out: Path) -> Optional[Path]:
     # them apart, and one legend beside the panels keeps it off the data.
     colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10").colors
     for ax, (key, ylabel, yscale) in zip(axes[0], panels):
+        value = (lambda t: selection[id(t)]) if key == "selection" else (lambda t: t[key])
         for i, (_, pts) in enumerate(sorted(curves.items(), key=str)):
             label = _method_label(pts[0])
-            value = (lambda t: selection[id(t)]) if key == "selection" else (lambda t: t[key])
             pts = [t for t in pts if t[key] is not None]
             ax.errorbar([t["learning_rate"] for t in pts], [value(t) for t in pts],
                         [t["std"] for t in pts] if key == "mean" else None,
