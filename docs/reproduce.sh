@@ -146,7 +146,9 @@ rates=(lora:2e-4,5e-4,1.25e-3,3e-3 full:1e-5,2e-5,5e-5 bitfit:1e-3,3e-3,1e-2 ia3
        ln_tuning:1e-3,3e-3,1e-2 vera:3e-3,1e-2,3e-2)
 for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
 g adapter_pfeiffer wnli,rte,mrpc,stsb,cola 3e-4,1e-3,3e-3
-g dora wnli,rte 5e-4,1.25e-3,3e-3   # its other tasks, Houlsby's and prompt tuning's next
+g dora wnli,rte,mrpc,stsb,cola 5e-4,1.25e-3,3e-3
+g adapter_houlsby wnli,rte,mrpc,stsb,cola 3e-4,1e-3,3e-3
+g prompt wnli,rte,mrpc 1e-2,3e-2,1e-1   # its STS-B and CoLA next
 # the grids' tops where the chosen rate was the top rate
 g full cola,mrpc,rte,stsb 1e-4
 g full stsb 2e-4,5e-4   # STS-B's selection half still rose at 1e-4
@@ -154,6 +156,8 @@ g lora rte,stsb 6e-3
 g bitfit stsb 3e-2; g bitfit rte 3e-4; g ia3 stsb,cola,rte 1e-1
 g ia3 wnli 1e-3; g ln_tuning mrpc,stsb,cola 3e-2; g ln_tuning rte 3e-4
 g vera rte,mrpc,stsb,cola 1e-1; g vera wnli 1e-3
+g adapter_pfeiffer mrpc,stsb 1e-2; g adapter_pfeiffer stsb 3e-2; g dora stsb 6e-3
+g adapter_houlsby mrpc,stsb 1e-2; g adapter_houlsby rte 1e-4   # (RTE: the grid's bottom)
 g lokr mrpc,stsb 1e-2,3e-2
 g loha mrpc,stsb 1e-2
 g oft mrpc,stsb 1e-2
@@ -216,7 +220,8 @@ $py -m experiments.sweep --root=runs/glue-standard/ln_tuning-10ep --model=minilm
     --grid="task=cola;learning_rate=1e-3,3e-3,1e-2" --seeds=0 --num_epochs=10
 $py -m experiments.sweep --root=runs/glue-standard/ln_tuning-10ep --model=minilm \
     --data_dir=$data --select_on=dev_half --method=ln_tuning --progress=false \
-    --grid="task=cola;learning_rate=3e-3" --seeds=1 --num_epochs=10
+    --grid="task=cola;learning_rate=3e-3" --seeds=1,2 --num_epochs=10
+g ia3 cola 3e-2 --seeds=1
 g oft mrpc,stsb 3e-3 --seeds=2; peer oft mrpc 3e-3 2; peer oft stsb 3e-3 2
 g ia3 mrpc 1e-2 --seeds=1,2; g ia3 stsb 3e-2 --seeds=1,2
 g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
