@@ -207,20 +207,10 @@ g oft mrpc,stsb 3e-3 --seeds=1; peer oft mrpc 3e-3 1; peer oft stsb 3e-3 1
 g bitfit mrpc 3e-3 --seeds=1,2; g bitfit stsb 1e-2 --seeds=1,2
 # BitFit predicts CoLA's majority class at every rate of its 3-epoch grid and RTE's near it:
 # the same grids at 10 epochs settle whether that is the budget or the method
-for t in cola:1e-3,3e-3,1e-2 rte:3e-4,1e-3,3e-3; do
-    $py -m experiments.sweep --root=runs/glue-standard/bitfit-10ep --model=minilm \
-        --data_dir=$data --select_on=dev_half --method=bitfit --progress=false \
-        --grid="task=${t%%:*};learning_rate=${t#*:}" --seeds=0 --num_epochs=10; done
-$py -m experiments.sweep --root=runs/glue-standard/bitfit-10ep --model=minilm --data_dir=$data \
-    --select_on=dev_half --method=bitfit --progress=false --grid="task=cola;learning_rate=3e-3" \
-    --seeds=1,2 --num_epochs=10
+g10() { g "$@" --root="runs/glue-standard/$1-10ep" --num_epochs=10; }   # the later flags win
+g10 bitfit cola 1e-3,3e-3,1e-2; g10 bitfit rte 3e-4,1e-3,3e-3; g10 bitfit cola 3e-3 --seeds=1,2
 # LN-tuning's CoLA is BitFit's picture at 3 epochs: the same 10-epoch grid, then its seeds
-$py -m experiments.sweep --root=runs/glue-standard/ln_tuning-10ep --model=minilm \
-    --data_dir=$data --select_on=dev_half --method=ln_tuning --progress=false \
-    --grid="task=cola;learning_rate=1e-3,3e-3,1e-2" --seeds=0 --num_epochs=10
-$py -m experiments.sweep --root=runs/glue-standard/ln_tuning-10ep --model=minilm \
-    --data_dir=$data --select_on=dev_half --method=ln_tuning --progress=false \
-    --grid="task=cola;learning_rate=3e-3" --seeds=1,2 --num_epochs=10
+g10 ln_tuning cola 1e-3,3e-3,1e-2; g10 ln_tuning cola 3e-3 --seeds=1,2
 g ia3 cola 3e-2 --seeds=1
 g oft mrpc,stsb 3e-3 --seeds=2; peer oft mrpc 3e-3 2; peer oft stsb 3e-3 2
 g ia3 mrpc 1e-2 --seeds=1,2; g ia3 stsb 3e-2 --seeds=1,2
