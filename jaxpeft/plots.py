@@ -163,14 +163,22 @@ def _mark_chosen(table: list) -> None:
     lower selection-half loss at the chosen checkpoints, so the choice never depends on the
     order runs were read in. Seeds added at the chosen rate afterwards do not move the
     choice: a mean over three seeds is not compared with another rate's single draw. With no
-    seed in common, all seeds count."""
+    seed in common, all seeds count. The chosen row's `grid_edge` says where its rate lies in
+    the grid: "low" or "high" at an end (the peak may lie beyond it), "single" when no other
+    rate ran, None inside."""
     by_setup = defaultdict(list)
     for t in table:
+        t["grid_edge"] = None
         if t["selection"] is not None:
             by_setup[(t["task"], t["method"], t["rank"], t["setting"])].append(t)
     for rows in by_setup.values():
         scores = _selection_scores(rows)
-        max(rows, key=lambda t: scores[id(t)])["chosen"] = True
+        best = max(rows, key=lambda t: scores[id(t)])
+        rates = sorted(t["learning_rate"] for t in rows)
+        best["chosen"] = True
+        best["grid_edge"] = ("single" if len(rates) == 1 else
+                             "low" if best["learning_rate"] == rates[0] else
+                             "high" if best["learning_rate"] == rates[-1] else None)
 
 
 def _selection_scores(rows: list) -> dict:
@@ -231,6 +239,7 @@ def glue_table(table: list) -> list:
                         "min": float(min(t["task_scores"])),
                         "max": float(max(t["task_scores"])), "seeds": len(t["task_scores"]),
                         "learning_rate": t["learning_rate"], "trivial": t["trivial"],
+                        "grid_edge": t.get("grid_edge"),
                         "baseline": t["baseline_score"], "wall_s": t["wall_s"]}
                  for task, t in tasks.items()}
         first = next(iter(tasks.values()))
@@ -264,12 +273,18 @@ def shared_score(row: dict, tasks: list) -> Optional[float]:
     return float(np.mean([row["tasks"][t]["median"] for t in tasks]))
 
 
+# A chosen rate at an end of its grid, as the GLUE table marks it: the peak may lie beyond
+# the grid, so the choice is provisional until the next rate has run.
+_EDGE_MARKS = {"low": " ↓", "high": " ↑"}
+
+
 def glue_markdown(rows: list) -> str:
     """`glue_table` as Markdown: a column per task (median [min, max] over seeds, the chosen
-    learning rate below it, † when at or below the trivial baseline), the GLUE score over the
-    tasks present, trainable parameters and the training seconds of the chosen runs. When the
-    rows ran different tasks, a column gives each row's score over `shared_tasks` (— for a
-    row that lacks one of them)."""
+    learning rate below it, † when at or below the trivial baseline, ↓ or ↑ when the chosen
+    rate is the lowest or highest of its grid, "one rate" when no other ran), the GLUE score
+    over the tasks present, trainable parameters and the training seconds of the chosen
+    runs. When the rows ran different tasks, a column gives each row's score over
+    `shared_tasks` (— for a row that lacks one of them)."""
     tasks = sorted({task for r in rows for task in r["tasks"]})
     shared = shared_tasks(rows)
     extra = bool(shared) and any(sorted(r["tasks"]) != shared for r in rows)
@@ -285,8 +300,10 @@ def glue_markdown(rows: list) -> str:
                 cells.append("—")
                 continue
             spread = f" [{c['min']:.3f}, {c['max']:.3f}]" if c["seeds"] > 1 else ""
-            cells.append(f"{c['median']:.4f}{' †' if c['trivial'] else ''}{spread}<br>"
-                         f"lr {c['learning_rate']:g}, {c['seeds']} seed"
+            edge = _EDGE_MARKS.get(c.get("grid_edge"), "")
+            alone = " (one rate)" if c.get("grid_edge") == "single" else ""
+            cells.append(f"{c['median']:.4f}{' †' if c['trivial'] else ''}{edge}{spread}<br>"
+                         f"lr {c['learning_rate']:g}{alone}, {c['seeds']} seed"
                          f"{'s' if c['seeds'] > 1 else ''}")
         lines.append(f"| {label} | {r['trainable']:,} | " + " | ".join(cells) +
                      f" | {r['score']:.4f} ({len(r['tasks'])}) | " +
@@ -658,7 +675,9 @@ def write_report(roots, out_md: str = "", plots_dir: str = "") -> Path:
     if glue:
         text += ["## GLUE task scores at the learning rate the selection half chose", "",
                  "Median over seeds [min, max] on the held-out dev halves; † at or below the "
-                 "task's trivial baseline (a constant prediction).", "", glue_markdown(glue), ""]
+                 "task's trivial baseline (a constant prediction); ↓ or ↑ where the chosen "
+                 "rate is the lowest or highest of its grid (the peak may lie beyond it).",
+                 "", glue_markdown(glue), ""]
     text += [f"![{p.stem}]({p.relative_to(md_path.parent) if p.is_relative_to(md_path.parent) else p})"
              for p in plots]
     atomic_write_bytes(md_path, ("\n".join(text) + "\n").encode())

@@ -333,3 +333,26 @@ def test_the_rate_is_chosen_on_the_seeds_every_rate_ran():
     assert list(ring.get_xdata()) == [3e-3] and np.allclose(ring.get_ydata(), [0.818])
     assert ax.get_ylabel() == "selection half's f1"
     matplotlib.pyplot.close(figures[0])
+
+
+def test_the_glue_table_marks_a_rate_chosen_at_the_grid_edge():
+    """A chosen rate at either end of its grid (or alone) is marked, so that a reader sees
+    which cells are not yet interior peaks; an interior choice carries no mark."""
+    def row(task, lr, sel):
+        return {"task": task, "method": "prompt", "rank": None, "setting": "",
+                "learning_rate": lr, "selection": sel, "selection_by_seed": {0: sel},
+                "selection_loss_by_seed": {0: 0.5}, "chosen": False, "task_scores": [sel],
+                "trivial": False, "baseline_score": 0.0, "wall_s": 1.0, "trainable": 10,
+                "percent": 0.1}
+
+    table = [row("cola", 1e-2, 0.20), row("cola", 3e-2, 0.25), row("cola", 1e-1, 0.10),
+             row("rte", 1e-2, 0.55), row("rte", 3e-2, 0.52),
+             row("stsb", 1e-2, 0.19), row("stsb", 3e-2, 0.32), row("stsb", 1e-1, 0.34),
+             row("wnli", 3e-2, 0.50)]
+    _mark_chosen(table)
+    assert {t["task"]: t["grid_edge"] for t in table if t["chosen"]} == {
+        "cola": None, "rte": "low", "stsb": "high", "wnli": "single"}
+    assert all(t["grid_edge"] is None for t in table if not t["chosen"])
+    cells = glue_markdown(glue_table(table)).splitlines()[2].split(" | ")[2:6]
+    assert cells == ["0.2500<br>lr 0.03, 1 seed", "0.5500 ↓<br>lr 0.01, 1 seed",
+                     "0.3400 ↑<br>lr 0.1, 1 seed", "0.5000<br>lr 0.03 (one rate), 1 seed"]
