@@ -148,7 +148,7 @@ for m in "${rates[@]}"; do g "${m%%:*}" wnli,rte,mrpc,stsb,cola "${m#*:}"; done
 g adapter_pfeiffer wnli,rte,mrpc,stsb,cola 3e-4,1e-3,3e-3
 g dora wnli,rte,mrpc,stsb,cola 5e-4,1.25e-3,3e-3
 g adapter_houlsby wnli,rte,mrpc,stsb,cola 3e-4,1e-3,3e-3
-g prompt wnli,rte,mrpc 1e-2,3e-2,1e-1   # its STS-B and CoLA next
+g prompt wnli,rte,mrpc,stsb,cola 1e-2,3e-2,1e-1
 # the grids' tops where the chosen rate was the top rate
 g full cola,mrpc,rte,stsb 1e-4
 g full stsb 2e-4,5e-4   # STS-B's selection half still rose at 1e-4
@@ -158,6 +158,7 @@ g ia3 wnli 1e-3; g ln_tuning mrpc,stsb,cola 3e-2; g ln_tuning rte 3e-4
 g vera rte,mrpc,stsb,cola 1e-1; g vera wnli 1e-3
 g adapter_pfeiffer mrpc,stsb 1e-2; g adapter_pfeiffer stsb 3e-2; g dora stsb 6e-3
 g adapter_houlsby mrpc,stsb 1e-2; g adapter_houlsby rte 1e-4   # (RTE: the grid's bottom)
+g prompt stsb 3e-1; g prompt rte 3e-3
 g lokr mrpc,stsb 1e-2,3e-2
 g loha mrpc,stsb 1e-2
 g oft mrpc,stsb 1e-2
@@ -211,7 +212,9 @@ g10() { g "$@" --root="runs/glue-standard/$1-10ep" --num_epochs=10; }   # the la
 g10 bitfit cola 1e-3,3e-3,1e-2; g10 bitfit rte 3e-4,1e-3,3e-3; g10 bitfit cola 3e-3 --seeds=1,2
 # LN-tuning's CoLA is BitFit's picture at 3 epochs: the same 10-epoch grid, then its seeds
 g10 ln_tuning cola 1e-3,3e-3,1e-2; g10 ln_tuning cola 3e-3 --seeds=1,2
-g ia3 cola 3e-2 --seeds=1
+g ia3 cola 3e-2 --seeds=1,2; g ia3 rte 1e-2 --seeds=1,2
+g10 ln_tuning rte 1e-4,3e-4,1e-3,3e-3   # RTE stays at the majority class at 3 epochs
+g dora mrpc,cola 1.25e-3 --seeds=1,2; g dora stsb 3e-3 --seeds=1,2
 g oft mrpc,stsb 3e-3 --seeds=2; peer oft mrpc 3e-3 2; peer oft stsb 3e-3 2
 g ia3 mrpc 1e-2 --seeds=1,2; g ia3 stsb 3e-2 --seeds=1,2
 g loha mrpc,stsb 1e-2 --seeds=1; g fourierft mrpc,stsb 1e-1 --seeds=1; g boft mrpc,stsb 1e-2 --seeds=1
@@ -235,6 +238,7 @@ for m in oft:3e-3 loha:1e-2 lokr:1e-2 boft:1e-2 loreft:1e-2 fourierft:5e-2 prefi
 f --grid="method=adalora;learning_rate=1e-2" --adalora_tinit=30 --adalora_tfinal=90 --seeds=1
 g lora sst2 2e-4,5e-4,1.25e-3,3e-3   # SST-2 for the other methods next
 g lora sst2 5e-4 --seeds=1,2
+g full sst2 2e-5   # 5e-5 and 1e-4 next
 $py -m experiments.report --root=runs/glue-standard --out=docs/results/glue-standard.md \
     --plots_dir=docs/results/plots-glue-standard
 
