@@ -98,8 +98,10 @@ def test_sweep_then_report(tiny_model, glue_dir, tmp_path, caplog, monkeypatch):
                            .read_text()) for seed in (0, 1)]
     median = float(np.median([r["best"]["eval_accuracy"] for r in held_out]))
     trivial = median <= held_out[0]["baseline"]["eval_accuracy"] + 1e-9
+    # A grid of two rates has no inside: the chosen one is marked as its lower or upper end.
+    edge = " ↓" if picked == min(selection) else " ↑"
     [glue_row] = [line for line in text.splitlines() if line.startswith("| lora r8 |")]
-    assert glue_row.split(" | ")[2].startswith(f"{median:.4f}{' †' if trivial else ''} [")
+    assert glue_row.split(" | ")[2].startswith(f"{median:.4f}{' †' if trivial else ''}{edge} [")
     assert f"lr {picked:g}, 2 seeds" in glue_row and glue_row.endswith(
         f" | {median:.4f} (1) | {sum(r['train']['wall_s'] for r in held_out):.0f} |")
     assert ("**trivial**" in next(r for r in rows if "**chosen**" in r)) == trivial
